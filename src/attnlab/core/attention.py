@@ -1,0 +1,133 @@
+"""``attention()``: one entry point for every static pattern and score modifier, on every engine.
+
+Engines (``backend=``):
+
+* ``"sdpa"``        -- PyTorch's fused kernel; full and causal attention (the fastest there is for them).
+* ``"blocksparse"`` -- gathered tiles through SDPA (``blocksparse.py``): computes only allowed work,
+  forward and backward, on CPU and GPU.
+* ``"flex"``        -- compiled FlexAttention with a block mask (GPU training; CPU forward only).
+* ``"dense_mask"``  -- SDPA with the whole boolean mask: the naive baseline every benchmark compares to.
+* ``"reference"``   -- the float64 oracle (``reference.py``) in the input dtype; returns weights if asked.
+* ``"auto"``        -- sdpa for full/causal, blocksparse for sparse patterns on CPU, flex on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import blocksparse, flex
+from .checks import check_qkv, default_scale
+from .patterns import Causal, Full, Pattern
+from .reference import reference_attention
+from .score_mods import ScoreMod, as_score_mod
+
+BACKENDS = ("auto", "sdpa", "blocksparse", "flex", "dense_mask", "reference")
+
+
+def _sdpa_ok(pattern: Pattern, mod: ScoreMod | None) -> bool:
+    return (mod is None or mod.kind == "additive") and (pattern.is_full or type(pattern) is Causal)
+
+
+def choose_backend(pattern: Pattern, mod: ScoreMod | None, device: torch.device, needs_grad: bool) -> str:
+    if _sdpa_ok(pattern, mod):
+        return "sdpa"
+    if device.type == "cuda" and flex.flex_available():
+        return "flex"
+    return "blocksparse"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern | None = None,
+    score_mod: ScoreMod | tuple | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_weights: bool = False,
+    q_offset: int | None = None,
+    group: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention restricted to ``pattern``, with an optional score modifier.
+
+    Args:
+        q: ``(batch, heads, q_len, head_dim)``; k, v: ``(batch, kv_heads, kv_len, head_dim)`` with
+           ``heads`` a multiple of ``kv_heads`` (grouped-query attention).
+        pattern: which keys each query may see (default: all).
+        score_mod: ALiBi, SoftCap, Temperature, Bias or a tuple of them.
+        q_offset: absolute position of the first query (default ``kv_len - q_len``: the queries are the
+           last positions, as when decoding with a cache).
+        group: query rows per tile for the block-sparse engine (default: the measured per-device choice).
+        return_weights: also return the ``(batch, heads, q_len, kv_len)`` weights (uses the reference).
+    Returns: ``(batch, heads, q_len, head_dim_v)`` in q's dtype (and the weights if asked).
+    """
+    B, Hq, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if pattern is None:
+        pattern = Full()
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be an attnlab Pattern, got {type(pattern).__name__}")
+    scale = default_scale(D, scale)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    pattern.check_lengths(Tq, Tk, q_offset)
+    pattern.check_heads(Hq)
+    mod = as_score_mod(score_mod)
+
+    if return_weights or backend == "reference":
+        res = reference_attention(q, k, v, pattern, mod, scale, q_offset, return_weights, dtype=None)
+        return res
+    if backend == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend = choose_backend(pattern, mod, q.device, needs_grad)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, pattern, mod, scale, q_offset)
+    if backend == "dense_mask":
+        return _dense_mask(q, k, v, pattern, mod, scale, q_offset)
+    if backend == "flex":
+        return flex.flex_attention(q, k, v, pattern, scale, mod, q_offset)
+    group = group or blocksparse.DEFAULT_GROUP.get(q.device.type, 128)
+    plan = blocksparse.static_plan(pattern, Tq, Tk, q_offset, min(group, Tq), q.device)
+    return blocksparse.run_plan(q, k, v, plan, scale, mod, q_offset)
+
+
+def _sdpa(q, k, v, pattern, mod, scale, q_offset):
+    gqa = q.shape[1] != k.shape[1]
+    Tq, Tk = q.shape[2], k.shape[2]
+    if not _sdpa_ok(pattern, mod):
+        raise ValueError(f"backend='sdpa' serves full and causal attention only, not {pattern!r}")
+    causal = not pattern.is_full
+    if mod is None and (not causal or (q_offset == 0 and Tq <= Tk) or q_offset + Tq - 1 >= Tk - 1 and Tq == 1):
+        # is_causal is top-left aligned: right for q_offset 0; a single last query sees every key
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and q_offset == 0 and Tq > 1, scale=scale, enable_gqa=gqa
+        )
+    return _dense_mask(q, k, v, pattern, mod, scale, q_offset)
+
+
+def _dense_mask(q, k, v, pattern, mod, scale, q_offset):
+    """SDPA with the whole mask materialized: correct for everything, skips nothing."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = pattern.dense(Tq, Tk, q_offset).to(q.device).unsqueeze(0)  # (1, Hp, Tq, Tk)
+    if mod is None:
+        attn_mask = mask
+    elif mod.kind == "additive":
+        from .reference import index_grids
+
+        q_pos, kv_pos = index_grids(Tq, Tk, q_offset, q.device)
+        b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
+        h = torch.arange(q.shape[1], device=q.device).view(1, -1, 1, 1)
+        attn_mask = mod.bias(b, h, q_pos, kv_pos).to(q.dtype).masked_fill(~mask, float("-inf"))
+    else:
+        return reference_attention(q, k, v, pattern, mod, scale, q_offset, dtype=None)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask | empty if mod is None else attn_mask.masked_fill(empty, 0.0),
+        scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+
+
+__all__ = ["attention", "choose_backend", "BACKENDS", "Full"]

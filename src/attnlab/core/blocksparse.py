@@ -1,0 +1,218 @@
+"""Block-sparse execution that computes only allowed work, forward and backward, on any device.
+
+A *gather plan* splits the queries into groups of ``group`` rows (in the pattern's ``query_order``) and
+lists, per group (and per head for per-head patterns), the union of keys any of its queries may see.
+Execution gathers those keys and values and makes one batched call to PyTorch's fused SDPA kernel with
+the exact mask of the tile, so the cost is ``queries x keys-in-union`` instead of ``queries x all keys``,
+and autograd comes from SDPA's own backward plus the gathers' scatter-add.
+
+Plans for static patterns are cached by (pattern, lengths, offset, group, device). Dynamic methods
+(top-k blocks, routing) build a plan per call with :func:`plan_from_blocks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .patterns import Pattern
+from .score_mods import ScoreMod
+
+# Query rows per group, per device type: measured by `attnlab bench speed` (see docs/performance.md).
+DEFAULT_GROUP = {"cpu": 128, "cuda": 128}
+_EVAL_BUDGET = 1 << 25  # mask elements evaluated at once while building a plan
+
+
+@dataclass(frozen=True, eq=False)
+class GatherPlan:
+    """Which keys each group of queries reads.
+
+    q_rows:   (G, Bq)          call-relative query rows of each group (the last group padded by repeats)
+    inv:      (Tq,)            position of query row i in the flattened (G * Bq) layout
+    kv_index: (Bp, Hp, G, Kg)  key positions gathered for each group (Bp: 1 or batch; Hp: 1 or heads)
+    mask:     (Bp, Hp, G, Bq, Kg) which gathered keys each query may see
+    empty:    (Bp, Hp, G, Bq, 1) or None: rows that see no key at all (their output is zero)
+    pairs:    allowed (query, key) pairs averaged over heads and batch, for FLOP accounting
+    """
+
+    q_rows: Tensor
+    inv: Tensor
+    kv_index: Tensor
+    mask: Tensor
+    empty: Tensor | None
+    pairs: float
+
+    @property
+    def computed_pairs(self) -> int:
+        """Pairs the kernel really computes per head (allowed plus padding inside tiles)."""
+        G, Bq = self.q_rows.shape
+        return G * Bq * self.kv_index.shape[-1]
+
+
+def _finish(q_rows: Tensor, inv: Tensor, kv_index: Tensor, mask: Tensor) -> GatherPlan:
+    row_any = mask.any(dim=-1, keepdim=True)
+    empty = None if bool(row_any.all()) else ~row_any
+    if empty is not None:
+        mask = mask | empty  # let empty rows see their tile; their output is zeroed afterwards
+    pairs = float(mask.sum(dtype=torch.float64) - (0 if empty is None else empty.sum() * mask.shape[-1]))
+    pairs /= mask.shape[0] * mask.shape[1]
+    # duplicate padding rows of the last group were counted too; remove them
+    G, Bq = q_rows.shape
+    pad = G * Bq - inv.numel()
+    if pad:
+        last = mask[:, :, -1, Bq - pad :].sum(dtype=torch.float64) / (mask.shape[0] * mask.shape[1])
+        pairs -= float(last)
+    return GatherPlan(q_rows, inv, kv_index, mask, empty, pairs)
+
+
+def _query_groups(order: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    Tq = order.numel()
+    G = math.ceil(Tq / group)
+    pad = G * group - Tq
+    padded = torch.cat([order, order[-1:].expand(pad)]) if pad else order
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(Tq, device=order.device)
+    return padded.view(G, group), inv
+
+
+@lru_cache(maxsize=64)
+def _static_plan(pattern: Pattern, Tq: int, Tk: int, q_offset: int, group: int, device: str) -> GatherPlan:
+    order = pattern.query_order(Tq, q_offset)
+    order = torch.arange(Tq) if order is None else order.to(torch.long)
+    q_rows, inv = _query_groups(order, group)
+    G = q_rows.shape[0]
+    Hp = pattern.num_heads or 1
+    kv_pos = torch.arange(Tk)
+    # pass 1: union of keys per group (chunks of groups keep the evaluated mask bounded)
+    per_chunk = max(1, _EVAL_BUDGET // (Hp * group * Tk))
+    unions = []
+    for g0 in range(0, G, per_chunk):
+        qp = (q_rows[g0 : g0 + per_chunk] + q_offset)[..., None]  # (g, Bq, 1)
+        unions.append(pattern.eval_mask(qp, kv_pos).any(dim=-2))  # (Hp, g, Tk)
+    union = torch.cat(unions, dim=1)
+    Kg = max(1, int(union.sum(dim=-1).max()))
+    # stable sort puts the allowed keys first, in increasing position
+    kv_index = torch.sort(union.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :Kg]
+    # pass 2: exact mask of each tile
+    qp = (q_rows + q_offset).view(1, G, group, 1)
+    mask = pattern.eval_mask(qp, kv_index.view(Hp, G, 1, Kg), heads=torch.arange(Hp).view(Hp, 1, 1, 1))
+    mask = mask & torch.gather(union, -1, kv_index).unsqueeze(-2)  # padded keys are never allowed
+    dev = torch.device(device)
+    return _finish(q_rows.to(dev), inv.to(dev), kv_index.unsqueeze(0).to(dev), mask.unsqueeze(0).to(dev))
+
+
+def static_plan(pattern: Pattern, Tq: int, Tk: int, q_offset: int, group: int, device: torch.device) -> GatherPlan:
+    return _static_plan(pattern, Tq, Tk, q_offset, group, str(device))
+
+
+def plan_from_blocks(
+    block_index: Tensor,
+    block_valid: Tensor,
+    Tq: int,
+    Tk: int,
+    block: int,
+    q_offset: int = 0,
+    causal: bool = True,
+) -> GatherPlan:
+    """Plan for dynamic block selection: query block g reads key blocks ``block_index[..., g, :]``.
+
+    block_index: (B, H, G, nsel) long, key-block ids per query block of ``block`` rows (G = ceil(Tq / block))
+    block_valid: (B, H, G, nsel) bool, False for padding entries
+    The exact tile mask adds causality (absolute positions, query row r at ``q_offset + r``) if asked.
+    """
+    B, H, G, nsel = block_index.shape
+    dev = block_index.device
+    q_rows, inv = _query_groups(torch.arange(Tq, device=dev), block)
+    offs = torch.arange(block, device=dev)
+    kv_index = (block_index.unsqueeze(-1) * block + offs).flatten(-2)  # (B, H, G, nsel * block)
+    valid = (block_valid.unsqueeze(-1) & (kv_index.view(B, H, G, nsel, block) < Tk)).flatten(-2)
+    kv_index = kv_index.clamp(max=Tk - 1)
+    valid = valid.unsqueeze(-2)  # (B, H, G, 1, K)
+    if causal:
+        qp = (q_rows + q_offset).view(1, 1, G, block, 1)
+        valid = valid & (kv_index.unsqueeze(-2) <= qp)
+    mask = valid.expand(B, H, G, block, kv_index.shape[-1])
+    return _finish(q_rows, inv, kv_index, mask)
+
+
+def _gather_heads(t: Tensor, kv_index: Tensor) -> Tensor:
+    """t (B, Hkv, Tk, D), kv_index (Bp, Hp, G, Kg) -> (B, Hg, G, Kg, D).
+
+    Hp is 1 (every head reads the same keys: Hg = Hkv), Hkv (per key/value head) or the query heads
+    (per query head: each reads its own kv head's keys, Hg = Hp).
+    """
+    B, Hkv = t.shape[:2]
+    Bp, Hp = kv_index.shape[:2]
+    if Bp == 1 and Hp == 1:
+        return t[:, :, kv_index[0, 0]]
+    hsel = torch.arange(max(Hp, Hkv), device=t.device)
+    if Hp > Hkv:
+        hsel = hsel // (Hp // Hkv)
+    bidx = torch.arange(B, device=t.device).view(B, 1, 1, 1)
+    idx = kv_index.expand(B, hsel.numel(), *kv_index.shape[2:])
+    return t[bidx, hsel.view(1, -1, 1, 1), idx]
+
+
+def _to_heads(x: Tensor, dim: int, heads: int) -> Tensor:
+    """Repeat a per-kv-head axis to query heads (GQA); leave size 1 or ``heads`` alone."""
+    n = x.shape[dim]
+    return x if n in (1, heads) else x.repeat_interleave(heads // n, dim=dim)
+
+
+def run_plan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: GatherPlan,
+    scale: float,
+    score_mod: ScoreMod | None = None,
+    q_offset: int = 0,
+) -> Tensor:
+    """Attention restricted to the plan's tiles. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    G, Bq = plan.q_rows.shape
+    Kg = plan.kv_index.shape[-1]
+    if score_mod is not None and score_mod.kind == "scale":
+        q = q * score_mod.factor(H, q.device, q.dtype).view(1, H, 1, 1)
+        score_mod = None
+    qg = q[:, :, plan.q_rows].transpose(1, 2).reshape(B * G, H, Bq, D)
+    kg = _gather_heads(k, plan.kv_index)
+    vg = _gather_heads(v, plan.kv_index)
+    Hg = kg.shape[1]
+    kg = kg.transpose(1, 2).reshape(B * G, Hg, Kg, D)
+    vg = vg.transpose(1, 2).reshape(B * G, Hg, Kg, v.shape[-1])
+    mask = _to_heads(plan.mask, 1, H).transpose(1, 2)  # (Bp, G, Hp, Bq, Kg), Hp in {1, H}
+    Hp = mask.shape[2]
+    if score_mod is None:
+        attn_mask = mask.expand(B, G, Hp, Bq, Kg).reshape(B * G, Hp, Bq, Kg)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, scale=scale, enable_gqa=Hg != H)
+    else:
+        # absolute positions of every tile entry, to evaluate the modifier on gathered indices
+        q_pos = (plan.q_rows + q_offset).view(1, G, 1, Bq, 1)
+        kv_pos = _to_heads(plan.kv_index, 1, H).transpose(1, 2).unsqueeze(-2)  # (Bp, G, Hp, 1, Kg)
+        b = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
+        h = torch.arange(H, device=q.device).view(1, 1, H, 1, 1)
+        if score_mod.kind == "additive":
+            bias = score_mod.bias(b, h, q_pos, kv_pos).to(q.dtype)
+            bias = bias.masked_fill(~mask, float("-inf")).expand(B, G, H, Bq, Kg).reshape(B * G, H, Bq, Kg)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, scale=scale, enable_gqa=Hg != H)
+        else:
+            if Hg != H:
+                kg = kg.repeat_interleave(H // Hg, dim=1)
+                vg = vg.repeat_interleave(H // Hg, dim=1)
+            s = (qg @ kg.transpose(-1, -2)) * scale
+            s = score_mod.score_mod(s.view(B, G, H, Bq, Kg), b, h, q_pos, kv_pos)
+            s = s.masked_fill(~mask, float("-inf"))
+            out = (torch.softmax(s, dim=-1).view(B * G, H, Bq, Kg) @ vg)
+    Dv = v.shape[-1]
+    out = out.view(B, G, H, Bq, Dv)
+    if plan.empty is not None:
+        out = out.masked_fill(_to_heads(plan.empty, 1, H).transpose(1, 2), 0.0)
+    out = out.transpose(1, 2).reshape(B, H, G * Bq, Dv)
+    return out[:, :, plan.inv]

@@ -1,0 +1,1 @@
+"""Built-in layers; importing this package registers them all in the catalogue."""
