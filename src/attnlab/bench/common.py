@@ -1,0 +1,208 @@
+"""Shared benchmark machinery: timing, peak memory, the machine's matmul peak, run folders and reports.
+
+Every ``attnlab bench ...`` command writes ``runs/<kind>-<stamp>/`` with ``results.json``, ``results.md``
+and PNG plots, and prints the same table. Speed is reported as ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1, max_seconds: float = 20.0) -> list[float]:
+    """Wall times of ``reps`` calls after ``warmup`` calls; stops early once ``max_seconds`` are spent."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 2:
+            break
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+class _RssSampler:
+    """Peak resident memory above the starting point, sampled every millisecond (CPU)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __enter__(self) -> _RssSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before (CUDA: exact; CPU: RSS)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _RssSampler() as s:
+        fn()
+    return max(0, s.peak - s.base)
+
+
+def matmul_peak_gflops(device: torch.device | str = "cpu", n: int = 2048, dtype=torch.float32) -> float:
+    """The machine's dense matmul throughput in this run: the ceiling for useful FLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median(time_fn(lambda: a @ b, reps=5, warmup=2))
+    return 2 * n**3 / t / 1e9
+
+
+def attention_flops(pairs: float, batch: int, heads: int, head_dim: int, backward: bool = False) -> float:
+    """Useful FLOPs of attention over ``pairs`` allowed (query, key) pairs per head: QK^T and PV."""
+    f = 4.0 * pairs * batch * heads * head_dim
+    return f * 3.5 if backward else f  # backward: dQ, dK, dV, dP and the recomputed scores: 2.5x forward
+
+
+@dataclass
+class Report:
+    """Rows of one benchmark run; ``write`` produces JSON, Markdown and the plots."""
+
+    kind: str
+    columns: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, **row: Any) -> dict[str, Any]:
+        self.rows.append(row)
+        return row
+
+    def markdown(self) -> str:
+        head = "| " + " | ".join(self.columns) + " |"
+        sep = "|" + "|".join("---" for _ in self.columns) + "|"
+        body = ["| " + " | ".join(_fmt(r.get(c, "")) for c in self.columns) + " |" for r in self.rows]
+        return "\n".join([head, sep, *body])
+
+    def write(self, run_dir: Path, plots: Sequence[Callable[[Report, Path], Path | None]] = ()) -> list[Path]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = {**machine_info(), **self.meta}
+        (run_dir / "results.json").write_text(json.dumps({"kind": self.kind, "meta": meta, "rows": self.rows}, indent=2))
+        lines = [f"# attnlab bench {self.kind}", "", _meta_md(meta), "", self.markdown(), ""]
+        written = [run_dir / "results.json", run_dir / "results.md"]
+        for plot in plots:
+            path = plot(self, run_dir)
+            if path is not None:
+                written.append(path)
+                lines.append(f"![{path.stem}]({path.name})")
+        (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+        return written
+
+    def print(self, title: str | None = None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title or f"attnlab bench {self.kind}")
+        for c in self.columns:
+            table.add_column(c)
+        for r in self.rows:
+            table.add_row(*(_fmt(r.get(c, "")) for c in self.columns))
+        Console().print(table)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 100:
+            return f"{x:.0f}"
+        if abs(x) >= 1:
+            return f"{x:.2f}"
+        return f"{x:.3g}"
+    return str(x)
+
+
+def _meta_md(meta: dict[str, Any]) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in meta.items())
+
+
+def machine_info() -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def new_run_dir(kind: str, root: str | os.PathLike = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{kind}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{kind}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def progress(total: int, description: str):
+    """A rich progress bar context: ``with progress(n, "timing") as advance: ... advance()``."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def ctx():
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        ) as prog:
+            task = prog.add_task(description, total=total)
+
+            def advance(label: str | None = None) -> None:
+                prog.update(task, advance=1, description=label or description)
+
+            yield advance
+
+    return ctx()
