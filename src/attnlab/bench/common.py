@@ -110,6 +110,8 @@ class Report:
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: functions ``plot(report, run_dir) -> path`` drawn by ``write``
+    plots: list[Callable[[Report, Path], Path | None]] = field(default_factory=list)
 
     def add(self, **row: Any) -> dict[str, Any]:
         self.rows.append(row)
@@ -121,13 +123,13 @@ class Report:
         body = ["| " + " | ".join(_fmt(r.get(c, "")) for c in self.columns) + " |" for r in self.rows]
         return "\n".join([head, sep, *body])
 
-    def write(self, run_dir: Path, plots: Sequence[Callable[[Report, Path], Path | None]] = ()) -> list[Path]:
+    def write(self, run_dir: Path) -> list[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {**machine_info(), **self.meta}
         (run_dir / "results.json").write_text(json.dumps({"kind": self.kind, "meta": meta, "rows": self.rows}, indent=2))
         lines = [f"# attnlab bench {self.kind}", "", _meta_md(meta), "", self.markdown(), ""]
         written = [run_dir / "results.json", run_dir / "results.md"]
-        for plot in plots:
+        for plot in self.plots:
             path = plot(self, run_dir)
             if path is not None:
                 written.append(path)

@@ -38,6 +38,9 @@ class GatherPlan:
     mask:     (Bp, Hp, G, Bq, Kg) which gathered keys each query may see
     empty:    (Bp, Hp, G, Bq, 1) or None: rows that see no key at all (their output is zero)
     pairs:    allowed (query, key) pairs averaged over heads and batch, for FLOP accounting
+    span:     (first, pad_front, pad_back) when group g reads the contiguous keys first + g*Bq + [0, Kg)
+              and queries are in natural order: the engine then takes overlapping *views* of the padded
+              keys (``unfold``) instead of gathering copies -- sliding windows, chunks, local bands.
     """
 
     q_rows: Tensor
@@ -46,6 +49,7 @@ class GatherPlan:
     mask: Tensor
     empty: Tensor | None
     pairs: float
+    span: tuple[int, int, int] | None = None
 
     @property
     def computed_pairs(self) -> int:
@@ -54,7 +58,9 @@ class GatherPlan:
         return G * Bq * self.kv_index.shape[-1]
 
 
-def _finish(q_rows: Tensor, inv: Tensor, kv_index: Tensor, mask: Tensor) -> GatherPlan:
+def _finish(
+    q_rows: Tensor, inv: Tensor, kv_index: Tensor, mask: Tensor, span: tuple[int, int, int] | None = None
+) -> GatherPlan:
     row_any = mask.any(dim=-1, keepdim=True)
     empty = None if bool(row_any.all()) else ~row_any
     if empty is not None:
@@ -67,7 +73,7 @@ def _finish(q_rows: Tensor, inv: Tensor, kv_index: Tensor, mask: Tensor) -> Gath
     if pad:
         last = mask[:, :, -1, Bq - pad :].sum(dtype=torch.float64) / (mask.shape[0] * mask.shape[1])
         pairs -= float(last)
-    return GatherPlan(q_rows, inv, kv_index, mask, empty, pairs)
+    return GatherPlan(q_rows, inv, kv_index, mask, empty, pairs, span)
 
 
 def _query_groups(order: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -95,15 +101,47 @@ def _static_plan(pattern: Pattern, Tq: int, Tk: int, q_offset: int, group: int, 
         qp = (q_rows[g0 : g0 + per_chunk] + q_offset)[..., None]  # (g, Bq, 1)
         unions.append(pattern.eval_mask(qp, kv_pos).any(dim=-2))  # (Hp, g, Tk)
     union = torch.cat(unions, dim=1)
-    Kg = max(1, int(union.sum(dim=-1).max()))
-    # stable sort puts the allowed keys first, in increasing position
-    kv_index = torch.sort(union.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :Kg]
+    counts = union.sum(dim=-1)
+    Kg = max(1, int(counts.max()))
+    span = _uniform_span(union, counts, group, Kg) if Hp == 1 and pattern.query_order(Tq, q_offset) is None else None
+    if span is not None:
+        first, K = span
+        kv_index = (first + group * torch.arange(G).view(1, G, 1) + torch.arange(K)).view(1, G, K)
+        inside = (kv_index >= 0) & (kv_index < Tk)
+        pad = (max(0, -first), max(0, int(kv_index.max()) - (Tk - 1)))
+        kv_index = kv_index.clamp(0, Tk - 1)
+        span_info = (first, pad[0], pad[1])
+    else:
+        # stable sort puts the allowed keys first, in increasing position
+        kv_index = torch.sort(union.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :Kg]
+        inside = torch.gather(union, -1, kv_index)  # padded keys are never allowed
+        span_info = None
     # pass 2: exact mask of each tile
+    K = kv_index.shape[-1]
     qp = (q_rows + q_offset).view(1, G, group, 1)
-    mask = pattern.eval_mask(qp, kv_index.view(Hp, G, 1, Kg), heads=torch.arange(Hp).view(Hp, 1, 1, 1))
-    mask = mask & torch.gather(union, -1, kv_index).unsqueeze(-2)  # padded keys are never allowed
+    mask = pattern.eval_mask(qp, kv_index.view(Hp, G, 1, K), heads=torch.arange(Hp).view(Hp, 1, 1, 1))
+    mask = mask & inside.unsqueeze(-2)
     dev = torch.device(device)
-    return _finish(q_rows.to(dev), inv.to(dev), kv_index.unsqueeze(0).to(dev), mask.unsqueeze(0).to(dev))
+    return _finish(
+        q_rows.to(dev), inv.to(dev), kv_index.unsqueeze(0).to(dev), mask.unsqueeze(0).to(dev), span_info
+    )
+
+
+def _uniform_span(union: Tensor, counts: Tensor, group: int, Kg: int) -> tuple[int, int] | None:
+    """(first, K) if every group's keys are one contiguous run inside ``first + g*group + [0, K)`` with
+    K at most 25% above the largest union -- then overlapping views replace gathers."""
+    G, Tk = union.shape[1], union.shape[2]
+    pos = torch.arange(Tk)
+    lo = torch.where(union[0], pos, Tk).min(dim=-1).values
+    hi = torch.where(union[0], pos, -1).max(dim=-1).values
+    nonempty = counts[0] > 0
+    if not bool(nonempty.any()) or not bool((counts[0] == (hi - lo + 1))[nonempty].all()):
+        return None
+    base = group * torch.arange(G)
+    first = int((lo - base)[nonempty].min())
+    last = int((hi - base)[nonempty].max())
+    K = last - first + 1
+    return (first, K) if K <= 1.25 * Kg + 8 else None
 
 
 def static_plan(pattern: Pattern, Tq: int, Tk: int, q_offset: int, group: int, device: torch.device) -> GatherPlan:
@@ -175,18 +213,20 @@ def run_plan(
 ) -> Tensor:
     """Attention restricted to the plan's tiles. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
     B, H, Tq, D = q.shape
-    Hkv = k.shape[1]
     G, Bq = plan.q_rows.shape
     Kg = plan.kv_index.shape[-1]
     if score_mod is not None and score_mod.kind == "scale":
         q = q * score_mod.factor(H, q.device, q.dtype).view(1, H, 1, 1)
         score_mod = None
-    qg = q[:, :, plan.q_rows].transpose(1, 2).reshape(B * G, H, Bq, D)
-    kg = _gather_heads(k, plan.kv_index)
-    vg = _gather_heads(v, plan.kv_index)
+    if plan.span is not None:
+        qg, kg, vg = _span_views(q, k, v, plan)
+    else:
+        qg = q[:, :, plan.q_rows].transpose(1, 2).reshape(B * G, H, Bq, D)
+        kg = _gather_heads(k, plan.kv_index)
+        vg = _gather_heads(v, plan.kv_index)
+        kg = kg.transpose(1, 2).reshape(B * G, kg.shape[1], Kg, D)
+        vg = vg.transpose(1, 2).reshape(B * G, vg.shape[1], Kg, v.shape[-1])
     Hg = kg.shape[1]
-    kg = kg.transpose(1, 2).reshape(B * G, Hg, Kg, D)
-    vg = vg.transpose(1, 2).reshape(B * G, Hg, Kg, v.shape[-1])
     mask = _to_heads(plan.mask, 1, H).transpose(1, 2)  # (Bp, G, Hp, Bq, Kg), Hp in {1, H}
     Hp = mask.shape[2]
     if score_mod is None:
@@ -215,4 +255,24 @@ def run_plan(
     if plan.empty is not None:
         out = out.masked_fill(_to_heads(plan.empty, 1, H).transpose(1, 2), 0.0)
     out = out.transpose(1, 2).reshape(B, H, G * Bq, Dv)
-    return out[:, :, plan.inv]
+    return out[:, :, :Tq] if plan.span is not None else out[:, :, plan.inv]
+
+
+def _span_views(q: Tensor, k: Tensor, v: Tensor, plan: GatherPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Tiles as views: queries split in place, keys/values as overlapping windows of the padded sequence."""
+    B, H, Tq, D = q.shape
+    G, Bq = plan.q_rows.shape
+    Kg = plan.kv_index.shape[-1]
+    first, pad_front, pad_back = plan.span
+    if G * Bq != Tq:
+        q = F.pad(q, (0, 0, 0, G * Bq - Tq))
+    qg = q.view(B, H, G, Bq, D).transpose(1, 2).reshape(B * G, H, Bq, D)
+
+    def windows(t: Tensor) -> Tensor:
+        t = F.pad(t, (0, 0, pad_front, pad_back))
+        start = first + pad_front  # where group 0's window begins in the padded sequence
+        t = t[:, :, start : start + (G - 1) * Bq + Kg]
+        w = t.unfold(2, Kg, Bq)  # (B, Hkv, G, Dh, Kg) -- a view, no copy
+        return w.permute(0, 2, 1, 4, 3).reshape(B * G, t.shape[1], Kg, t.shape[-1])
+
+    return qg, windows(k), windows(v)

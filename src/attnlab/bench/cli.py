@@ -1,0 +1,18 @@
+"""``attnlab bench ...``: benchmarks are commands that write JSON, Markdown and PNG under ``runs/``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# Modules with ``register(bench_subparsers)``.
+BENCH_COMMANDS = [
+    "attnlab.bench.speed",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed and quality benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    for name in BENCH_COMMANDS:
+        importlib.import_module(name).register(bench_sub)
