@@ -50,4 +50,4 @@ def grads(out: Tensor, inputs: tuple[Tensor, ...], seed: int = 1) -> tuple[Tenso
 def max_err(a: Tensor | tuple, b: Tensor | tuple) -> float:
     if isinstance(a, (tuple, list)):
         return max((max_err(x, y) for x, y in zip(a, b) if x is not None), default=0.0)
-    return float((a.double() - b.double()).abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max())

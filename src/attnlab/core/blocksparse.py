@@ -12,9 +12,12 @@ Plans for static patterns are cached by (pattern, lengths, offset, group, device
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +26,37 @@ from torch import Tensor
 from .patterns import Pattern
 from .score_mods import ScoreMod
 
-# Query rows per group, per device type: measured by `attnlab bench speed` (see docs/performance.md).
+# Query rows per tile, per device type. `attnlab bench speed` measures the fastest and saves it in
+# ~/.cache/attnlab/tuning.json (ATTNLAB_CACHE overrides the folder); later processes start from it.
 DEFAULT_GROUP = {"cpu": 128, "cuda": 128}
+
+
+def _tuning_file() -> Path:
+    return Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab")) / "tuning.json"
+
+
+def save_tuned_group(device_type: str, group: int) -> None:
+    path = _tuning_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[f"group/{device_type}"] = group
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+    except (OSError, ValueError):  # a read-only or corrupt cache must not break a benchmark
+        pass
+
+
+def _load_tuned() -> None:
+    try:
+        data = json.loads(_tuning_file().read_text())
+    except (OSError, ValueError):
+        return
+    for key, val in data.items():
+        if key.startswith("group/") and isinstance(val, int) and val in (32, 64, 128, 256, 512):
+            DEFAULT_GROUP[key.split("/", 1)[1]] = val
+
+
+_load_tuned()
 _EVAL_BUDGET = 1 << 25  # mask elements evaluated at once while building a plan
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 MODES = ("parallel", "chunked", "recurrent")
 DEFAULT_CHUNK = {"cpu": 64, "cuda": 64}
+SEGMENT_CHUNKS = 64  # chunks per segment of the chunked form (bounds the working set)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,6 +155,22 @@ def _pad_time(x: Tensor, pad: int) -> Tensor:
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    # Segments of SEGMENT_CHUNKS chunks keep the working set (and the no-grad peak memory) the same at any length.
+    T = q.shape[2]
+    seg = C * SEGMENT_CHUNKS
+    if T <= seg:
+        return _chunked_segment(q, k, v, g, S0, C)
+    outs = []
+    for i in range(0, T, seg):
+        gi = g if g is None or g.shape[-1] == 1 else g[..., i : i + seg]
+        o, S0 = _chunked_segment(q[:, :, i : i + seg], k[:, :, i : i + seg], v[:, :, i : i + seg], gi, S0, C)
+        outs.append(o)
+    return torch.cat(outs, dim=2), S0
+
+
+def _chunked_segment(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, C: int
+) -> tuple[Tensor, Tensor]:
     B, H, T, F = q.shape
     C = max(1, min(C, T))
     pad = (-T) % C
@@ -170,6 +187,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, C: i
         prev = torch.cat([S0.expand(B, -1, -1, -1)[:, :, None], U[:, :, :-1]], dim=2).cumsum(2)
         o = o + qc @ prev
         return o.reshape(B, H, N * C, -1)[:, :, :T], prev[:, :, -1] + U[:, :, -1]
+    if g.shape[-1] == 1 and T > 1 and pad:
+        g = g.expand(-1, -1, T)  # padded positions must not decay: take the per-token path
     if g.shape[-1] == 1:  # constant per head: the within-chunk decays are the same for every chunk
         b = g[..., None] * torch.arange(1, C + 1, device=q.device, dtype=g.dtype)  # (1, H, 1, C)
     else:

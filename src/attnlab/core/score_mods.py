@@ -112,18 +112,18 @@ class Temperature(ScoreMod):
 class Bias(ScoreMod):
     """An explicit additive bias ``(batch or 1, heads or 1, q_len, kv_len)``; row r is position q_offset + r."""
 
-    bias: Tensor
+    values: Tensor
     q_offset: int = 0
     kind = "additive"
 
     def __post_init__(self):
-        if self.bias.dim() != 4:
+        if self.values.dim() != 4:
             raise ValueError(
-                f"bias must have shape (batch or 1, heads or 1, q_len, kv_len), got {tuple(self.bias.shape)}"
+                f"values must have shape (batch or 1, heads or 1, q_len, kv_len), got {tuple(self.values.shape)}"
             )
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
-        t = self.bias.to(device=q_idx.device)
+        t = self.values.to(device=q_idx.device)
         bb = b if t.shape[0] > 1 else torch.zeros_like(b)
         hh = h if t.shape[1] > 1 else torch.zeros_like(h)
         return score + t[bb, hh, q_idx - self.q_offset, kv_idx]

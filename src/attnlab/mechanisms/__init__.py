@@ -1,1 +1,3 @@
 """Built-in layers; importing this package registers them all in the catalogue."""
+
+from . import layers  # noqa: F401

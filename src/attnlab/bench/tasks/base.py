@@ -57,8 +57,8 @@ class Task:
       (squared error, scored by ``1 - normalized MSE``).
     * ``vocab``: input token ids lie in ``[0, vocab)`` (``None`` for real-valued inputs; then ``in_features``).
     * ``sample(n, gen)``: ``n`` training sequences.
-    * ``splits()``: name -> (sequence count, sampler) of the fixed test sets; ``primary`` names the split(s)
-      averaged into the headline score, ``val_split`` is sampled like training data for early stopping.
+    * ``test_samplers()``: name -> sampler ``(n, gen) -> Batch`` of each fixed test split; ``primary()`` names the split(s)
+      averaged into the headline score; ``val_set`` is sampled like training data (early stopping, lr choice).
     """
 
     name: ClassVar[str] = ""
@@ -91,7 +91,9 @@ class Task:
         """name -> callable(n, gen) -> Batch for each fixed test split (default: one split like training)."""
         return {"test": self.sample}
 
-    primary: ClassVar[tuple[str, ...]] = ("test",)
+    def primary(self) -> tuple[str, ...]:
+        """The split(s) averaged into the headline score."""
+        return ("test",)
 
     # -- shared --------------------------------------------------------------------------------------
     def test_sets(self, seed: int) -> dict[str, Batch]:
@@ -109,7 +111,7 @@ class Task:
 
     def score(self, metrics: dict[str, float]) -> float:
         """Headline score in [0, 1] (higher is better): mean of the primary splits."""
-        return sum(metrics[s] for s in self.primary) / len(self.primary)
+        return sum(metrics[s] for s in self.primary()) / len(self.primary())
 
     def describe(self, metrics: dict[str, float]) -> str:
         return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())

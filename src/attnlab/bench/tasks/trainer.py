@@ -1,0 +1,129 @@
+"""Train a backbone on a task under a wall-clock budget, stop early at the target, score the fixed test splits.
+
+Batches are sampled online (a fresh stream per seed); the validation set (same distribution as training,
+its own seed) decides early stopping and which learning rate of the grid is reported; the test splits are
+fixed by the task seed and only read once, at the end, with the best validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, BackboneConfig, task_loss
+from .base import Batch, Task, generator
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_steps: int = 100_000
+    budget_s: float = 60.0  # wall clock for training and validation of one configuration
+    eval_every: int = 50
+    target: float = 0.99  # stop once the validation score reaches it
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_batch: int = 250
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.budget_s <= 0:
+            raise ValueError("lr, batch_size, max_steps and budget_s must be positive")
+
+
+def evaluate(model: Backbone, task: Task, batch: Batch, eval_batch: int = 250) -> float:
+    """Accuracy over the scored positions (classify) or ``1 - MSE`` (regress) of ``batch``."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(batch), eval_batch):
+            b = batch.slice(i, i + eval_batch)
+            _, score, _ = task_loss(model, task.kind, b.x, b.y, b.mask)
+            total += float(score.sum())
+            count += score.numel()
+    model.train()
+    mean = total / max(count, 1)
+    return mean if task.kind == "classify" else 1.0 - mean
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then constant: the step count reached within the budget is not known in advance."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def train(
+    task: Task,
+    make_mixer: Callable[[int], nn.Module],
+    backbone: BackboneConfig,
+    cfg: TrainConfig,
+    seed: int,
+    *,
+    test: dict[str, Batch] | None = None,
+    val: Batch | None = None,
+) -> dict[str, Any]:
+    """Train one configuration; returns steps, seconds, why it stopped, the validation curve and test metrics.
+
+    ``test`` / ``val`` default to the task's fixed sets for ``seed`` (pass them to share across a grid).
+    """
+    torch.manual_seed(seed)
+    model = Backbone(
+        backbone, make_mixer, vocab=task.vocab, num_classes=task.num_classes, in_features=task.in_features
+    )
+    val = val if val is not None else task.val_set(seed)
+    test = test if test is not None else task.test_sets(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    gen = generator(seed * 31 + 17)
+    start = time.perf_counter()
+    curve: list[tuple[int, float, float]] = []
+    best, best_state, stopped, step = -math.inf, None, "max_steps", 0
+    last_loss = math.nan
+    while step < cfg.max_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        b = task.sample(cfg.batch_size, gen)
+        loss, _, _ = task_loss(model, task.kind, b.x, b.y, b.mask)
+        if not torch.isfinite(loss):
+            stopped = "diverged"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        last_loss = float(loss)
+        out_of_time = time.perf_counter() - start > cfg.budget_s
+        if step % cfg.eval_every == 0 or out_of_time or step == cfg.max_steps:
+            v = evaluate(model, task, val, cfg.eval_batch)
+            curve.append((step, round(time.perf_counter() - start, 2), round(v, 4)))
+            if v > best:
+                best, best_state = v, copy.deepcopy(model.state_dict())
+            if v >= cfg.target:
+                stopped = "target"
+                break
+            if out_of_time:
+                stopped = "budget"
+                break
+    seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    metrics = {name: round(evaluate(model, task, batch, cfg.eval_batch), 4) for name, batch in test.items()}
+    return {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "stopped": stopped,
+        "val": round(best, 4) if best_state is not None else None,
+        "loss": round(last_loss, 4),
+        "curve": curve,
+        "metrics": metrics,
+        "score": round(task.score(metrics), 4),
+        "params": sum(p.numel() for p in model.parameters()),
+        "model": model,
+    }

@@ -1,0 +1,143 @@
+"""MoBA: mixture of block attention (the block-gating scheme VMoBA [D56] builds on).
+
+Keys are cut into blocks of ``block`` positions; a query's gate score for block j is its dot product with
+the block's mean key, ``s_ij = <q_i, mean(K_j)>``. Each query reads its own (current) block causally plus the
+``top_k - 1`` past blocks with the highest gate -- chosen per query, so different queries of one block read
+different blocks. Execution is key-centric (``core.selection``): queries are grouped by the block they
+selected, each block is gathered once per tile of queries, partial results are merged by log-sum-exp; the
+current block runs as causal attention on contiguous blocks without any gather.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.selection import masked_reference, tile_attention, tiles_from_selection
+
+from ..registry import register
+from ._common import ProjectedLayer
+
+
+def block_means(k: Tensor, block: int) -> Tensor:
+    """(B, Hkv, Tk, D) -> (B, Hkv, nb, D): mean key of each block (the last, partial block over its keys)."""
+    B, Hkv, Tk, D = k.shape
+    nb = math.ceil(Tk / block)
+    pad = nb * block - Tk
+    sums = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, Hkv, nb, block, D).sum(3)
+    counts = torch.full((nb,), float(block), dtype=k.dtype, device=k.device)
+    counts[-1] = block - pad
+    return sums / counts.view(1, 1, nb, 1)
+
+
+def gate_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
+    """Per-query gate over key blocks: q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (B, H, Tq, nb)."""
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    kbar = block_means(k, block)  # (B, Hkv, nb, D)
+    s = q.view(B, Hkv, H // Hkv, Tq, D) @ kbar.unsqueeze(2).transpose(-1, -2)
+    return s.view(B, H, Tq, -1)
+
+
+def moba_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int) -> tuple[Tensor, Tensor]:
+    """Selected key blocks per query: (sel, valid), each (B, H, Tq, top_k).
+
+    Entry 0 is the query's current block (always read); entries 1.. are the best past blocks by gate score
+    (invalid where fewer past blocks exist). Selection is not differentiated (indices).
+    """
+    with torch.no_grad():
+        s = gate_scores(q, k, block)
+        B, H, Tq, nb = s.shape
+        cur = (torch.arange(Tq, device=q.device) + q_offset) // block  # (Tq,)
+        past = torch.arange(nb, device=q.device).view(1, nb) < cur.view(Tq, 1)
+        s = s.masked_fill(~past, float("-inf"))
+        n = min(top_k - 1, nb)
+        if n > 0:
+            val, idx = s.topk(n, dim=-1)
+            valid = torch.isfinite(val)
+        else:
+            idx = s.new_zeros(B, H, Tq, 0, dtype=torch.long)
+            valid = idx.bool()
+        sel = torch.cat([cur.view(1, 1, Tq, 1).expand(B, H, Tq, 1), idx], dim=-1)
+        valid = torch.cat([torch.ones(B, H, Tq, 1, dtype=torch.bool, device=q.device), valid], dim=-1)
+    return sel, valid
+
+
+def block_sets(Tk: int, block: int, device=None) -> Tensor:
+    """(1, 1, nb, block) key positions of each block (positions >= Tk are padding)."""
+    nb = math.ceil(Tk / block)
+    return (torch.arange(nb, device=device).view(nb, 1) * block + torch.arange(block, device=device)).view(1, 1, nb, block)
+
+
+def moba_attention(
+    q: Tensor, k: Tensor, v: Tensor, block: int, top_k: int, scale: float | None = None,
+    q_offset: int | None = None, rows: int = 128,
+) -> Tensor:
+    """Causal MoBA. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). Queries sit at q_offset + i."""
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    positive_int("block", block)
+    positive_int("top_k", top_k)
+    scale = default_scale(D, scale)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    sel, valid = moba_select(q, k, block, top_k, q_offset)
+    sets = block_sets(Tk, block, q.device)
+    if Tq == Tk and q_offset == 0:
+        # prefill: the current block is causal attention on contiguous blocks (no gather, no mask)
+        parts = tiles_from_selection(sel[..., 1:], valid[..., 1:], sets, Hkv, Tk, q_offset, True, rows)
+        return tile_attention(q, k, v, parts, scale, diag_block=block)
+    parts = tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, rows)
+    return tile_attention(q, k, v, parts, scale)
+
+
+def moba_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | None = None) -> Tensor:
+    """Dense (B, H, Tq, Tk) mask of MoBA's selection, built plainly from the gate (for the reference)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    s = gate_scores(q, k, block)
+    nb = s.shape[-1]
+    qpos = torch.arange(Tq, device=q.device) + q_offset
+    blk_of_key = torch.arange(Tk, device=q.device) // block
+    chosen = torch.zeros(B, H, Tq, nb, dtype=torch.bool, device=q.device)
+    for i in range(Tq):
+        cur = int(qpos[i]) // block
+        chosen[:, :, i, cur] = True
+        if cur > 0 and top_k > 1:
+            best = s[:, :, i, :cur].topk(min(top_k - 1, cur), dim=-1).indices
+            chosen[:, :, i].scatter_(-1, best, True)
+    mask = chosen[..., blk_of_key]  # block choice -> token choice
+    return mask & (torch.arange(Tk, device=q.device).view(1, Tk) <= qpos.view(Tq, 1))
+
+
+@dataclass(frozen=True)
+class MoBAConfig:
+    dim: int = 64
+    heads: int = 4
+    kv_heads: int | None = None
+    block: int = 64
+    top_k: int = 3
+    rope: bool = True
+
+    def __post_init__(self) -> None:
+        positive_int("block", self.block)
+        positive_int("top_k", self.top_k)
+
+
+@register(
+    "moba", family="routing", papers=("D56",), year=2025, config=MoBAConfig,
+    summary="mixture of block attention: per-query top-k key blocks by mean-key gate, current block always read",
+)
+class MoBAAttention(ProjectedLayer):
+    def __init__(self, cfg: MoBAConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
+        self.cfg = cfg
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
+        return moba_attention(q, k, v, self.cfg.block, self.cfg.top_k, q_offset=q_offset)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return masked_reference(q, k, v, moba_mask(q, k, self.cfg.block, self.cfg.top_k, 0))

@@ -1,0 +1,242 @@
+"""Every engine of attnlab.attention against the float64 reference: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnlab import attention, reference_attention
+from attnlab.core import blocksparse
+from attnlab.core.patterns import (
+    Causal,
+    Chunked,
+    Dilated,
+    Document,
+    Full,
+    GlobalTokens,
+    PerHead,
+    PrefixLM,
+    Sinks,
+    SlidingWindow,
+    Strided,
+)
+from attnlab.core.score_mods import ALiBi, Bias, SoftCap, Temperature
+from attnlab.testing import grads, max_err, qkv, sdpa_error, tolerance
+
+BASIC = [
+    Causal(),
+    Full(),
+    PrefixLM(5),
+    SlidingWindow(5),
+    SlidingWindow(4, causal=False),
+    Causal() & (SlidingWindow(3) | Sinks(2)),
+    GlobalTokens(2),
+    Dilated(3, 4),
+    Dilated(2, 3, causal=False),
+    Strided(5),
+    SlidingWindow(4) | Strided(4),
+    Chunked(8),
+    Chunked(6, causal=True),
+    PerHead((Causal(), SlidingWindow(2), Chunked(5), Full())),
+]
+
+
+def _check(pattern, backend, *, B=2, H=4, Hkv=2, Tq=37, Tk=None, mod=None, q_offset=None, group=8):
+    q, k, v = qkv(B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=16)
+    out = attention(q, k, v, pattern, mod, backend=backend, q_offset=q_offset, group=group)
+    ref = reference_attention(q, k, v, pattern, mod, q_offset=q_offset)
+    assert out.dtype == torch.float64 and out.shape == ref.shape
+    assert max_err(out, ref) < 1e-10
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "dense_mask", "auto"])
+@pytest.mark.parametrize("pattern", BASIC, ids=lambda p: type(p).__name__)
+def test_backends_match_reference_float64(pattern, backend):
+    _check(pattern, backend)
+
+
+@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(6), Sinks(2) | SlidingWindow(3) & Causal()])
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_decode_offsets_match_reference(pattern, Tq):
+    # queries are the last Tq positions of a 37-long sequence (bottom-right alignment)
+    _check(pattern, "auto", Tq=Tq, Tk=37)
+    _check(pattern, "blocksparse", Tq=Tq, Tk=37, q_offset=3)
+
+
+@pytest.mark.parametrize(
+    "mod",
+    [ALiBi(4), SoftCap(2.0), Temperature(torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64))],
+    ids=["alibi", "softcap", "temperature"],
+)
+@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(6), Full()], ids=["causal", "window", "full"])
+def test_score_mods_every_engine(mod, pattern):
+    for backend in ("auto", "blocksparse", "dense_mask"):
+        _check(pattern, backend, mod=mod)
+
+
+def test_bias_score_mod():
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(1, 4, 37, 37, generator=g, dtype=torch.float64)
+    for backend in ("auto", "blocksparse", "dense_mask"):
+        _check(SlidingWindow(9), backend, mod=Bias(bias))
+
+
+def test_batch_and_head_varying_bias():
+    bias = torch.randn(2, 4, 37, 37, dtype=torch.float64)
+    _check(Causal(), "blocksparse", mod=Bias(bias))
+
+
+def test_document_packing():
+    pat = Document((10, 20, 7)) & Causal()
+    for backend in ("blocksparse", "dense_mask"):
+        _check(pat, backend)
+
+
+def test_empty_rows_give_zeros_and_zero_grads():
+    pat = Sinks(2) & SlidingWindow(3)  # rows from position 4 on see no key
+    q, k, v = qkv(B=1, H=2, Tq=12, D=8)
+    for backend in ("blocksparse", "dense_mask", "reference"):
+        out = attention(q, k, v, pat, backend=backend, group=4)
+        assert torch.isfinite(out).all()
+        assert out[:, :, 4:].abs().max() == 0
+        gq, gk, gv = grads(out, (q, k, v))
+        assert torch.isfinite(gq).all() and gq[:, :, 4:].abs().max() == 0
+        assert torch.isfinite(gk).all() and torch.isfinite(gv).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [SlidingWindow(16), Causal(), Dilated(4, 3), Chunked(16)], ids=str)
+def test_low_precision_within_twice_sdpa_error(dtype, pattern):
+    q, k, v = qkv(B=1, H=4, Hkv=2, Tq=96, D=32, dtype=dtype, requires_grad=False)
+    mask = pattern.dense(96, 96).unsqueeze(0)
+    ref = reference_attention(q, k, v, pattern)
+    err = max_err(attention(q, k, v, pattern, group=32), ref)
+    assert err <= tolerance(dtype, sdpa_error(q, k, v, mask))
+
+
+def test_full_and_causal_dispatch_to_sdpa_exactly():
+    q, k, v = qkv(B=1, H=4, Hkv=2, Tq=64, D=16, dtype=torch.float32, requires_grad=False)
+    ref_c = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref_f = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(attention(q, k, v, Causal()), ref_c)
+    assert torch.equal(attention(q, k, v), ref_f)
+
+
+def test_return_weights_are_the_softmax_rows():
+    q, k, v = qkv(B=1, H=2, Tq=9, D=8)
+    out, w = attention(q, k, v, SlidingWindow(3), return_weights=True)
+    assert w.shape == (1, 2, 9, 9)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 9, dtype=w.dtype))
+    assert (w[..., ~SlidingWindow(3).dense(9, 9)[0]] == 0).all()
+    torch.testing.assert_close(out, w @ v)
+
+
+def test_static_plans_are_cached_and_skip_work():
+    pat = SlidingWindow(16)
+    p1 = blocksparse.static_plan(pat, 256, 256, 0, 32, torch.device("cpu"))
+    p2 = blocksparse.static_plan(SlidingWindow(16), 256, 256, 0, 32, torch.device("cpu"))
+    assert p1 is p2
+    assert p1.span is not None  # contiguous windows run on views, not gathered copies
+    assert p1.pairs == pat.count(256, 256)
+    assert p1.computed_pairs < 0.3 * 256 * 256
+
+
+def test_plan_from_blocks_all_selected_equals_dense_causal():
+    B, H, T, blk = 1, 2, 40, 8
+    q, k, v = qkv(B=B, H=H, Tq=T, D=8)
+    G = T // blk
+    idx = torch.arange(G).expand(B, H, G, G).contiguous()
+    valid = torch.ones(B, H, G, G, dtype=torch.bool)
+    plan = blocksparse.plan_from_blocks(idx, valid, T, T, blk)
+    out = blocksparse.run_plan(q, k, v, plan, scale=8**-0.5)
+    ref = reference_attention(q, k, v, Causal())
+    assert max_err(out, ref) < 1e-10
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+
+
+def test_plan_from_blocks_random_selection_matches_masked_reference():
+    B, H, T, blk, nsel = 2, 2, 48, 8, 2
+    q, k, v = qkv(B=B, H=H, Tq=T, D=8)
+    G = T // blk
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(G, generator=g)[:nsel] for _ in range(B * H * G)]).view(B, H, G, nsel)
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    plan = blocksparse.plan_from_blocks(idx, valid, T, T, blk)
+    out = blocksparse.run_plan(q, k, v, plan, scale=8**-0.5)
+    # the same selection as a dense mask
+    allowed = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for gq in range(G):
+                for kb in idx[b, h, gq].tolist():
+                    allowed[b, h, gq * blk : (gq + 1) * blk, kb * blk : (kb + 1) * blk] = True
+    allowed &= torch.ones(T, T, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2)) * 8**-0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has = allowed.any(-1, keepdim=True)
+    ref = torch.softmax(scores.masked_fill(~has, 0), -1) * has @ v
+    assert max_err(out, ref) < 1e-10
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 3),
+    rep=st.integers(1, 3),
+    Tq=st.integers(1, 40),
+    extra=st.integers(0, 20),
+    D=st.sampled_from([4, 8, 16]),
+    which=st.integers(0, len(BASIC) - 1),
+    group=st.sampled_from([1, 4, 7, 16, 64]),
+)
+def test_property_blocksparse_equals_reference(B, Hkv, rep, Tq, extra, D, which, group):
+    pattern = BASIC[which]
+    H = Hkv * rep
+    if pattern.num_heads is not None:
+        pattern = PerHead(tuple(pattern.patterns[i % len(pattern.patterns)] for i in range(H)))
+    q, k, v = qkv(B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tq + extra, D=D)
+    out = attention(q, k, v, pattern, backend="blocksparse", group=group)
+    ref = reference_attention(q, k, v, pattern)
+    assert max_err(out, ref) < 1e-10
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+
+
+# ---- bad input gets a clear error naming the argument ------------------------------------------
+
+def test_errors_name_the_argument():
+    q, k, v = qkv(B=1, H=4, Hkv=2, Tq=8, D=8, requires_grad=False)
+    with pytest.raises(ValueError, match=r"q must have shape \(batch, heads, seq, head_dim\)"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q[:, :3], k, v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        attention(q.float(), k, v)
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="empty sequence"):
+        attention(q[:, :, :0], k, v)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        SlidingWindow(0)
+    with pytest.raises(ValueError, match="built for sequence length 10"):
+        attention(q, k, v, Document((4, 6)))
+    with pytest.raises(ValueError, match="per-head pattern has 2 heads"):
+        attention(q, k, v, PerHead((Causal(), Full())))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(q, k, v, backend="fast")
+    with pytest.raises(TypeError, match="pattern must be an attnlab Pattern"):
+        attention(q, k, v, pattern="causal")
+    with pytest.raises(TypeError, match="score_mod must be a ScoreMod"):
+        attention(q, k, v, score_mod=lambda s, *a: s)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        attention(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match="serves full and causal attention only"):
+        attention(q, k, v, SlidingWindow(3), backend="sdpa")
+
+
+def test_flex_refuses_cpu_backward_clearly():
+    q, k, v = qkv(B=1, H=2, Tq=16, D=8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="no backward"):
+        attention(q, k, v, SlidingWindow(4), backend="flex")
