@@ -10,6 +10,7 @@ import sys
 COMMANDS = [
     "attnlab.mechanisms.cli",
     "attnlab.bench.cli",
+    "attnlab.demo",
 ]
 
 

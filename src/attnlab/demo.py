@@ -1,0 +1,63 @@
+"""``attnlab demo``: the main job -- every capability once, on the embedded defaults.
+
+1. ``bench speed`` (patterns, layers, routing, linear kernels) against SDPA in one run;
+2. a head atlas of the embedded SmolLM2 (HTML report + JSON/CSV);
+3. per-head plans on SmolLM2: dense vs streaming heads -- accuracy, KV bytes, prefill time.
+
+``--quick`` keeps it to a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: speed bench, head atlas and head plans on embedded models")
+    p.add_argument("--quick", action="store_true", help="the few-minute version (default in the README)")
+    p.add_argument("--out", default="runs", help="folder for run directories")
+    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "atlas", "plans"], help="steps to leave out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench import speed
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if "speed" not in args.skip:
+        print("== 1/3 speed: attnlab engines and layers vs SDPA ==")
+        speed.run(
+            argparse.Namespace(
+                quick=args.quick, sections=None, patterns=None, lengths=None, backward=False,
+                device="cuda" if torch.cuda.is_available() else "cpu", out=str(out),
+            )
+        )
+    for step, name in (("atlas", "2/3 head atlas of SmolLM2"), ("plans", "3/3 per-head plans on SmolLM2")):
+        if step in args.skip:
+            continue
+        print(f"== {name} ==")
+        _STEPS[step](out, args.quick)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; results under {out}/")
+    return 0
+
+
+def _atlas(out: Path, quick: bool) -> None:
+    from .inspect import quick_atlas
+
+    path = quick_atlas(out)
+    print(f"head atlas report: {path}")
+
+
+def _plans(out: Path, quick: bool) -> None:
+    from .plans import quick_eval
+
+    path = quick_eval(out, quick=quick)
+    print(f"plan comparison: {path}")
+
+
+_STEPS = {"atlas": _atlas, "plans": _plans}
