@@ -82,7 +82,8 @@ def tune_group(ctx: SpeedContext, n: int = 4096) -> int:
 
 def run(ctx: SpeedContext) -> Report:
     dev_type = torch.device(ctx.device).type
-    group = tune_group(ctx, 2048 if ctx.quick else 4096)
+    longest = max(ctx.lengths) if ctx.lengths else 8192
+    group = tune_group(ctx, min(longest, 2048 if ctx.quick else 4096))
     blocksparse.DEFAULT_GROUP[dev_type] = group
     blocksparse.save_tuned_group(dev_type, group)
     cases = [c for c in CASES if ctx.only is None or c.name in ctx.only]

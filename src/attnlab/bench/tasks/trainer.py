@@ -98,7 +98,7 @@ def train(
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        last_loss = float(loss)
+        last_loss = float(loss.detach())
         out_of_time = time.perf_counter() - start > cfg.budget_s
         if step % cfg.eval_every == 0 or out_of_time or step == cfg.max_steps:
             v = evaluate(model, task, val, cfg.eval_batch)
