@@ -240,3 +240,19 @@ def test_flex_refuses_cpu_backward_clearly():
     q, k, v = qkv(B=1, H=2, Tq=16, D=8, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="no backward"):
         attention(q, k, v, SlidingWindow(4), backend="flex")
+
+
+# ---- every pattern of the zoo through every sparse engine ----------------------------------------
+
+from pattern_zoo import pattern_zoo  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "dense_mask"])
+@pytest.mark.parametrize("name,pattern,n", pattern_zoo(), ids=[z[0] for z in pattern_zoo()])
+def test_every_zoo_pattern_matches_reference(name, pattern, n, backend):
+    H = pattern.num_heads or 2
+    q, k, v = qkv(B=1, H=H, Hkv=1 if H % 2 else 2, Tq=n, D=8)
+    out = attention(q, k, v, pattern, backend=backend, group=8)
+    ref = reference_attention(q, k, v, pattern)
+    assert max_err(out, ref) < 1e-10
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10

@@ -1,11 +1,11 @@
 """FlexAttention glue: CPU forward against the reference (one compile), GPU forward+backward when present."""
 
 import torch
+from conftest import requires_cuda
 
 from attnlab import attention, reference_attention
 from attnlab.core.patterns import Causal, Sinks, SlidingWindow
 from attnlab.testing import grads, max_err, qkv, sdpa_error, tolerance
-from conftest import requires_cuda
 
 
 def test_flex_forward_cpu_matches_reference_with_gqa_and_offset():

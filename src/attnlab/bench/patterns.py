@@ -111,16 +111,7 @@ def _run_case(ctx: SpeedContext, report: Report, case: Case, n: int, reps: int) 
     passes = ["fwd"] + (["fwd+bwd"] if (case.backward and (ctx.backward or not ctx.quick or case.name.startswith("sliding"))) else [])
     for pas in passes:
         grad = pas == "fwd+bwd"
-        q, k, v = _inputs(n, ctx.device, ctx.dtype, grad)
-        engines: dict[str, Callable[[], torch.Tensor]] = {
-            "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-            "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v),
-            "attnlab": lambda: attention(q, k, v, pat),
-        }
-        if not (pat.is_full or type(pat) is Causal):
-            engines["dense_mask"] = lambda: attention(q, k, v, pat, backend="dense_mask")
-            if not grad and not ctx.quick:
-                engines["flex"] = lambda: attention(q, k, v, pat, backend="flex")
+        engines = _engines(pat, _inputs(n, ctx.device, ctx.dtype, grad), flex=not grad and not ctx.quick)
         times: dict[str, float] = {}
         for name, fn in engines.items():
             call = _fwd_bwd(fn) if grad else fn
@@ -143,6 +134,20 @@ def _run_case(ctx: SpeedContext, report: Report, case: Case, n: int, reps: int) 
             row["x_vs_sdpa_dense"] = times["sdpa_dense"] / t
             if "dense_mask" in times:
                 row["x_vs_dense_mask"] = times["dense_mask"] / t
+
+
+def _engines(pat: Pattern, qkv: list[torch.Tensor], flex: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    q, k, v = qkv
+    engines: dict[str, Callable[[], torch.Tensor]] = {
+        "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v),
+        "attnlab": lambda: attention(q, k, v, pat),
+    }
+    if not (pat.is_full or type(pat) is Causal):
+        engines["dense_mask"] = lambda: attention(q, k, v, pat, backend="dense_mask")
+        if flex:
+            engines["flex"] = lambda: attention(q, k, v, pat, backend="flex")
+    return engines
 
 
 def plot_speedups(report: Report, run_dir: Path) -> Path | None:

@@ -13,6 +13,12 @@ from .basic import (
     SlidingWindow,
     Strided,
 )
+from .heads import StridedShards
+from .longrange import FITGroups, PowerAttention, Radial
+from .neighborhood import GridPattern, Neighborhood
+from .shifted import ShiftedChunks, ShiftedCrossChunk
+from .stochastic import Stochastic
+from .vision import HaloBlocks, MaxViTBlock, MaxViTGrid
 
 __all__ = [
     "And",
@@ -20,13 +26,25 @@ __all__ = [
     "Chunked",
     "Dilated",
     "Document",
+    "FITGroups",
     "Full",
     "GlobalTokens",
+    "GridPattern",
+    "HaloBlocks",
+    "MaxViTBlock",
+    "MaxViTGrid",
+    "Neighborhood",
     "Or",
     "Pattern",
     "PerHead",
+    "PowerAttention",
     "PrefixLM",
+    "Radial",
+    "ShiftedChunks",
+    "ShiftedCrossChunk",
     "Sinks",
     "SlidingWindow",
+    "Stochastic",
     "Strided",
+    "StridedShards",
 ]

@@ -176,6 +176,14 @@ class Neighborhood(GridPattern):
 
     def _axis_mask(self, a, qi, kj):
         k, d, s = self.kernel_size[a], self.dilation[a], self.stride[a]
+        if d == 1:  # same rule with the group terms folded into constants: fewer full-size ops for plans
+            L = self.grid[a]
+            if self.causal[a]:
+                lead = qi if s == 1 else torch.clamp((qi // s) * s + s - 1, max=L - 1)
+                return (kj <= qi) & (kj > lead - k)
+            lead = qi if s == 1 else torch.clamp((qi // s) * s + s // 2, max=L - 1)
+            start = torch.clamp(lead - k // 2, min=0, max=max(L - k, 0))
+            return (kj >= start) & (kj < start + k)
         g = qi % d
         same = g == kj % d
         ii, jj = qi // d, kj // d
