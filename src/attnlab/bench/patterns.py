@@ -16,7 +16,17 @@ import torch.nn.functional as F
 
 from ..core import blocksparse
 from ..core.attention import attention
-from ..core.patterns import Causal, Full, Pattern, Sinks, SlidingWindow
+from ..core.patterns import (
+    Causal,
+    Chunked,
+    Dilated,
+    Full,
+    Pattern,
+    PowerAttention,
+    Sinks,
+    SlidingWindow,
+    StridedShards,
+)
 from .common import Report, attention_flops, median, peak_memory, progress, time_fn
 from .speed import SpeedContext
 
@@ -46,6 +56,11 @@ CASES: tuple[Case, ...] = (
     Case("sliding_window_512", lambda n: SlidingWindow(512), True, (2048, 8192), (4096,)),
     Case("sinks4_window256", lambda n: Sinks(4) & Causal() | SlidingWindow(256), True, (8192,), (4096,)),
     Case("neighborhood_2d_13x13", _neighborhood_2d, False, (96 * 96,), (48 * 48,), backward=False),
+    # breadth (full runs only): patterns whose keys are not one contiguous band
+    Case("dilated_256x2", lambda n: Dilated(256, 2), True, (8192,), ()),
+    Case("s2_shards_b64", lambda n: StridedShards(64, HEADS, local_blocks=4), True, (8192,), ()),
+    Case("power_b64", lambda n: PowerAttention(64, local_blocks=4), True, (8192,), ()),
+    Case("chunked_512", lambda n: Chunked(512, causal=True), True, (8192,), ()),
 )
 
 
@@ -97,12 +112,21 @@ def run(ctx: SpeedContext) -> Report:
         plots=[plot_speedups],
     )
     reps = 3 if ctx.quick else 5
-    jobs = [(c, n) for c in cases for n in (ctx.lengths or (c.quick_lengths if ctx.quick else c.lengths))]
+    jobs = [(c, n) for c in cases for n in _lengths(ctx, c)]
     with progress(len(jobs), "patterns") as advance:
         for case, n in jobs:
             _run_case(ctx, report, case, n, reps)
             advance(f"{case.name} @ {n}")
     return report
+
+
+def _lengths(ctx: SpeedContext, case: Case) -> tuple[int, ...]:
+    default = case.quick_lengths if ctx.quick else case.lengths
+    if ctx.lengths is None or not default:
+        return default  # breadth cases stay out of quick runs
+    if case.name.startswith("neighborhood"):  # a square grid near each asked length
+        return tuple(int(round(n**0.5)) ** 2 for n in ctx.lengths)
+    return ctx.lengths
 
 
 def _run_case(ctx: SpeedContext, report: Report, case: Case, n: int, reps: int) -> None:

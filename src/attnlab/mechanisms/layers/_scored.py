@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.cache import KVCache
 from attnlab.core.patterns import Causal
@@ -36,38 +37,52 @@ def check_config(name: str, dim: int, heads: int, *, even_head_dim: bool = False
 
 
 def check_positive(name: str, field_name: str, value: Any, *, integer: bool = True) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
-    if not ok or value <= 0:
-        raise ValueError(f"{name}: {field_name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        kind = "integer" if integer else "number"
+        raise ValueError(f"{name}: {field_name} must be a positive {kind}, got {value!r}")
 
 
 def visible(q_len: int, kv_len: int, q_offset: int, causal: bool, device: torch.device) -> Tensor:
-    """Boolean ``(q_len, kv_len)``: True where query row ``i`` (position ``q_offset + i``) may see key ``j``."""
+    """Boolean ``(q_len, kv_len)``: True where query row ``i`` (at ``q_offset + i``) may see key ``j``."""
     if not causal:
         return torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     return Causal().dense(q_len, kv_len, q_offset)[0].to(device)
 
 
 def by_rows(fn: Callable[[int, int], Tensor], q_len: int, chunk: int) -> Tensor:
-    """Concatenate ``fn(start, stop)`` -- outputs ``(B, H, stop - start, d)`` -- over query chunks."""
-    return torch.cat([fn(s, min(s + chunk, q_len)) for s in range(0, q_len, chunk)], dim=2)
+    """Concatenate ``fn(start, stop)`` -- outputs ``(B, H, stop - start, d)`` -- over query chunks.
+
+    When autograd records and there is more than one chunk, each chunk is checkpointed: its scores are
+    recomputed in the backward pass instead of kept, so training memory stays ``chunk x kv_len`` per head
+    too (about one extra forward of the score work).
+    """
+    spans = [(s, min(s + chunk, q_len)) for s in range(0, q_len, chunk)]
+    if len(spans) > 1 and torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, a, b, use_reentrant=False) for a, b in spans], dim=2)
+    return torch.cat([fn(a, b) for a, b in spans], dim=2)
 
 
 class ProjectedAttention(AttentionLayer):
-    """q, k, v, o projections of width ``dim`` split into ``heads``; optional RoPE; a ``KVCache`` when causal."""
+    """q, k, v, o projections of width ``dim`` split into ``heads``; optional RoPE; a ``KVCache`` when causal.
 
-    def __init__(self, dim: int, heads: int, causal: bool, rope: bool = False, bias: bool = False) -> None:
+    ``proj`` names the input projections to create ("qkv"; layers that use the input itself as keys or values
+    leave them out, and then provide their own ``project``).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, causal: bool, rope: bool = False, bias: bool = False, proj: str = "qkv"
+    ) -> None:
         super().__init__()
         self.dim, self.heads, self.causal, self.rope = dim, heads, causal, rope
         self.head_dim = dim // heads
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        for p in proj:
+            setattr(self, f"{p}_proj", nn.Linear(dim, dim, bias=bias))
         self.o_proj = nn.Linear(dim, dim, bias=bias)
 
     def init_cache(self, batch: int = 1) -> KVCache:
         if not self.causal:
-            raise TypeError(f"{self.registry_name}: a non-causal layer cannot decode incrementally (causal=False)")
+            raise TypeError(f"{self.registry_name}: a non-causal layer cannot decode (causal=False)")
         return KVCache()
 
     def state_size(self, seq_len: int) -> int:

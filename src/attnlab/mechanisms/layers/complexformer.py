@@ -74,7 +74,7 @@ class ComplexFormerAttention(ProjectedAttention):
         return self.out(attention(q, k, v, Causal() if self.causal else None))
 
     def reference(self, x: Tensor) -> Tensor:
-        """Complex arithmetic on every (m, n) pair: S = Re sum_f r_q r_k exp(i(gamma dtheta + lambda omega (m-n)))."""
+        """Complex pairs (m, n): S = Re sum_f r_q r_k exp(i(gamma dtheta + lambda omega (m - n)))."""
         q, k, v = self.project(x, 0)
         T = x.shape[1]
         zq = torch.complex(*q.chunk(2, dim=-1))  # (B, H, T, F)

@@ -63,6 +63,9 @@ class KVShiftAttention(ProjectedAttention):
         self.alpha = nn.Parameter(init.clone())  # key mix (current, previous)
         self.beta = nn.Parameter(init.clone())  # value mix
 
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.dim * (seq_len + 1)  # mixed keys/values plus the last raw key and value
+
     def init_cache(self, batch: int = 1) -> ShiftCache:
         super().init_cache(batch)
         return ShiftCache()
@@ -74,8 +77,9 @@ class KVShiftAttention(ProjectedAttention):
         """x: (B, T, dim) -> (B, T, dim)."""
         start = self.check_cache(x, cache)
         q, k, v = self.project(x, start)
-        first_k = cache.last_k if cache is not None and cache.last_k is not None else torch.zeros_like(k[:, :, :1])
-        first_v = cache.last_v if cache is not None and cache.last_v is not None else torch.zeros_like(v[:, :, :1])
+        carried = cache is not None and cache.last_k is not None
+        first_k = cache.last_k if carried else torch.zeros_like(k[:, :, :1])
+        first_v = cache.last_v if carried else torch.zeros_like(v[:, :, :1])
         k_prev = torch.cat([first_k, k[:, :, :-1]], dim=2)
         v_prev = torch.cat([first_v, v[:, :, :-1]], dim=2)
         k2, v2 = self._mix(self.alpha, k, k_prev), self._mix(self.beta, v, v_prev)

@@ -50,11 +50,11 @@ def cached_attention(
 ) -> Tensor:
     """Attention of new queries over cached plus new keys.
 
-    q: (B, H, T, d) at absolute positions ``cache.length .. cache.length + T - 1`` (0.. without a cache);
-    k, v: (B, Hkv, T, d) for the same new positions; they are appended to the cache first.
-    Returns (B, H, T, dv).
+    q: (B, H, T, d) at absolute positions ``cache.length .. cache.length + T - 1``; k, v: (B, Hkv, T, d) for
+    the same new positions, appended to the cache first. Without a cache, k and v hold every key (Tk >= T)
+    and the queries are the last T positions. Returns (B, H, T, dv).
     """
-    q_offset = 0 if cache is None else cache.length
+    q_offset = None if cache is None else cache.length
     if cache is not None:
         k, v = cache.append(k, v)
     return attention(q, k, v, pattern=pattern, score_mod=score_mod, scale=scale, backend=backend, q_offset=q_offset)

@@ -1,4 +1,4 @@
-"""Adaptive attention with a sentinel (paper L246, "Knowing When to Look"), as a learned sink any layer can use.
+"""Adaptive attention with a sentinel (paper L246, "Knowing When to Look") as a learned sink for any layer.
 
 The paper lets the decoder attend either to the image regions or to a "visual sentinel" -- a gated memory
 vector -- in one softmax, so the sentinel's weight ``beta_t`` says how much the step relies on what it already
@@ -49,10 +49,11 @@ class Sentinel(nn.Module):
         """q: (B, H, Tq, d) at the last Tq of the Tk key positions; k, v: (B, H, Tk, d); x: (B, Tq, dim)."""
         B, H, _, d = k.shape
         ks = self.key.to(k.dtype)[None, :, None, :].expand(B, H, 1, d)
-        vs = torch.cat([self.value, torch.ones_like(self.value[:, :1])], dim=-1)[None, :, None, :].expand(B, H, 1, d + 1)
+        vs = torch.cat([self.value, torch.ones_like(self.value[:, :1])], dim=-1)  # (H, d + 1)
+        vs = vs[None, :, None, :].expand(B, H, 1, d + 1)
         k_aug = torch.cat([ks, k], dim=2)
         v_aug = torch.cat([vs, torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)], dim=2)
-        # the sentinel sits at index 0, so with the default bottom-right alignment query t sees it and keys <= t
+        # the sentinel sits at index 0: with bottom-right alignment query t sees it and the keys <= t
         o = attention(q, k_aug, v_aug, Causal() if causal else None)
         beta = o[..., -1:]
         return o[..., :-1] + beta * (self.gated_value(x) - self.value[None, :, None, :])

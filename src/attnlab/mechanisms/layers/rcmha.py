@@ -1,0 +1,139 @@
+"""RCMHA: relative convolutional multi-head attention (paper L68).
+
+Two changes to multi-head attention: (1) a depth-wise convolution along the sequence on the query, key and
+value projections (each channel its own ``conv_kernel``-tap filter, causal: taps look back only), and (2) a
+Transformer-XL style relative position term in the score:
+
+    q, k, v = DWConv(X W_q), DWConv(X W_k), DWConv(X W_v)
+    S_ij    = ((q_i + u_h) . k_j + (q_i + w_h) . p_{i-j}) / sqrt(d),   p_delta = W_R sinusoid(delta)
+    out     = softmax(S + mask) v
+
+``u_h``, ``w_h`` are learned per-head content and position biases. Fast path: the content term goes
+through ``attnlab.attention`` (SDPA) with ``q + u``; the position term is ``(q + w)`` against one projected
+sinusoid per distance (``T + Tk - 1`` of them, not ``T x Tk``), gathered into an additive bias. The
+convolution starts as the identity. Deviation: the convolution is causal also when ``causal=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.core.attention import attention
+from attnlab.core.cache import KVCache
+from attnlab.core.patterns import Causal
+from attnlab.core.score_mods import Bias
+
+from ..common import split_heads
+from ..registry import register
+from ._scored import ProjectedAttention, check_config, check_positive
+
+
+@dataclass(frozen=True)
+class RCMHAConfig:
+    dim: int = 64
+    heads: int = 4
+    causal: bool = True
+    conv_kernel: int = 3  # taps of the depth-wise convolution (this position and conv_kernel - 1 before it)
+
+    def __post_init__(self) -> None:
+        check_config("rcmha", self.dim, self.heads)
+        if self.dim % 2:
+            raise ValueError(f"rcmha: dim must be even (sinusoid pairs), got {self.dim}")
+        check_positive("rcmha", "conv_kernel", self.conv_kernel)
+
+
+def sinusoid(delta: Tensor, dim: int) -> Tensor:
+    """(n,) signed distances -> (n, dim): [sin(delta w_f), cos(delta w_f)], w_f = 10000^(-2f/dim)."""
+    w = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=delta.dtype, device=delta.device) / dim)
+    ang = delta[:, None] * w[None, :]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+class ConvCache:
+    """Keys/values so far plus the last ``conv_kernel - 1`` unconvolved q/k/v projections."""
+
+    def __init__(self) -> None:
+        self.kv = KVCache()
+        self.tail: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.kv.length
+
+
+@register("rcmha", family="layers", papers=("L68",), year=2023, config=RCMHAConfig,
+          summary="depth-wise conv on q/k/v plus Transformer-XL relative position scores")
+class RCMHAttention(ProjectedAttention):
+    def __init__(self, cfg: RCMHAConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, cfg.causal)
+        self.cfg = cfg
+        conv = torch.zeros(3 * cfg.dim, cfg.conv_kernel)
+        conv[:, -1] = 1.0  # identity: the last tap is the current position
+        self.conv = nn.Parameter(conv)  # (3 dim, K) over [q | k | v] channels, taps oldest first
+        self.pos_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)  # W_R
+        self.u = nn.Parameter(torch.zeros(cfg.heads, self.head_dim))
+        self.w = nn.Parameter(torch.zeros(cfg.heads, self.head_dim))
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.dim * seq_len + 3 * self.dim * (self.cfg.conv_kernel - 1)
+
+    def init_cache(self, batch: int = 1) -> ConvCache:
+        super().init_cache(batch)
+        return ConvCache()
+
+    def _raw(self, x: Tensor) -> Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 3 dim)
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim)."""
+        start = self.check_cache(x, cache)
+        K = self.cfg.conv_kernel
+        raw = self._raw(x)
+        left = raw.new_zeros(raw.shape[0], K - 1, raw.shape[2])
+        if cache is not None and cache.tail is not None:
+            left = torch.cat([left, cache.tail], dim=1)[:, -(K - 1):] if K > 1 else left
+        ext = torch.cat([left, raw], dim=1)  # (B, K - 1 + T, 3 dim)
+        if cache is not None:
+            cache.tail = ext[:, ext.shape[1] - (K - 1):]
+        conv = F.conv1d(ext.transpose(1, 2), self.conv.unsqueeze(1), groups=ext.shape[2]).transpose(1, 2)
+        q, k, v = (split_heads(t, self.heads) for t in conv.split(self.dim, dim=-1))
+        if cache is not None:
+            k, v = cache.kv.append(k, v)
+        T, Tk = q.shape[2], k.shape[2]
+        # distances start + i - j for i < T, j < Tk run from start - Tk + 1 to start + T - 1
+        delta = torch.arange(start - Tk + 1, start + T, device=x.device, dtype=x.dtype)
+        p = split_heads(self.pos_proj(sinusoid(delta, self.dim))[None], self.heads)[0]  # (H, n, d)
+        rel = torch.einsum("bhid,hnd->bhin", q + self.w[None, :, None], p)  # (B, H, T, n)
+        i, j = torch.arange(T, device=x.device), torch.arange(Tk, device=x.device)
+        idx = i[:, None] - j[None, :] + Tk - 1  # column of distance start + i - j in rel
+        bias = rel.gather(-1, idx.expand(*rel.shape[:2], T, Tk))
+        scale = self.head_dim ** -0.5
+        o = attention(q + self.u[None, :, None], k, v, Causal() if self.causal else None,
+                      score_mod=Bias(bias * scale, q_offset=start), scale=scale)
+        return self.out(o)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """Convolution tap by tap, and the relative embedding p_{i-j} materialized for every (i, j) pair."""
+        B, T, _ = x.shape
+        K = self.cfg.conv_kernel
+        raw = self._raw(x)
+        conv = torch.zeros_like(raw)
+        for lag in range(K):  # tap K - 1 - lag multiplies the input lag positions back
+            shifted = torch.cat([raw.new_zeros(B, lag, raw.shape[2]), raw[:, : T - lag]], dim=1)
+            conv = conv + self.conv[:, K - 1 - lag] * shifted
+        q, k, v = (split_heads(t, self.heads) for t in conv.split(self.dim, dim=-1))
+        pos = torch.arange(T, dtype=x.dtype, device=x.device)
+        dist = pos[:, None] - pos[None, :]  # (T, T)
+        p = self.pos_proj(sinusoid(dist.reshape(-1), self.dim)).view(1, T * T, self.dim)
+        p = split_heads(p, self.heads).view(self.heads, T, T, self.head_dim)  # p[h, i, j]: distance i - j
+        content = torch.einsum("bhid,bhjd->bhij", q + self.u[None, :, None], k)
+        position = torch.einsum("bhid,hijd->bhij", q + self.w[None, :, None], p)
+        s = (content + position) / self.head_dim ** 0.5
+        if self.causal:
+            s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        return self.out(torch.softmax(s, dim=-1) @ v)
