@@ -17,6 +17,9 @@ from .common import Report
 # section name -> "module:function"; the function takes a SpeedContext and returns a Report.
 SECTIONS: dict[str, str] = {
     "patterns": "attnlab.bench.patterns:run",
+    "routing": "attnlab.bench.routing:run",
+    "linear": "attnlab.bench.linear:run",
+    "layers": "attnlab.bench.layers:run",
 }
 
 

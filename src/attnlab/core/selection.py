@@ -44,12 +44,15 @@ class Tiles:
     k_idx:  (N, K) long, flat key row in ``(B * Hkv * Tk)``
     row_ok: (N, R) bool, False for padding slots
     mask:   (N, R, K) bool or None (None: every key of the tile is visible to every row)
+    k_block: (N, m) long or None: when each tile's keys are m aligned blocks of K / m rows, their indices
+            among the ``(B * Hkv * Tk * m / K)`` blocks (gathers then copy whole blocks, not rows)
     """
 
     q_idx: Tensor
     k_idx: Tensor
     row_ok: Tensor
     mask: Tensor | None = None
+    k_block: Tensor | None = None
 
     @property
     def computed_pairs(self) -> int:
@@ -60,6 +63,30 @@ class Tiles:
         if self.mask is None:
             return int(self.row_ok.sum()) * self.k_idx.shape[-1]
         return int((self.mask & self.row_ok.unsqueeze(-1)).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTiles:
+    """Key-centric part over aligned key blocks, run as one kernel call per key block with *no* K/V copy.
+
+    Key block ``blocks[i]`` (positions ``blocks[i] * block ..``, the same block for every batch row and
+    head) is read by queries ``q_idx[:, cols[i]:cols[i + 1]]``:
+    q_idx:  (B * H, C) long, flat query rows (padding slots repeat a real row); C = sum of the per-block widths
+    row_ok: (B * H, C) bool
+    """
+
+    block: int
+    blocks: list[int]
+    cols: list[int]
+    q_idx: Tensor
+    row_ok: Tensor
+
+    @property
+    def computed_pairs(self) -> int:
+        return self.q_idx.numel() * self.block
+
+    def allowed_pairs(self) -> int:
+        return int(self.row_ok.sum()) * self.block
 
 
 def flat_key_index(pos: Tensor, b: Tensor, hkv: Tensor, Hkv: int, Tk: int) -> Tensor:
@@ -113,7 +140,14 @@ def tiles_from_selection(
 
 
 def _key_centric(bi, hi, qi, sid, key_sets, set_ok, B, H, Tq, S, Hkv, rep, Tk, q_offset, causal, rows, masked,
-                 device) -> Tiles:
+                 device) -> Tiles | BlockTiles:
+    if not masked and key_sets.shape[:2] == (1, 1):
+        K = key_sets.shape[-1]
+        ks = key_sets[0, 0]
+        if Tk % K == 0 and bool((ks == ks[:, :1] + torch.arange(K, device=device)).all()) and bool(
+            (ks[:, 0] % K == 0).all()
+        ):
+            return _block_tiles(bi * H + hi, qi, ks[:, 0] // K, sid, B * H, Tq, K, device)
     group = (bi * H + hi) * S + sid  # one group per (batch, head, set)
     order = torch.sort(group, stable=True).indices  # stable: queries stay in increasing order inside a group
     group, bi, hi, qi, sid = group[order], bi[order], hi[order], qi[order], sid[order]
@@ -138,6 +172,11 @@ def _key_centric(bi, hi, qi, sid, key_sets, set_ok, B, H, Tq, S, Hkv, rep, Tk, q
     kh = th if key_sets.shape[1] > 1 else torch.zeros_like(th)
     kpos = key_sets[kb, kh, ts]  # (N, K)
     k_idx = flat_key_index(kpos, tb[:, None], (th // rep)[:, None], Hkv, Tk)
+    K = kpos.shape[-1]
+    aligned = Tk % K == 0 and bool(((kpos - kpos[:, :1]) == torch.arange(K, device=device)).all()) and bool(
+        (kpos[:, 0] % K == 0).all()
+    )
+    k_block = (k_idx[:, 0] // K).unsqueeze(-1) if aligned else None
     mask = None
     if masked:
         mask = set_ok[kb, kh, ts].unsqueeze(1)  # (N, 1, K)
@@ -145,7 +184,74 @@ def _key_centric(bi, hi, qi, sid, key_sets, set_ok, B, H, Tq, S, Hkv, rep, Tk, q
             qpos = q_idx % Tq + q_offset  # (N, R)
             mask = mask & (kpos.unsqueeze(1) <= qpos.unsqueeze(-1))
         mask = mask.expand(N, R, kpos.shape[-1])
-    return Tiles(q_idx, k_idx, row_ok, mask)
+    return Tiles(q_idx, k_idx, row_ok, mask, k_block)
+
+
+def tiles_from_blocks(
+    block_index: Tensor,
+    block_valid: Tensor,
+    q_block: int,
+    k_block: int,
+    Tq: int,
+    Tk: int,
+    Hkv: int,
+    q_offset: int = 0,
+    causal: bool = False,
+) -> Tiles:
+    """Query-centric tiles: query block g (rows ``g*q_block ..``) reads key blocks ``block_index[..., g, :]``.
+
+    block_index, block_valid: (B, H, G, nsel) with G = ceil(Tq / q_block); key blocks hold ``k_block`` keys.
+    The same contract as ``blocksparse.plan_from_blocks`` (which ties the two block sizes), as :class:`Tiles`.
+    """
+    B, H, G, nsel = block_index.shape
+    dev = block_index.device
+    rep = H // Hkv
+    rows = torch.arange(G * q_block, device=dev)
+    row_ok = (rows < Tq).view(1, G, q_block)
+    bh = torch.arange(B * H, device=dev).view(B * H, 1, 1)
+    q_idx = (bh * Tq + rows.clamp(max=Tq - 1).view(1, G, q_block)).reshape(-1, q_block)
+    row_ok = row_ok.expand(B * H, G, q_block).reshape(-1, q_block)
+    kpos = (block_index.unsqueeze(-1) * k_block + torch.arange(k_block, device=dev)).flatten(-2)  # (B,H,G,K)
+    ok = (block_valid.unsqueeze(-1) & (kpos.view(B, H, G, nsel, k_block) < Tk)).flatten(-2)
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    hkv = (torch.arange(H, device=dev) // rep).view(1, H, 1, 1)
+    k_idx = flat_key_index(kpos, b, hkv, Hkv, Tk).reshape(B * H * G, -1)
+    kb = None
+    if Tk % k_block == 0:
+        kb = ((b * Hkv + hkv) * (Tk // k_block) + block_index.clamp(0, Tk // k_block - 1)).reshape(B * H * G, nsel)
+    mask = ok.reshape(B * H * G, 1, -1)
+    if causal:
+        qpos = (rows + q_offset).view(1, G, q_block, 1)
+        mask = mask.view(B * H, G, 1, -1) & (kpos.view(B * H, G, 1, -1) <= qpos)
+        mask = mask.reshape(B * H * G, q_block, -1)
+    if bool(mask.all()):
+        mask = None
+    else:
+        mask = mask.expand(B * H * G, q_block, mask.shape[-1])
+    return Tiles(q_idx, k_idx, row_ok, mask, kb)
+
+
+def _block_tiles(bh, qi, set_block, sid, BH, Tq, K, device) -> BlockTiles:
+    blk = set_block[sid]
+    nblk = int(set_block.max()) + 1
+    group = blk * BH + bh  # by key block, then batch-head; stable sort keeps queries in order
+    order = torch.sort(group, stable=True).indices
+    group, bh, qi, blk = group[order], bh[order], qi[order], blk[order]
+    counts = torch.bincount(group, minlength=nblk * BH)
+    rank = torch.arange(group.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[group]
+    width = counts.view(nblk, BH).amax(1)  # per key block: the most queries any batch-head sends it
+    cols = torch.cumsum(width, 0) - width
+    q_raw = torch.full((BH, int(width.sum())), -1, dtype=torch.long, device=device)
+    q_raw[bh, cols[blk] + rank] = bh * Tq + qi
+    row_ok = q_raw >= 0
+    # padding slots repeat a real row of the same key block (any batch-head), so no row sees nothing
+    first = torch.zeros(nblk, dtype=torch.long, device=device)
+    first[blk] = bh * Tq + qi
+    col_blk = torch.repeat_interleave(torch.arange(nblk, device=device), width)
+    q_idx = torch.where(row_ok, q_raw, first[col_blk].unsqueeze(0))
+    used = [j for j in range(nblk) if int(width[j]) > 0]
+    edges = [int(c) for c in cols] + [int(width.sum())]
+    return BlockTiles(K, used, [edges[j] for j in used] + [edges[used[-1] + 1]] if used else [0], q_idx, row_ok)
 
 
 # ---- execution -----------------------------------------------------------------------------------------
@@ -161,8 +267,21 @@ def _bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
 
 
-def _gather_part(qf: Tensor, kf: Tensor, vf: Tensor, t: Tiles):
-    return qf[t.q_idx].unsqueeze(1), kf[t.k_idx].unsqueeze(1), vf[t.k_idx].unsqueeze(1)
+def _gather_kv(xf: Tensor, t: Tiles) -> Tensor:
+    """(rows, D) -> (N, 1, K, D); whole aligned blocks are copied as blocks (far faster than row gathers)."""
+    if t.k_block is not None:
+        N, m = t.k_block.shape
+        Kb = t.k_idx.shape[-1] // m
+        return xf.view(-1, Kb, xf.shape[-1])[t.k_block].view(N, 1, m * Kb, xf.shape[-1])
+    return xf[t.k_idx].unsqueeze(1)
+
+
+def _scatter_kv(acc: Tensor, g: Tensor, t: Tiles) -> None:
+    if t.k_block is not None:
+        Kb = t.k_idx.shape[-1] // t.k_block.shape[-1]
+        acc.view(-1, Kb * acc.shape[-1]).index_add_(0, t.k_block.reshape(-1), g.reshape(t.k_block.numel(), -1))
+    else:
+        acc.index_add_(0, t.k_idx.reshape(-1), g.reshape(-1, acc.shape[-1]))
 
 
 def _row_valid(t: Tiles) -> Tensor:
@@ -183,35 +302,100 @@ def _diag_layout(x: Tensor, block: int, heads: int) -> Tensor:
     return x.reshape(B * heads * nb, 1, block, D)
 
 
-def _diag_rows(B: int, H: int, T: int, block: int, device) -> tuple[Tensor, Tensor]:
-    nb = math.ceil(T / block)
-    pos = torch.arange(nb * block, device=device)
-    rows = (torch.arange(B * H, device=device).view(-1, 1) * T + pos.clamp(max=T - 1)).reshape(-1)
-    ok = (pos < T).expand(B * H, -1).reshape(-1)
-    return rows, ok
+def _diag_unlayout(y: Tensor, B: int, H: int, T: int) -> Tensor:
+    """(B * H * nb, 1, block[, D]) -> flat rows (B * H * T[, D]) (drops the padding rows)."""
+    y = y.reshape(B * H, -1, *y.shape[3:])[:, :T]
+    return y.reshape(B * H * T, *y.shape[2:])
 
 
-def _merge(parts: list[tuple[Tensor, Tensor, Tensor, Tensor]], nrows: int, Dv: int, like: Tensor):
-    """Exact union of softmaxes over disjoint key sets: parts are (out (n, Dv), lse (n,), row (n,), ok (n,))."""
-    o = torch.cat([p[0] for p in parts])
-    lse = torch.cat([p[1] for p in parts])
-    row = torch.cat([p[2] for p in parts])
-    ok = torch.cat([p[3] for p in parts])
-    lse = lse.masked_fill(~ok, float("-inf"))
-    neg = torch.full((nrows,), float("-inf"), dtype=lse.dtype, device=lse.device)
-    m = neg.scatter_reduce(0, row, lse.detach(), "amax")
+def _merge(parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]], nrows: int, Dv: int):
+    """Exact union of softmaxes over disjoint key sets.
+
+    parts: (out (n, Dv), lse (n,), row (n,) or None for all rows in order, ok (n,) or None for all valid).
+    Returns the merged output (nrows, Dv) and log-sum-exp (nrows,) (-inf where a row sees no key).
+    """
+    ref = parts[0][1]
+    m = torch.full((nrows,), float("-inf"), dtype=ref.dtype, device=ref.device)
+    lses = []
+    for _o, lse, row, ok in parts:
+        if ok is not None:
+            lse = lse.masked_fill(~ok, float("-inf"))
+        lses.append(lse)
+        m = torch.maximum(m, lse.detach()) if row is None else m.scatter_reduce(0, row, lse.detach(), "amax")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(lse - m[row])
-    s = torch.zeros(nrows, dtype=lse.dtype, device=lse.device).index_add(0, row, e)
-    L = m + torch.log(s)  # -inf for rows that see no key
-    w = torch.where(ok, e / s.clamp(min=torch.finfo(s.dtype).tiny)[row], torch.zeros_like(e))
-    o = torch.where(ok.unsqueeze(-1), o, torch.zeros_like(o))  # fully masked rows may hold NaN
-    out = torch.zeros(nrows, Dv, dtype=like.dtype, device=like.device).index_add(0, row, w.unsqueeze(-1) * o)
+    s = torch.zeros(nrows, dtype=ref.dtype, device=ref.device)
+    out = torch.zeros(nrows, Dv, dtype=parts[0][0].dtype, device=ref.device)
+    for (o, _, row, _), lse in zip(parts, lses):
+        if row is None:
+            e = torch.exp(lse - m)
+            s = s + e
+            out = out + e.unsqueeze(-1) * o
+        else:
+            e = torch.exp(lse - m[row])
+            s = s.index_add(0, row, e)
+            out = out.index_add(0, row, e.unsqueeze(-1) * o)
+    L = m + torch.log(s)
+    out = out / s.clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1)
     return out, L
 
 
+def _block_kv(x: Tensor, j: int, K: int, H: int) -> Tensor:
+    """View of key block j, (B, Hkv, K, D) -> (B, H, K, D) (a copy only for grouped-query heads)."""
+    xb = x[:, :, j * K : (j + 1) * K]
+    if x.shape[1] != H:
+        xb = xb.repeat_interleave(H // x.shape[1], dim=1)
+    return xb
+
+
+def _fold_heads(g: Tensor, Hkv: int) -> Tensor:
+    B, H = g.shape[:2]
+    return g if H == Hkv else g.view(B, Hkv, H // Hkv, *g.shape[2:]).sum(2)
+
+
+def _block_part(q, k, v, bt: BlockTiles, scale: float, fused: bool):
+    """Forward of a BlockTiles part: one call per key block, K/V read as views. Returns a merge part."""
+    B, H, Tq, D = q.shape
+    Dv = v.shape[-1]
+    qf = q.reshape(-1, D)
+    outs, lses = [], []
+    for i, j in enumerate(bt.blocks):
+        rows = bt.q_idx[:, bt.cols[i] : bt.cols[i + 1]]
+        Q = qf[rows].view(B, H, -1, D)
+        Kj, Vj = _block_kv(k, j, bt.block, H), _block_kv(v, j, bt.block, H)
+        if fused:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, Kj, Vj, 0.0, False, scale=scale)
+        else:
+            s = (Q @ Kj.transpose(-1, -2)) * scale
+            lse = torch.logsumexp(s, dim=-1)
+            o = torch.exp(s - lse.unsqueeze(-1)) @ Vj
+        outs.append(o.reshape(B * H, -1, Dv))
+        lses.append(lse.reshape(B * H, -1))
+    return torch.cat(outs, 1).reshape(-1, Dv), torch.cat(lses, 1).reshape(-1), bt.q_idx.reshape(-1), bt.row_ok.reshape(-1)
+
+
+def _block_part_backward(q, k, v, bt: BlockTiles, scale, dof, out, Ls, dq, dk, dv) -> None:
+    B, H, Tq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    qf = q.reshape(-1, D)
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dk4, dv4 = dk.view_as(k), dv.view_as(v)
+    K = bt.block
+    for i, j in enumerate(bt.blocks):
+        rows = bt.q_idx[:, bt.cols[i] : bt.cols[i + 1]]
+        ok = bt.row_ok[:, bt.cols[i] : bt.cols[i + 1]].reshape(-1, 1)
+        r = rows.reshape(-1)
+        Q = qf[rows].view(B, H, -1, D)
+        shape = Q.shape[:3]
+        g = (dof[r] * ok).view(*shape, Dv)
+        gq, gk, gv = bwd(g, Q, _block_kv(k, j, K, H), _block_kv(v, j, K, H), out[r].view(*shape, Dv),
+                         Ls[r].view(shape), 0.0, False, scale=scale)
+        dq.index_add_(0, r, gq.reshape(-1, D))
+        dk4[:, :, j * K : (j + 1) * K] += _fold_heads(gk, Hkv)
+        dv4[:, :, j * K : (j + 1) * K] += _fold_heads(gv, Hkv)
+
+
 def _explicit_part(qf, kf, vf, t: Tiles, scale: float):
-    Q, Kt, V = _gather_part(qf, kf, vf, t)
+    Q, Kt, V = qf[t.q_idx].unsqueeze(1), _gather_kv(kf, t), _gather_kv(vf, t)
     s = (Q @ Kt.transpose(-1, -2)) * scale  # (N, 1, R, K)
     if t.mask is not None:
         s = s.masked_fill(~t.mask.unsqueeze(1), float("-inf"))
@@ -227,8 +411,69 @@ def _explicit_diag(q, k, v, block, scale):
     s = s.masked_fill(~torch.ones(block, block, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     o = torch.softmax(s, dim=-1) @ V
-    rows, ok = _diag_rows(B, H, T, block, q.device)
-    return o.reshape(-1, V.shape[-1]), lse.reshape(-1), rows, ok
+    return _diag_unlayout(o, B, H, T), _diag_unlayout(lse, B, H, T), None, None
+
+
+_DIAG_SUB = 128  # the CPU kernel computes whole 512-key chunks even when causal: cut the diagonal finer
+
+
+def _diag_split(block: int) -> tuple[int, int]:
+    sub = _DIAG_SUB if block > _DIAG_SUB and block % _DIAG_SUB == 0 else block
+    return sub, block // sub
+
+
+def _diag_forward(q, k, v, block, scale):
+    """Causal attention inside each block, as causal sub-blocks plus a staircase of full rectangles
+    (rows of sub-block i read sub-blocks 0..i-1 of their block, as views). Returns merge parts."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    sub, ns = _diag_split(block)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    Q = _diag_layout(q, block, H).view(-1, ns, sub, D)  # (B*H*nb, ns, sub, D)
+    K = _diag_layout(k, block, H).view(-1, block, D)
+    V = _diag_layout(v, block, H).view(-1, block, Dv)
+    o, lse = flash(Q.reshape(-1, 1, sub, D), K.reshape(-1, 1, sub, D), V.reshape(-1, 1, sub, Dv), 0.0, True,
+                   scale=scale)
+    parts = [(_diag_unlayout(o, B, H, T), _diag_unlayout(lse, B, H, T), None, None)]
+    nb = Q.shape[0] // (B * H)
+    pos = torch.arange(nb * block, device=q.device).view(nb, ns, sub)
+    bh = torch.arange(B * H, device=q.device).view(B * H, 1, 1)
+    for i in range(1, ns):
+        o, lse = flash(Q[:, i].unsqueeze(1), K[:, None, : i * sub], V[:, None, : i * sub], 0.0, False, scale=scale)
+        p = pos[:, i].unsqueeze(0)  # (1, nb, sub) padded-layout positions of these rows
+        rows = (bh * T + p.clamp(max=T - 1)).reshape(-1)
+        ok = (p < T).expand(B * H, nb, sub).reshape(-1)
+        parts.append((o.reshape(-1, Dv), lse.reshape(-1), rows, ok))
+    return parts
+
+
+def _diag_backward(q, k, v, block, scale, dof, out, Ls, dq, dk, dv) -> None:
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    sub, ns = _diag_split(block)
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    lay = lambda t, d: _diag_layout(t.view(B, H, T, d), block, H).view(-1, ns, sub, d)  # noqa: E731
+    Q, G, O = lay(q, D), lay(dof, Dv), lay(out, Dv)  # padded rows of G are zero: they add nothing
+    L = lay(Ls.unsqueeze(-1), 1).squeeze(-1)
+    K = _diag_layout(k, block, H).view(-1, block, D)
+    V = _diag_layout(v, block, H).view(-1, block, Dv)
+    dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+    gq, gk, gv = bwd(G.reshape(-1, 1, sub, Dv), Q.reshape(-1, 1, sub, D), K.reshape(-1, 1, sub, D),
+                     V.reshape(-1, 1, sub, Dv), O.reshape(-1, 1, sub, Dv), L.reshape(-1, 1, sub), 0.0, True,
+                     scale=scale)
+    dQ += gq.view_as(dQ)
+    dK += gk.view_as(dK)
+    dV += gv.view_as(dV)
+    for i in range(1, ns):
+        gq, gk, gv = bwd(G[:, i].unsqueeze(1).contiguous(), Q[:, i].unsqueeze(1), K[:, None, : i * sub],
+                         V[:, None, : i * sub], O[:, i].unsqueeze(1).contiguous(), L[:, i].unsqueeze(1).contiguous(),
+                         0.0, False, scale=scale)
+        dQ[:, i] += gq.squeeze(1)
+        dK[:, : i * sub] += gk.squeeze(1)
+        dV[:, : i * sub] += gv.squeeze(1)
+    dq += _diag_unlayout(dQ.view(-1, 1, block, D), B, H, T)
+    _add_kv(dk, dK, k, block, H)
+    _add_kv(dv, dV, v, block, H)
 
 
 class _FlashTiles(torch.autograd.Function):
@@ -239,19 +484,19 @@ class _FlashTiles(torch.autograd.Function):
         B, H, Tq, D = q.shape
         Dv = v.shape[-1]
         qf, kf, vf = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         outs = []
         if diag_block:
-            Q, Kt, V = (_diag_layout(x, diag_block, H) for x in (q, k, v))
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, Kt, V, 0.0, True, scale=scale)
-            rows, ok = _diag_rows(B, H, Tq, diag_block, q.device)
-            outs.append((o.reshape(-1, Dv), lse.reshape(-1), rows, ok))
+            outs.extend(_diag_forward(q, k, v, diag_block, scale))
         for t in parts:
-            Q, Kt, V = _gather_part(qf, kf, vf, t)
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                Q, Kt, V, 0.0, False, attn_mask=_bias(t.mask, q.dtype), scale=scale
-            )
+            if isinstance(t, BlockTiles):
+                outs.append(_block_part(q, k, v, t, scale, True))
+                continue
+            Q = qf[t.q_idx].unsqueeze(1)
+            o, lse = flash(Q, _gather_kv(kf, t), _gather_kv(vf, t), 0.0, False, attn_mask=_bias(t.mask, q.dtype),
+                           scale=scale)
             outs.append((o.reshape(-1, Dv), lse.reshape(-1), t.q_idx.reshape(-1), _row_valid(t).reshape(-1)))
-        out, L = _merge(outs, B * H * Tq, Dv, q)
+        out, L = _merge(outs, B * H * Tq, Dv)
         ctx.save_for_backward(q, k, v, out, L)
         ctx.scale, ctx.diag_block, ctx.parts = scale, diag_block, parts
         return out.view(B, H, Tq, Dv)
@@ -265,29 +510,25 @@ class _FlashTiles(torch.autograd.Function):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         seen = torch.isfinite(L)
         Ls = torch.where(seen, L, torch.zeros_like(L))
-        dof = (dout.reshape(-1, Dv) * seen.unsqueeze(-1)).contiguous()
+        dof = dout.reshape(-1, Dv) * seen.unsqueeze(-1)  # rows that see nothing have zero gradient
         qf, kf, vf = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         if diag_block:
-            Q, Kt, V = (_diag_layout(x, diag_block, H) for x in (q, k, v))
-            rows, ok = _diag_rows(B, H, Tq, diag_block, q.device)
-            shape = Q.shape[:3]
-            g = (dof[rows] * ok.unsqueeze(-1)).view(*shape, Dv)
-            gq, gk, gv = bwd(g, Q, Kt, V, out[rows].view(*shape, Dv), Ls[rows].view(shape), 0.0, True, scale=scale)
-            dq.index_add_(0, rows, gq.reshape(-1, D) * ok.unsqueeze(-1))
-            _add_kv(dk, gk, k, diag_block, H)
-            _add_kv(dv, gv, v, diag_block, H)
+            _diag_backward(q, k, v, diag_block, scale, dof, out, Ls, dq, dk, dv)
         for t in ctx.parts:
-            Q, Kt, V = _gather_part(qf, kf, vf, t)
+            if isinstance(t, BlockTiles):
+                _block_part_backward(q, k, v, t, scale, dof, out, Ls, dq, dk, dv)
+                continue
+            Q = qf[t.q_idx].unsqueeze(1)
             r = t.q_idx.reshape(-1)
             ok = _row_valid(t).reshape(-1, 1)
             shape = Q.shape[:3]
             g = (dof[r] * ok).view(*shape, Dv)
-            gq, gk, gv = bwd(g, Q, Kt, V, out[r].view(*shape, Dv), Ls[r].view(shape), 0.0, False,
-                             attn_mask=_bias(t.mask, q.dtype), scale=scale)
-            dq.index_add_(0, r, gq.reshape(-1, D) * ok)
-            dk.index_add_(0, t.k_idx.reshape(-1), gk.reshape(-1, D))
-            dv.index_add_(0, t.k_idx.reshape(-1), gv.reshape(-1, Dv))
+            gq, gk, gv = bwd(g, Q, _gather_kv(kf, t), _gather_kv(vf, t), out[r].view(*shape, Dv), Ls[r].view(shape),
+                             0.0, False, attn_mask=_bias(t.mask, q.dtype), scale=scale)
+            dq.index_add_(0, r, gq.reshape(-1, D))
+            _scatter_kv(dk, gk, t)
+            _scatter_kv(dv, gv, t)
         return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None
 
 
@@ -305,7 +546,7 @@ def tile_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    parts: list[Tiles],
+    parts: list[Tiles | BlockTiles],
     scale: float,
     diag_block: int | None = None,
     fused: bool | None = None,
@@ -317,16 +558,21 @@ def tile_attention(
     """
     if diag_block and (q.shape[2] != k.shape[2]):
         raise ValueError("the diagonal part needs self-attention prefill (Tq == Tk, q_offset 0)")
+    if not parts and not diag_block:
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
     fused = _use_flash(q) if fused is None else fused
     if fused:
         return _FlashTiles.apply(q, k, v, scale, diag_block or 0, parts)
     B, H, Tq, D = q.shape
     Dv = v.shape[-1]
     qf, kf, vf = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
-    outs = [_explicit_part(qf, kf, vf, t, scale) for t in parts]
+    outs = [
+        _block_part(q, k, v, t, scale, False) if isinstance(t, BlockTiles) else _explicit_part(qf, kf, vf, t, scale)
+        for t in parts
+    ]
     if diag_block:
         outs.append(_explicit_diag(q, k, v, diag_block, scale))
-    out, _ = _merge(outs, B * H * Tq, Dv, q)
+    out, _ = _merge(outs, B * H * Tq, Dv)
     return out.view(B, H, Tq, Dv)
 
 
@@ -419,11 +665,13 @@ def selection_recall(
 
 
 __all__ = [
+    "BlockTiles",
     "Tiles",
     "flat_key_index",
     "masked_reference",
     "selection_mask",
     "selection_recall",
     "tile_attention",
+    "tiles_from_blocks",
     "tiles_from_selection",
 ]

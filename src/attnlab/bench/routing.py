@@ -1,0 +1,114 @@
+"""``attnlab bench speed --sections routing``: content-based sparse attention that really skips work.
+
+MoBA (causal, per-query top-k key blocks, 1/8 of the blocks selected) against SDPA causal, and BiFormer
+(bi-level routing on a 2-D grid, 1/8 of the regions selected) against dense SDPA; forward (selection cost
+included) and forward + backward, plus the naive dense-mask path (SDPA with the selection as a full boolean
+mask). Peak memory of BiFormer at two values of top-k shows memory grows with the selected regions.
+batch 1, 8 heads, head_dim 64; ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..mechanisms.routing.biformer import biformer_attention, biformer_mask
+from ..mechanisms.routing.moba import moba_attention, moba_mask, moba_select
+from .common import Report, attention_flops, median, peak_memory, time_fn
+from .speed import SpeedContext
+
+HEADS, HEAD_DIM = 8, 64
+COLUMNS = ["mechanism", "length", "selected", "pass", "baseline", "baseline_s", "attnlab_s", "speedup",
+           "vs_dense_mask", "useful_gflops", "of_peak", "peak_mem_MiB"]
+
+
+def _inputs(n: int, device: str, dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        out = fn()
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def _t(fn: Callable[[], object], quick: bool) -> float:
+    return median(time_fn(fn, reps=2 if quick else 3, warmup=1, max_seconds=10.0))
+
+
+def _moba_pairs(q: torch.Tensor, k: torch.Tensor, block: int, top_k: int) -> float:
+    """Allowed pairs per head of MoBA's selection (past blocks are whole; the current block up to the query)."""
+    sel, valid = moba_select(q, k, block, top_k, 0)
+    T = q.shape[2]
+    cur = torch.arange(T, device=q.device) % block + 1
+    return float((valid[..., 1:].sum() * block + cur.sum() * q.shape[1]) / q.shape[1])
+
+
+def run(ctx: SpeedContext) -> Report:
+    rep = Report("routing", COLUMNS, meta={"heads": HEADS, "head_dim": HEAD_DIM, "batch": 1})
+    n = (ctx.lengths or ((4096,) if ctx.quick else (8192,)))[0]
+    dev, dt, quick = ctx.device, ctx.dtype, ctx.quick
+    scale = HEAD_DIM**-0.5
+    only = set(ctx.only or ("moba", "biformer"))
+
+    def row(mech, sel, pas, base_name, tb, ta, pairs, tmask=None, mem=None, backward=False):
+        fl = attention_flops(pairs, 1, HEADS, HEAD_DIM, backward)
+        rep.add(mechanism=mech, length=n, selected=sel, **{"pass": pas}, baseline=base_name, baseline_s=tb,
+                attnlab_s=ta, speedup=tb / ta, vs_dense_mask=(tmask / ta) if tmask else "",
+                useful_gflops=fl / ta / 1e9, of_peak=fl / ta / 1e9 / ctx.peak_gflops,
+                peak_mem_MiB=(mem / 2**20) if mem is not None else "")
+
+    if "moba" in only:
+        block = 512 if n >= 8192 else 256
+        top_k = max(1, math.ceil(n / block) // 8)
+        q, k, v = _inputs(n, dev, dt, False)
+        moba = lambda: moba_attention(q, k, v, block, top_k, scale)  # noqa: E731
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # noqa: E731
+        with torch.no_grad():
+            mask = moba_mask(q, k, block, top_k, 0)
+            naive = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # noqa: E731
+            tb, ta, tm = _t(sdpa, quick), _t(moba, quick), _t(naive, quick)
+        del mask
+        pairs = _moba_pairs(q, k, block, top_k)
+        sel = f"{top_k}/{math.ceil(n / block)} blocks of {block}"
+        row("moba", sel, "fwd", "sdpa causal", tb, ta, pairs, tm)
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        tb = _t(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)), quick)
+        ta = _t(_fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
+        row("moba", sel, "fwd+bwd", "sdpa causal", tb, ta, pairs, backward=True)
+
+    if "biformer" in only:
+        gh = 2 ** (int(math.log2(n)) // 2)
+        grid = (gh, n // gh)
+        regions = (8, 8)
+        nR = regions[0] * regions[1]
+        q, k, v = _inputs(n, dev, dt, False)
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+        tb = _t(sdpa, quick)
+        for top_k in (nR // 16, nR // 8):
+            bif = lambda top_k=top_k: biformer_attention(q, k, v, grid, regions, top_k, scale)  # noqa: E731
+            with torch.no_grad():
+                ta = _t(bif, quick)
+                mem = peak_memory(bif, dev)
+                if top_k == nR // 8:
+                    mask = biformer_mask(q, k, grid, regions, top_k)
+                    tm = _t(lambda m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale), quick)
+                    del mask
+                else:
+                    tm = None
+            pairs = float(n * top_k * (n // nR))
+            sel = f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}"
+            row("biformer", sel, "fwd", "sdpa dense", tb, ta, pairs, tm, mem)
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        top_k = nR // 8
+        tb = _t(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale)), quick)
+        ta = _t(_fwd_bwd(lambda: biformer_attention(qg, kg, vg, grid, regions, top_k, scale)), quick)
+        row("biformer", f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}", "fwd+bwd", "sdpa dense", tb, ta,
+            float(n * top_k * (n // nR)), backward=True)
+    return rep

@@ -1,0 +1,125 @@
+"""BiFormer bi-level routing attention [D39] on a 2-D grid of tokens.
+
+The ``gh x gw`` grid is cut into ``rh x rw`` regions. Region-level queries and keys are the means of their
+tokens' queries and keys (all heads' channels together, as the routing in the paper is shared by heads);
+their affinity ``A = Q_r K_r^T`` picks, for every query region, the ``top_k`` key regions. Token-to-token
+attention then runs inside the union of the routed regions.
+
+Execution: q, k, v are permuted once into region-major order (a copy of size T, not k copies), so each region
+is a contiguous, aligned block; every query region is one tile that gathers its ``top_k`` key regions as whole
+blocks. Memory is ``top_k * T * d`` for the gathered tiles -- it grows with the selected regions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.selection import masked_reference, tile_attention, tiles_from_blocks
+
+from ..registry import register
+from ._common import ProjectedLayer
+
+
+def region_order(grid: tuple[int, int], regions: tuple[int, int], device=None) -> Tensor:
+    """(T,) raster positions listed region by region (row-major regions, row-major tokens inside)."""
+    gh, gw = grid
+    rh, rw = regions
+    if gh % rh or gw % rw:
+        raise ValueError(f"grid {grid} must divide into {regions} regions")
+    pos = torch.arange(gh * gw, device=device).view(rh, gh // rh, rw, gw // rw)
+    return pos.permute(0, 2, 1, 3).reshape(-1)
+
+
+def route(q: Tensor, k: Tensor, region: int, top_k: int) -> Tensor:
+    """Region routing on region-major q (B, H, T, D), k (B, Hkv, T, D): (B, nR, top_k) key regions per query region."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    with torch.no_grad():
+        qr = q.reshape(B, H, T // region, region, D).mean(3)  # (B, H, nR, D)
+        kr = k.reshape(B, Hkv, T // region, region, D).mean(3).repeat_interleave(H // Hkv, 1)
+        aff = torch.einsum("bhid,bhjd->bij", qr, kr)  # channels of all heads together
+        return aff.topk(min(top_k, aff.shape[-1]), dim=-1).indices
+
+
+def biformer_attention(
+    q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], regions: tuple[int, int], top_k: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Bi-level routing attention. q (B, H, T, D), k, v (B, Hkv, T, D) in raster order, T = gh * gw."""
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    positive_int("top_k", top_k)
+    if Tq != grid[0] * grid[1] or Tk != Tq:
+        raise ValueError(f"BiFormer needs q and k of length {grid[0] * grid[1]} (grid {grid}), got {Tq}, {Tk}")
+    scale = default_scale(D, scale)
+    order = region_order(grid, regions, q.device)
+    region = Tq // (regions[0] * regions[1])
+    qp, kp, vp = q[:, :, order], k[:, :, order], v[:, :, order]
+    sel = route(qp, kp, region, top_k)  # (B, nR, k)
+    nR = sel.shape[1]
+    block_index = sel.unsqueeze(1).expand(B, H, nR, sel.shape[-1])
+    tiles = tiles_from_blocks(block_index, torch.ones_like(block_index, dtype=torch.bool), region, region,
+                              Tq, Tk, Hkv)
+    out = tile_attention(qp, kp, vp, [tiles], scale)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(Tq, device=q.device)
+    return out[:, :, inv]
+
+
+def biformer_mask(q: Tensor, k: Tensor, grid: tuple[int, int], regions: tuple[int, int], top_k: int) -> Tensor:
+    """Dense (B, 1, T, T) mask in raster order, built plainly: region id of every token, routed region pairs."""
+    B, H, T, D = q.shape
+    gh, gw = grid
+    rh, rw = regions
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    rid = ((ys // (gh // rh)) * rw + xs // (gw // rw)).reshape(-1).to(q.device)  # (T,)
+    nR = rh * rw
+    onehot = torch.nn.functional.one_hot(rid, nR).to(q.dtype)  # (T, nR)
+    cnt = onehot.sum(0)
+    rep = H // k.shape[1]
+    qr = torch.einsum("bhtd,tr->bhrd", q, onehot) / cnt.view(1, 1, nR, 1)
+    kr = torch.einsum("bhtd,tr->bhrd", k.repeat_interleave(rep, 1), onehot) / cnt.view(1, 1, nR, 1)
+    aff = torch.einsum("bhid,bhjd->bij", qr, kr)
+    routed = torch.zeros(B, nR, nR, dtype=torch.bool, device=q.device)
+    routed.scatter_(-1, aff.topk(min(top_k, nR), dim=-1).indices, True)
+    return routed[:, rid][:, :, rid].unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class BiFormerConfig:
+    dim: int = 64
+    heads: int = 4
+    grid: tuple[int, int] = (8, 8)
+    regions: tuple[int, int] = (4, 4)
+    top_k: int = 4
+
+    def __post_init__(self) -> None:
+        positive_int("top_k", self.top_k)
+        region_order(self.grid, self.regions)  # validates divisibility
+
+
+@register(
+    "biformer", family="routing", papers=("D39",), year=2023, config=BiFormerConfig, decodes=False,
+    summary="bi-level routing: top-k key regions per query region by region affinity, token attention inside",
+)
+class BiFormerAttention(ProjectedLayer):
+    def __init__(self, cfg: BiFormerConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, None, rope=False)
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        if cache is not None:
+            raise TypeError("biformer is bidirectional over an image grid and does not decode with a cache")
+        return super().forward(x)
+
+    def init_cache(self, batch: int = 1):
+        raise TypeError("biformer is bidirectional over an image grid and does not decode with a cache")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
+        return biformer_attention(q, k, v, self.cfg.grid, self.cfg.regions, self.cfg.top_k)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return masked_reference(q, k, v, biformer_mask(q, k, self.cfg.grid, self.cfg.regions, self.cfg.top_k))

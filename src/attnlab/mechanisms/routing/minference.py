@@ -1,0 +1,162 @@
+"""Inference-time dynamic sparse prefill for pretrained attention, as in MInference (compared in [B294]).
+
+Functional, on given q, k, v (causal prefill; queries at ``q_offset + i``):
+
+* **vertical-slash**: the last ``last_q`` queries estimate each head's attention; the ``n_vertical`` key columns
+  and the ``n_slash`` diagonals (offsets ``i - j``) with the most estimated mass are kept (the main diagonal
+  always). A query sees key ``j <= i`` iff ``j`` is a kept column or ``i - j`` a kept offset.
+* **block top-k**: mean-pooled query blocks score mean-pooled key blocks; each query block keeps its
+  ``top_k`` best past blocks plus its own block (causal inside).
+
+Both run as query-centric tiles (``core.selection``): a block of queries gathers the union of the keys any of
+them may see, with the exact mask; the cost is ``queries x union``, never ``queries x all keys``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.selection import Tiles, flat_key_index, tile_attention, tiles_from_blocks
+
+from .moba import block_means
+
+
+def vertical_slash_select(
+    q: Tensor, k: Tensor, n_vertical: int, n_slash: int, last_q: int = 64, q_offset: int | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Kept columns (B, H, n_vertical) and diagonal offsets (B, H, n_slash) per head; offset 0 always kept."""
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, k)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    scale = default_scale(D, scale)
+    with torch.no_grad():
+        n = min(last_q, Tq)
+        qpos = torch.arange(Tq - n, Tq, device=q.device) + q_offset
+        kk = k.repeat_interleave(H // Hkv, 1)
+        s = (q[:, :, -n:] @ kk.transpose(-1, -2)) * scale
+        jpos = torch.arange(Tk, device=q.device)
+        s = s.masked_fill(jpos.view(1, Tk) > qpos.view(n, 1), float("-inf"))
+        a = torch.softmax(s, dim=-1)  # (B, H, n, Tk)
+        vert = a.sum(2).topk(min(n_vertical, Tk), dim=-1).indices
+        off = (qpos.view(n, 1) - jpos.view(1, Tk)).clamp(min=0)  # masked entries have zero weight anyway
+        diag = torch.zeros(B, H, Tk, dtype=a.dtype, device=q.device).scatter_add_(
+            -1, off.expand(B, H, n, Tk).reshape(B, H, -1), a.reshape(B, H, -1)
+        )
+        diag[..., 0] = float("inf")
+        slash = diag.topk(min(n_slash, Tk), dim=-1).indices
+    return vert, slash
+
+
+def vertical_slash_mask(vert: Tensor, slash: Tensor, Tq: int, Tk: int, q_offset: int | None = None) -> Tensor:
+    """Dense (B, H, Tq, Tk) mask of a vertical-slash selection, built plainly."""
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    B, H = vert.shape[:2]
+    is_vert = torch.zeros(B, H, Tk, dtype=torch.bool, device=vert.device).scatter_(-1, vert, True)
+    is_slash = torch.zeros(B, H, Tk, dtype=torch.bool, device=vert.device).scatter_(-1, slash, True)
+    qpos = torch.arange(Tq, device=vert.device).view(Tq, 1) + q_offset
+    jpos = torch.arange(Tk, device=vert.device).view(1, Tk)
+    off = (qpos - jpos).clamp(min=0)
+    m = is_vert.unsqueeze(2) | torch.gather(is_slash.unsqueeze(2).expand(B, H, Tq, Tk), -1, off.expand(B, H, Tq, Tk))
+    return m & (jpos <= qpos)
+
+
+def vertical_slash_tiles(vert: Tensor, slash: Tensor, Tq: int, Tk: int, Hkv: int, q_offset: int,
+                         block: int = 64) -> Tiles:
+    """Query-centric tiles: per block of ``block`` queries, the union of its columns and diagonal ranges."""
+    B, H = vert.shape[:2]
+    dev = vert.device
+    G = math.ceil(Tq / block)
+    start = torch.arange(G, device=dev) * block + q_offset  # absolute position of each block's first row
+    end = torch.clamp(start + block, max=q_offset + Tq)  # exclusive
+    # diagonal o covers keys [start - o, end - 1 - o]: mark with a difference array
+    lo = (start.view(1, 1, G, 1) - slash.unsqueeze(2)).clamp(min=0, max=Tk)
+    hi = (end.view(1, 1, G, 1) - slash.unsqueeze(2)).clamp(min=0, max=Tk)
+    diff = torch.zeros(B, H, G, Tk + 1, dtype=torch.int32, device=dev)
+    one = torch.ones_like(lo, dtype=torch.int32)
+    diff.scatter_add_(-1, lo, one).scatter_add_(-1, hi, -one)
+    union = diff.cumsum(-1)[..., :Tk] > 0
+    vmask = torch.zeros(B, H, Tk, dtype=torch.bool, device=dev).scatter_(-1, vert, True)
+    union |= vmask.unsqueeze(2) & (torch.arange(Tk, device=dev).view(1, 1, 1, Tk) < end.view(1, 1, G, 1))
+    K = max(1, int(union.sum(-1).max()))
+    kpos = torch.sort(union.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :K]
+    kok = torch.gather(union, -1, kpos)
+    # exact mask of every row
+    smask = torch.zeros(B, H, Tk, dtype=torch.bool, device=dev).scatter_(-1, slash, True)
+    rows = torch.arange(G * block, device=dev).view(G, block)
+    qpos = (rows + q_offset).view(1, 1, G, block, 1)
+    kp = kpos.unsqueeze(3)  # (B, H, G, 1, K)
+    off = (qpos - kp).clamp(min=0, max=Tk - 1)  # padded rows may sit past the last key
+    in_slash = torch.gather(smask.view(B, H, 1, 1, Tk).expand(B, H, G, block, Tk), -1, off.expand(B, H, G, block, K))
+    in_vert = torch.gather(vmask, -1, kpos.reshape(B, H, -1)).view(B, H, G, 1, K)
+    mask = kok.unsqueeze(3) & (kp <= qpos) & (in_slash | in_vert)
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    hkv = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
+    k_idx = flat_key_index(kpos, b, hkv, Hkv, Tk).reshape(B * H * G, K)
+    bh = torch.arange(B * H, device=dev).view(B * H, 1, 1)
+    q_idx = (bh * Tq + rows.clamp(max=Tq - 1).unsqueeze(0)).reshape(-1, block)
+    row_ok = (rows < Tq).expand(B * H, G, block).reshape(-1, block)
+    return Tiles(q_idx, k_idx, row_ok, mask.reshape(B * H * G, block, K))
+
+
+def vertical_slash_attention(
+    q: Tensor, k: Tensor, v: Tensor, n_vertical: int, n_slash: int, last_q: int = 64, block: int = 64,
+    scale: float | None = None, q_offset: int | None = None,
+) -> Tensor:
+    """Vertical-slash sparse prefill. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    positive_int("n_vertical", n_vertical)
+    positive_int("n_slash", n_slash)
+    scale = default_scale(D, scale)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    vert, slash = vertical_slash_select(q, k, n_vertical, n_slash, last_q, q_offset, scale)
+    tiles = vertical_slash_tiles(vert, slash, Tq, Tk, Hkv, q_offset, min(block, Tq))
+    return tile_attention(q, k, v, [tiles], scale)
+
+
+def block_topk_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """(block_index, valid) (B, H, G, top_k + 1): the own block first, then the best past blocks."""
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    if q_offset % block:
+        raise ValueError(f"block top-k needs q_offset ({q_offset}) to be a multiple of block ({block})")
+    with torch.no_grad():
+        G = math.ceil(Tq / block)
+        qbar = block_means(q, block)  # (B, H, G, D)
+        kbar = block_means(k, block).repeat_interleave(H // Hkv, 1)
+        s = qbar @ kbar.transpose(-1, -2)  # (B, H, G, nb)
+        own = torch.arange(G, device=q.device) + q_offset // block
+        past = torch.arange(s.shape[-1], device=q.device).view(1, -1) < own.view(G, 1)
+        s = s.masked_fill(~past, float("-inf"))
+        n = min(top_k, s.shape[-1])
+        val, idx = s.topk(n, dim=-1)
+        sel = torch.cat([own.view(1, 1, G, 1).expand(B, H, G, 1), idx], -1)
+        valid = torch.cat([torch.ones(B, H, G, 1, dtype=torch.bool, device=q.device), torch.isfinite(val)], -1)
+    return sel, valid
+
+
+def block_topk_attention(
+    q: Tensor, k: Tensor, v: Tensor, block: int, top_k: int, scale: float | None = None, q_offset: int | None = None,
+) -> Tensor:
+    """Block top-k sparse prefill (causal). q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    scale = default_scale(D, scale)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    sel, valid = block_topk_select(q, k, block, top_k, q_offset)
+    tiles = tiles_from_blocks(sel, valid, block, block, Tq, Tk, Hkv, q_offset, causal=True)
+    return tile_attention(q, k, v, [tiles], scale)
+
+
+def block_topk_mask(sel: Tensor, valid: Tensor, block: int, Tq: int, Tk: int, q_offset: int = 0) -> Tensor:
+    """Dense (B, H, Tq, Tk) mask of a block top-k selection."""
+    B, H, G, n = sel.shape
+    nb = math.ceil(Tk / block)
+    chosen = torch.zeros(B, H, G, nb + 1, dtype=torch.bool, device=sel.device)
+    chosen.scatter_(-1, torch.where(valid, sel, torch.full_like(sel, nb)), True)
+    qb = torch.arange(Tq, device=sel.device) // block
+    kb = torch.arange(Tk, device=sel.device) // block
+    m = chosen[:, :, qb][..., kb]
+    return m & (torch.arange(Tk).view(1, Tk) <= torch.arange(Tq).view(Tq, 1) + q_offset)
