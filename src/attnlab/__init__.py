@@ -1,8 +1,8 @@
 """attnlab: attention mechanisms of the literature behind one interface."""
 
+from .core import patterns, score_mods
 from .core.attention import attention
 from .core.reference import reference_attention
-from .core import patterns, score_mods
 from .mechanisms.registry import build, catalogue, get
 
 __all__ = ["attention", "reference_attention", "patterns", "score_mods", "build", "catalogue", "get"]
