@@ -10,7 +10,9 @@ import sys
 COMMANDS = [
     "attnlab.mechanisms.cli",
     "attnlab.bench.cli",
+    "attnlab.inspect.cli",
     "attnlab.demo",
+    "attnlab.plans.cli",
 ]
 
 

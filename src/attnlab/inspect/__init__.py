@@ -1,0 +1,36 @@
+"""Look inside real models: per-head metrics, a head atlas with roles, and an offline HTML report.
+
+Entry points: ``build_atlas(model, tok, probes)`` -> ``HeadAtlas`` (save/load JSON, CSV, ``kv_scores()``),
+``write_report(atlas, out_dir, compare=None)``, ``quick_atlas(out_dir)`` (SmolLM2 on the built-in probes),
+and the ``attnlab inspect`` command. See docs/inspect.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atlas import HeadAtlas, RoleThresholds, assign_roles, build_atlas
+from .metrics import MetricConfig, ProbeSpec, head_metrics
+from .report import write_report
+
+
+def quick_atlas(out_dir: str | Path, model: str = "smollm2", progress: bool = True) -> Path:
+    """Atlas of an embedded model on the built-in probes, with its report; returns the report.html path.
+
+    Uses gradient importance only (ablation runs one forward per head: ``attnlab inspect --importance both``).
+    """
+    from ..models.hf import load_model
+
+    m, tok = load_model(model)
+    if progress:
+        from ..bench.common import progress as bar
+
+        with bar(200, f"head atlas of {model}") as advance:
+            atlas = build_atlas(m, tok, name=model, importance="gradient", progress=advance)
+    else:
+        atlas = build_atlas(m, tok, name=model, importance="gradient")
+    return write_report(atlas, out_dir)["html"]
+
+
+__all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "assign_roles", "build_atlas",
+           "head_metrics", "quick_atlas", "write_report"]

@@ -9,6 +9,7 @@ under the recorder and also hooks each transformer block to measure massive acti
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,11 +85,14 @@ def transformer_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
 @dataclass
 class Capture:
-    """One recorded forward pass: per-layer head statistics, massive activations, logits."""
+    """One recorded forward pass: per-layer head statistics, massive activations, top-1 predictions.
+
+    ``predicted``: ``(T,)`` the model's top-1 next token per row (-1 where logits were not kept).
+    """
 
     stats: dict[int, HeadStats]
     massive: dict[int, dict[str, float]]
-    logits: Tensor | None
+    predicted: Tensor | None
     input_ids: Tensor
     extra: dict = field(default_factory=dict)
 
@@ -96,8 +100,13 @@ class Capture:
 def record(
     model: nn.Module, input_ids: Tensor, cfg: MetricConfig | None = None, spec: ProbeSpec | None = None,
     on_layer: Callable[[int], None] | None = None, attention_mask: Tensor | None = None,
+    logits_rows: int = 1,
 ) -> Capture:
-    """Run ``model`` on ``input_ids`` ``(1, T)`` under a ``Recorder``; returns a ``Capture``."""
+    """Run ``model`` on ``input_ids`` ``(1, T)`` under a ``Recorder``; returns a ``Capture``.
+
+    ``logits_rows``: keep predictions for the last that many rows (0: all). Long prompts keep few, since the
+    full ``T x vocab`` logits would dwarf everything else (8k tokens x 49k vocab = 1.6 GB in fp32).
+    """
     cfg = cfg or MetricConfig()
     rec = Recorder(cfg, spec, on_layer)
     massive: dict[int, dict[str, float]] = {}
@@ -112,9 +121,19 @@ def record(
             kw = {"input_ids": input_ids}
             if attention_mask is not None:
                 kw["attention_mask"] = attention_mask
+            params = pyinspect.signature(model.forward).parameters
+            if "use_cache" in params:
+                kw["use_cache"] = False  # a KV cache would hold every layer's keys: 45 MiB per 1k tokens
+            if "logits_to_keep" in params:
+                kw["logits_to_keep"] = logits_rows
             out = model(**kw)
     finally:
         for h in hooks:
             h.remove()
     logits = getattr(out, "logits", None)
-    return Capture(rec.stats, massive, None if logits is None else logits[0].float(), input_ids[0])
+    predicted = None
+    if logits is not None:
+        T = input_ids.shape[1]
+        predicted = torch.full((T,), -1, dtype=torch.long)
+        predicted[T - logits.shape[1]:] = logits[0].argmax(-1).cpu()
+    return Capture(rec.stats, massive, predicted, input_ids[0])

@@ -253,10 +253,10 @@ def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
 def geometry(model: nn.Module) -> ModelGeometry:
     """The attention geometry read from the model's config."""
     cfg = _text_config(model)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     mods = attention_modules(model)
     causal = bool(mods[0][1].is_causal) if mods else bool(getattr(cfg, "is_decoder", False))

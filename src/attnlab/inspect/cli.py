@@ -1,0 +1,69 @@
+"""``attnlab inspect``: build a head atlas of a real model, save JSON/CSV, write the HTML + PNG report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="head metrics, roles and an HTML report for a pretrained model (offline)",
+        description="Run probes through a pretrained model, measure every head (sinks, locality, previous-token, "
+        "induction, retrieval, lookback, positional profile, importance, rollout/flow) and write a head atlas "
+        "(JSON, CSV) with a self-contained HTML report and PNGs.",
+    )
+    p.add_argument("--model", default="smollm2", help="smollm2, minilm, a local HF folder or a .gguf file")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text for the base probe (replaces the built-in paragraph)")
+    src.add_argument("--file", help="read the base probe's text from this file")
+    p.add_argument("--probe", default="text,induction,retrieval,basin,lookback",
+                   help="comma list of probes: text (alias sinks), induction, retrieval, basin, lookback")
+    p.add_argument("--out", help="output folder (default runs/inspect-<stamp>)")
+    p.add_argument("--compare", help="another atlas.json to compare with in the report")
+    p.add_argument("--importance", default="gradient", choices=["none", "gradient", "ablation", "both"],
+                   help="head importance: gradient (one backward) and/or ablation (one forward per head)")
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate the base probe to this many tokens")
+    p.add_argument("--chunk", type=int, default=256, help="query rows per chunk when measuring")
+    p.add_argument("--window", type=int, default=16, help="locality / streaming window")
+    p.add_argument("--flow-tokens", type=int, default=12, help="attention flow on this many tokens (0: off)")
+    p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.common import new_run_dir, progress
+    from ..models.hf import ModelLoadError, geometry, load_model
+    from .atlas import HeadAtlas, build_atlas
+    from .metrics import MetricConfig
+    from .probes import ALIASES, PROBES
+    from .report import write_report
+
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
+    probes = [s.strip() for s in args.probe.split(",") if s.strip()]
+    for s in probes:
+        if ALIASES.get(s, s) not in PROBES:
+            print(f"unknown probe {s!r}; choose from {', '.join(PROBES + tuple(ALIASES))}")
+            return 2
+    other = HeadAtlas.load(args.compare) if args.compare else None
+    try:
+        model, tok = load_model(args.model)
+    except ModelLoadError as e:
+        print(f"error: {e}")
+        return 2
+    g = geometry(model)
+    cfg = MetricConfig(chunk=args.chunk, window=args.window)
+    out = Path(args.out) if args.out else new_run_dir("inspect")
+    n_probes = len(set(ALIASES.get(s, s) for s in probes) | {"text"})
+    total = n_probes * (g.num_layers + 1) + 4 + (g.num_layers * g.num_heads // 16 + 1
+                                                 if args.importance in ("both", "ablation") else 0)
+    with progress(total, f"inspect {args.model}") as advance:
+        atlas = build_atlas(model, tok, probes, name=Path(args.model).name, text=text, cfg=cfg,
+                            importance=args.importance, flow_tokens=args.flow_tokens, max_tokens=args.max_tokens,
+                            progress=advance)
+    paths = write_report(atlas, out, other, pngs=not args.no_png)
+    counts = atlas.role_counts()
+    print(f"{atlas.model}: {g.num_layers} layers x {g.num_heads} heads in {atlas.meta['seconds']} s; roles: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"report: {paths['html']}\natlas:  {paths['json']}  {paths['csv']}")
+    return 0
