@@ -1,3 +1,14 @@
 """Content-based sparse attention (family ``routing``): selections computed cheaply, run as gathered tiles."""
 
-from . import biformer, minference, moba, routing_transformer  # noqa: F401
+from . import (  # noqa: F401
+    biformer,
+    delta,
+    delta_layers,
+    hip,
+    minference,
+    moba,
+    recycled,
+    routing_transformer,
+    sparsifiner,
+    vmoba,
+)
