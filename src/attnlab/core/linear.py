@@ -28,6 +28,7 @@ Also here, sharing the same chunking idea:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,7 +37,7 @@ from torch import Tensor
 
 MODES = ("parallel", "chunked", "recurrent")
 DEFAULT_CHUNK = {"cpu": 64, "cuda": 64}
-SEGMENT_CHUNKS = 64  # chunks per segment of the chunked form (bounds the working set)
+SEGMENT_CHUNKS = 256  # chunks per segment of the chunked form (bounds the working set)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -150,6 +151,12 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S: Tensor) -> 
     return torch.stack(outs, dim=2), S
 
 
+@functools.lru_cache(maxsize=32)
+def _upper(C: int, device: torch.device) -> Tensor:
+    """(C, C) strictly upper-triangular mask (cached: building it is a parallel op that stalls on a busy machine)."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
+
+
 def _pad_time(x: Tensor, pad: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
 
@@ -179,13 +186,13 @@ def _chunked_segment(
     kc = _pad_time(k, pad).view(B, H, N, C, F)
     vc = _pad_time(v, pad).view(B, H, N, C, v.shape[-1])
     scores = qc @ kc.transpose(-1, -2)  # (B, H, N, C, C)
-    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    upper = _upper(C, q.device)
     if g is None:
         o = scores.masked_fill(upper, 0.0) @ vc
         U = kc.transpose(-1, -2) @ vc  # (B, H, N, F, Dv): each chunk's contribution
         # exclusive prefix sum over chunks: the state each chunk starts from
         prev = torch.cat([S0.expand(B, -1, -1, -1)[:, :, None], U[:, :, :-1]], dim=2).cumsum(2)
-        o = o + qc @ prev
+        o = o.add_(qc @ prev)
         return o.reshape(B, H, N * C, -1)[:, :, :T], prev[:, :, -1] + U[:, :, -1]
     if g.shape[-1] == 1 and T > 1 and pad:
         g = g.expand(-1, -1, T)  # padded positions must not decay: take the per-token path
@@ -195,15 +202,18 @@ def _chunked_segment(
         b = torch.nn.functional.pad(g, (0, pad)).view(g.shape[0], H, N, C).cumsum(-1)  # (B|1, H, N, C)
     tot = b[..., -1:]  # log decay across a whole chunk
     D = (b[..., :, None] - b[..., None, :]).masked_fill(upper, float("-inf")).exp()  # <= 1
-    o = (scores * D) @ vc
+    # in place where autograd allows (D needs no gradient): one pass less over the (C, C) scores
+    o = (scores * D if D.requires_grad else scores.mul_(D)) @ vc
     U = (kc * (tot - b).exp()[..., None]).transpose(-1, -2) @ vc  # contribution decayed to the chunk end
-    a = tot.exp().expand(B, H, N, 1)[..., None]  # (B, H, N, 1, 1)
+    a = tot.exp().expand(B, H, N, 1)[..., None].unbind(2)  # N x (B, H, 1, 1)
     S = S0.expand(B, -1, -1, -1)
     prev = []
-    for n in range(N):  # the only sequential part: N = T / C small steps on an F x Dv state
+    # the only sequential part: N = T / C small steps on an F x Dv state (unbind, not indexing: indexing's
+    # backward would write a full-size zero gradient per step)
+    for a_n, U_n in zip(a, U.unbind(2)):
         prev.append(S)
-        S = a[:, :, n] * S + U[:, :, n]
-    o = o + (qc * b.exp()[..., None]) @ torch.stack(prev, dim=2)
+        S = torch.addcmul(U_n, a_n, S)
+    o = o.add_((qc * b.exp()[..., None]) @ torch.stack(prev, dim=2))
     return o.reshape(B, H, N * C, -1)[:, :, :T], S
 
 
@@ -324,18 +334,18 @@ def _softmax_chunked(q: Tensor, s: Tensor, v: Tensor, st: SoftmaxState, C: int) 
     Z = e.sum(3)  # (B, H, N, F)
     num, den = st.num, st.den
     nums, dens = [], []
-    for n in range(N):
-        num = carry[:, :, n, :, None] * num
-        den = carry[:, :, n] * den
+    for c_n, U_n, Z_n in zip(carry.unbind(2), U.unbind(2), Z.unbind(2)):
+        num = c_n[..., None] * num
+        den = c_n * den
         nums.append(num)
         dens.append(den)
-        num = num + U[:, :, n]
-        den = den + Z[:, :, n]
+        num = num + U_n
+        den = den + Z_n
     prev_num = torch.stack(nums, dim=2)  # carried state at this chunk's reference
     prev_den = torch.stack(dens, dim=2)
     den_t = prev_den[:, :, :, None] + e.cumsum(3)  # (B, H, N, C, F)
     qn = qc / den_t.clamp_min(torch.finfo(q.dtype).tiny)
-    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    upper = _upper(C, q.device)
     o = (qn @ e.transpose(-1, -2)).masked_fill(upper, 0.0) @ vc + qn @ prev_num
     return o.reshape(B, H, N * C, -1)[:, :, :T], SoftmaxState(num, den, ref[:, :, -1])
 

@@ -1,3 +1,3 @@
 """Linear, recurrent and hybrid attention (family ``linear``); importing registers every layer."""
 
-from . import agent, flowformer, inline, l2vit, lightnet, lightning, linear_attention, lla, rat, tnl  # noqa: F401
+from . import agent, flowformer, inline, l2vit, lightnet, lightning, linear_attention, lla, rat, titans, tnl  # noqa: F401
