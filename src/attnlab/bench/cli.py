@@ -8,6 +8,8 @@ import importlib
 # Modules with ``register(bench_subparsers)``.
 BENCH_COMMANDS = [
     "attnlab.bench.speed",
+    "attnlab.bench.selection",
+    "attnlab.bench.tasks.cli",
 ]
 
 

@@ -51,14 +51,15 @@ def distinct_tokens(n: int, k: int, low: int, high: int, gen: torch.Generator) -
 
 
 class Task:
-    """A task generator. Subclasses set ``name``, ``kind`` and implement ``sample`` and ``splits``.
+    """A task generator. Subclasses set ``name``, ``kind`` and implement ``sample`` (and ``test_samplers``).
 
     * ``kind``: ``"classify"`` (cross-entropy over ``num_classes``, scored by accuracy) or ``"regress"``
       (squared error, scored by ``1 - normalized MSE``).
     * ``vocab``: input token ids lie in ``[0, vocab)`` (``None`` for real-valued inputs; then ``in_features``).
     * ``sample(n, gen)``: ``n`` training sequences.
-    * ``test_samplers()``: name -> sampler ``(n, gen) -> Batch`` of each fixed test split; ``primary()`` names the split(s)
-      averaged into the headline score; ``val_set`` is sampled like training data (early stopping, lr choice).
+    * ``test_samplers()``: name -> sampler ``(n, gen) -> Batch`` of each fixed test split; ``primary()`` names
+      the split(s) averaged into the headline score; ``val_set`` is sampled like training data (early
+      stopping, learning-rate choice).
     """
 
     name: ClassVar[str] = ""

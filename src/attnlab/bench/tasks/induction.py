@@ -1,11 +1,14 @@
-"""Induction-head copy with length extrapolation: a random segment, then the same segment again.
+"""Induction-head copy with length extrapolation: a segment seen once is recognized and continued later.
 
-``x = s s`` with ``s`` of length ``L = T / 2`` (distinct tokens). In the second copy, at token ``s_i`` the model
-predicts ``s_{i+1}``: find the earlier ``s_i`` and copy what followed it ([A][B] ... [A] -> [B]). Training uses
-``T = train_len``; the test splits use ``T`` 1x, 2x, 4x and 8x longer (``extrapolate``).
+A sequence of ``T`` distinct random tokens contains one segment ``s`` of length ``L = T / 4`` twice: the first
+copy starts anywhere in the first half, the second anywhere in the second half, so the distance between the
+copies varies and no fixed positional offset solves the task -- only content matching does
+([A][B] ... [A] -> [B]). In the second copy, at token ``s_i`` the model predicts ``s_{i+1}``. Training uses
+``T = seq_len``; the test splits use ``T`` 1x, 2x, 4x and 8x longer (``extrapolate``), with ``L`` and the
+distances growing alike.
 
-    x:  a b c d | a b c d      (B, T)
-    y:            b c d        (scored)
+    x:  r r a b c d r r r r a b c d r      (B, T)
+    y:                        b c d        (scored)
 """
 
 from __future__ import annotations
@@ -25,22 +28,29 @@ class InductionConfig:
     extrapolate: tuple[int, ...] = (1, 2, 4, 8)  # test lengths as multiples of seq_len
     test_size: int = 200
     val_size: int = 256
+    layout: str = "random-offsets"  # recorded so that runs of the earlier fixed-offset layout do not resume
 
     def __post_init__(self) -> None:
-        if self.seq_len % 2:
-            raise ValueError("seq_len must be even")
-        if self.vocab - 1 < self.seq_len * max(self.extrapolate) // 2:
+        if self.seq_len % 4 or self.seq_len < 8:
+            raise ValueError("seq_len must be a multiple of 4 and >= 8")
+        longest = self.seq_len * max(self.extrapolate)
+        if self.vocab - 1 < longest - longest // 4:
             raise ValueError("vocab too small for distinct tokens at the longest test length")
 
 
 def induction_batch(n: int, gen: torch.Generator, seq_len: int, vocab: int) -> Batch:
-    L = seq_len // 2
-    s = distinct_tokens(n, L, 1, vocab, gen)
-    x = torch.cat([s, s], dim=1)
-    y = torch.zeros(n, seq_len, dtype=torch.long)
-    y[:, L : 2 * L - 1] = s[:, 1:]
-    mask = torch.zeros(n, seq_len, dtype=torch.bool)
-    mask[:, L : 2 * L - 1] = True
+    T, L = seq_len, seq_len // 4
+    x = distinct_tokens(n, T, 1, vocab, gen)  # only the repeat below breaks distinctness
+    a = torch.randint(0, T // 2 - L + 1, (n,), generator=gen)
+    b = torch.randint(T // 2, T - L + 1, (n,), generator=gen)
+    offs = torch.arange(L)
+    rows = torch.arange(n)[:, None]
+    x[rows, b[:, None] + offs] = x[rows, a[:, None] + offs]
+    y = torch.zeros(n, T, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.bool)
+    scored = b[:, None] + offs[:-1]  # positions of s_0 .. s_{L-2} in the second copy
+    y[rows, scored] = x[rows, scored + 1]
+    mask[rows, scored] = True
     return Batch(x, y, mask)
 
 

@@ -82,8 +82,12 @@ def config_key(ident: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def plan(suite: Suite, seeds: int | None = None, budget_s: float | None = None) -> list[RunConfig]:
-    """Every configuration of ``suite`` whose mechanisms are in the catalogue, in execution order."""
+def plan(
+    suite: Suite, seeds: int | None = None, budget_s: float | None = None, max_steps: int | None = None
+) -> list[RunConfig]:
+    """Every configuration of ``suite`` whose mechanisms are in the catalogue, in execution order.
+
+    ``budget_s`` / ``max_steps`` override every task's wall-clock budget / step limit."""
     out = []
     for tr in suite.tasks:
         for label in tr.mechanisms:
@@ -92,7 +96,8 @@ def plan(suite: Suite, seeds: int | None = None, budget_s: float | None = None) 
                 continue
             for seed in range(seeds or suite.seeds):
                 for lr in tr.lrs:
-                    tcfg = replace(tr.train, lr=lr, **({"budget_s": budget_s} if budget_s else {}))
+                    over = {"budget_s": budget_s, "max_steps": max_steps}
+                    tcfg = replace(tr.train, lr=lr, **{k: v for k, v in over.items() if v})
                     rc = RunConfig(tr.label, tr.task, mech, suite.backbone, tcfg, seed)
                     out.append(replace(rc, key=config_key(rc.ident())))
     return out
@@ -176,8 +181,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
+    # a line cut short by a crash has no newline: start a fresh line so this row stays readable
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with path.open("a") as f:
-        f.write(json.dumps(row, default=repr) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(row, default=repr) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
