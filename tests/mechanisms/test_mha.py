@@ -86,3 +86,14 @@ def test_float32_close_to_reference():
     ref = layer.double().reference(x.double())
     out = layer.float()(x)
     assert max_err(out, ref) < 1e-4
+
+
+def test_state_size_counts_the_keys_the_next_query_reads():
+    import attnlab
+    from attnlab.core.patterns import Causal, SlidingWindow
+
+    full = attnlab.build("mha", dim=32, heads=4, kv_heads=2)
+    window = attnlab.build("mha", dim=32, heads=4, kv_heads=2, pattern=SlidingWindow(16) & Causal())
+    assert full.state_size(100) == 2 * 2 * 8 * 100
+    assert window.state_size(100) == 2 * 2 * 8 * 16
+    assert window.state_size(10) == 2 * 2 * 8 * 10

@@ -109,25 +109,12 @@ def missing_mechanisms(suite: Suite) -> list[str]:
 
 # ---- one configuration ---------------------------------------------------------------------------------------
 def layer_state(layer: torch.nn.Module, seq_len: int) -> int | None:
-    """Numbers a layer holds per sequence to decode after ``seq_len`` tokens.
-
-    The layer's own ``state_size``; for layers whose state grows with length (a KV cache) under a sparse
-    pattern, scaled to the keys the last query may see (sliding window: ``2 d w`` instead of ``2 d T``).
-    """
+    """Numbers a layer holds per sequence to decode after ``seq_len`` tokens (its own ``state_size``;
+    softmax layers count the keys the last query may see, so a sliding window reports ``2 d w``)."""
     try:
-        s = int(layer.state_size(seq_len))
+        return int(layer.state_size(seq_len))
     except (TypeError, NotImplementedError, AttributeError):
         return None
-    pattern = getattr(getattr(layer, "cfg", None), "pattern", None)
-    if pattern is not None and seq_len > 1:
-        try:
-            grows = int(layer.state_size(2 * seq_len)) == 2 * s
-            seen = float(pattern.count(1, seq_len, seq_len - 1))
-        except (TypeError, ValueError, AttributeError, NotImplementedError):
-            return s
-        if grows and 0 < seen < seq_len:
-            s = round(s * seen / seq_len)
-    return s
 
 
 def mixer_factory(rc: RunConfig) -> Callable[[int], torch.nn.Module]:

@@ -188,7 +188,10 @@ class MultiHeadAttention(AttentionLayer):
         return KVCache()
 
     def state_size(self, seq_len: int) -> int:
-        return 2 * self.cfg.kvh * self.cfg.d * seq_len
+        """Keys and values the next query reads after ``seq_len`` tokens: ``2 Hkv d`` per visible key
+        (a sliding window of ``w``: ``2 Hkv d w``; causal: ``2 Hkv d T``), averaged over per-head patterns."""
+        visible = seq_len if self.cfg.pattern is None else self.cfg.pattern.count(1, seq_len, seq_len - 1)
+        return round(2 * self.cfg.kvh * self.cfg.d * visible)
 
 
 def _head_pattern(pattern: Pattern | None, i: int) -> Pattern | None:
