@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.patterns import Causal, Full, Pattern, PerHead, Sinks, SlidingWindow
+from ..core.patterns import Causal, Pattern, PerHead, Sinks, SlidingWindow
 
 KINDS = ("full", "stream", "snap", "topk", "drop")
 #: one character per kind in the printed grid (``stream`` shows its window class separately)
@@ -282,4 +282,4 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-__all__ = ["HeadPlan", "HeadPolicy", "KINDS", "Full"]
+__all__ = ["HeadPlan", "HeadPolicy", "KINDS"]

@@ -34,7 +34,7 @@ from ..core.attention import attention
 from ..core.blocksparse import plan_from_blocks, run_plan
 from ..core.patterns import Causal
 from ..core.score_mods import ScoreMod
-from ..models.hf import default_attention, geometry, install
+from ..models.hf import geometry, install
 from .cache import GroupKV, LayerKV, PlanCache, PlanLayer
 from .plan import HeadPlan, HeadPolicy
 
@@ -45,15 +45,15 @@ BLOCKSPARSE_MIN_Q = 128
 class HeadSubset(ScoreMod):
     """A score modifier restricted to a subset of query heads: head ``i`` of the call is ``heads[i]``."""
 
-    def __init__(self, mod: ScoreMod, heads: Tensor) -> None:
-        self.mod, self.heads = mod, heads
+    def __init__(self, mod: ScoreMod, heads: Tensor, total_heads: int) -> None:
+        self.mod, self.heads, self.total = mod, heads, total_heads
         self.kind = mod.kind
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
         return self.mod.score_mod(score, b, self.heads.to(h.device)[h], q_idx, kv_idx)
 
     def factor(self, heads, device, dtype):
-        return self.mod.factor(int(self.heads.max()) + 1, device, dtype)[self.heads.to(device)]
+        return self.mod.factor(self.total, device, dtype)[self.heads.to(device)]
 
 
 def _q_index(kv: Tensor, q_per_kv: int) -> Tensor:
@@ -207,7 +207,7 @@ class PlanRunner:
                 continue
             qg = q if single else q.index_select(1, qidx)
             mg = None if mask is None else _buffer_mask(mask, g, lkv)
-            modg = None if mod is None else (mod if single else HeadSubset(mod, qidx))
+            modg = None if mod is None else (mod if single else HeadSubset(mod, qidx, H))
             t0 = time.perf_counter() if self.timing else 0.0
             og = self._group(qg, g, scaling, mg, modg, lkv)
             if self.timing:

@@ -1,0 +1,170 @@
+"""``attnlab plan`` (build a per-head plan, print its grid) and ``attnlab eval`` (run plans on long-context
+tasks: accuracy, KV bytes, prefill time, decode speed)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SOURCES = ("probe", "atlas", "duo", "moa", "uniform")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="build a per-head attention plan for a pretrained model and print its grid")
+    p.add_argument("--from", dest="source", choices=SOURCES, default="probe",
+                   help="probe: retrieval/long-range attention scores on generated passkeys; atlas: the head "
+                        "atlas of attnlab.inspect; duo: DuoAttention gate optimization; moa: per-head windows "
+                        "under a KV budget; uniform: one policy everywhere")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--full-fraction", type=float, default=0.44, help="fraction of kv heads kept full")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--kind", choices=("full", "stream", "snap", "topk"), default="stream",
+                   help="uniform plans: the policy of every head")
+    p.add_argument("--budget", type=float, default=0.5, help="moa: KV budget (fraction of dense at --at-length); "
+                                                             "snap: kept prompt keys (int)")
+    p.add_argument("--at-length", type=int, default=2048)
+    p.add_argument("--pages", type=int, default=16, help="topk: pages read per decode step")
+    p.add_argument("--steps", type=int, default=6, help="duo: optimization steps")
+    p.add_argument("--profile-length", type=int, default=1024, help="tokens of the profiling prompts")
+    p.add_argument("--samples", type=int, default=2, help="profiling prompts")
+    p.add_argument("--out", default=None, help="write the plan as JSON here")
+    p.set_defaults(func=run_plan)
+
+    e = sub.add_parser("eval", help="evaluate plans on long-context tasks (accuracy, KV bytes, prefill, decode)")
+    e.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable); none: a probe plan")
+    e.add_argument("--model", default="smollm2")
+    e.add_argument("--tasks", default="passkey", help="comma list of " + ",".join(_tasks()))
+    e.add_argument("--lengths", default=None, help="comma list of prompt lengths in tokens (default 1024,2048,4096)")
+    e.add_argument("--n", type=int, default=10, help="samples per task and length")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--chunk", type=int, default=None, help="chunked prefill: tokens per chunk")
+    e.add_argument("--full", action="store_true", help="also 8k tokens")
+    e.add_argument("--quick", action="store_true",
+                   help="the headline check: passkey at 4096 tokens (--quick-length), 20 samples (--n), dense vs a probe plan with "
+                        "56%% of kv heads streaming (4 sinks + 256 window)")
+    e.add_argument("--quick-length", type=int, default=4096, help="--quick: prompt length in tokens")
+    e.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    e.add_argument("--out-root", default="runs")
+    e.set_defaults(func=run_eval)
+
+
+def _tasks() -> tuple[str, ...]:
+    from .tasks import TASKS
+
+    return TASKS
+
+
+def build_plan(args: Any, model, tok):
+    from . import sources
+
+    if args.source == "uniform":
+        return sources.uniform(model, args.kind, args.sinks, args.window, budget=int(args.budget) if
+                               args.budget >= 1 else 256, k=args.pages)
+    if args.source == "probe":
+        sc = sources.probe_scores(model, tok, n=args.samples, length=args.profile_length,
+                                  sinks=args.sinks, window=args.window)
+        return sources.from_scores(sc, model.config.num_attention_heads // model.config.num_key_value_heads,
+                                   args.full_fraction, args.sinks, args.window, source="probe")
+    if args.source == "atlas":
+        return _atlas_plan(args, model, tok)
+    if args.source == "duo":
+        return sources.duo_plan(model, tok, args.full_fraction, args.sinks, args.window, steps=args.steps,
+                                length=min(args.profile_length, 512), n=args.samples)
+    return sources.moa_plan(model, tok, kv_budget=args.budget, at_length=args.at_length, sinks=args.sinks,
+                            n=args.samples, length=args.profile_length)
+
+
+def _atlas_plan(args: Any, model, tok):
+    from ..inspect.atlas import build_atlas
+    from . import sources
+
+    atlas = build_atlas(model, tok, probes=["text", "retrieval"], name=args.model, importance="none",
+                        flow_tokens=0)
+    return sources.from_atlas(atlas, args.full_fraction, args.sinks, args.window)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from ..models.hf import load_model
+
+    model, tok = load_model(args.model)
+    plan = build_plan(args, model, tok)
+    print(plan.grid())
+    print(f"predicted KV cache at {args.at_length} tokens: {plan.kv_ratio(args.at_length):.3f} x dense")
+    if args.out:
+        print(f"wrote {plan.save(args.out)}")
+    return 0
+
+
+def quick_check(model, tok, n: int = 20, length: int = 4096, out_root: str = "runs",
+                full_fraction: float = 0.44) -> dict[str, Any]:
+    """The headline comparison (the README's last step): dense vs a probe plan with >= half of the kv
+    heads streaming (4 sinks + 256 window) on ``n`` passkey prompts of ``length`` tokens. Returns the
+    figures and whether each target holds (KV <= 0.55x, accuracy within 1 of n, prefill >= 1.2x)."""
+    from . import sources
+    from .evaluate import evaluate, write
+
+    sc = sources.probe_scores(model, tok, n=2, length=1024)
+    plan = sources.from_scores(sc, model.config.num_attention_heads // model.config.num_key_value_heads,
+                               full_fraction, 4, 256, source="probe")
+    report = evaluate(model, tok, [plan], ("passkey",), (length,), n=n)
+    dense, sparse = report.rows[0], report.rows[1]
+    figures = {
+        "plan": plan.name, "stream_fraction": plan.fraction("stream"), "length": length, "n": n,
+        "dense_correct": dense["correct"], "plan_correct": sparse["correct"],
+        "kv_ratio": sparse["kv_ratio"], "prefill_speedup": sparse["prefill_speedup"],
+        "decode_tok_s_dense": dense["decode_tok_s"], "decode_tok_s_plan": sparse["decode_tok_s"],
+    }
+    figures["targets"] = {
+        "kv_ratio<=0.55": figures["kv_ratio"] <= 0.55,
+        "accuracy_within_1": dense["correct"] - sparse["correct"] <= 1,
+        "prefill_speedup>=1.2": figures["prefill_speedup"] >= 1.2,
+        "stream_fraction>=0.5": figures["stream_fraction"] >= 0.5,
+    }
+    report.meta["quick"] = figures
+    report.meta["plan_grid"] = plan.grid()
+    run_dir = write(report, out_root)
+    plan.save(run_dir / "plan.json")
+    figures["run_dir"] = str(run_dir)
+    report.print("attnlab eval --quick")
+    return figures
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.common import progress
+    from ..models.hf import load_model
+    from .evaluate import evaluate, write
+    from .plan import HeadPlan
+    from .tasks import DEFAULT_LENGTHS, FULL_LENGTHS, TASKS
+
+    model, tok = load_model(args.model)
+    if args.quick:
+        figures = quick_check(model, tok, n=args.n if args.n != 10 else 20, length=args.quick_length,
+                              out_root=args.out_root)
+        print(json.dumps(figures, indent=1))
+        return 0 if all(figures["targets"].values()) else 1
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            raise SystemExit(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(
+        FULL_LENGTHS if args.full else DEFAULT_LENGTHS)
+    if args.plan:
+        plans = [HeadPlan.load(p) for p in args.plan]
+    else:
+        ns = argparse.Namespace(source="probe", samples=2, profile_length=1024, sinks=4, window=256,
+                                full_fraction=0.44)
+        plans = [build_plan(ns, model, tok)]
+    total = len(tasks) * len(lengths) * args.n * (len(plans) + (0 if args.no_dense else 1))
+    with progress(total, "evaluating") as advance:
+        report = evaluate(model, tok, plans, tasks, lengths, n=args.n, seed=args.seed,
+                          include_dense=not args.no_dense, chunk=args.chunk, progress=advance)
+    run_dir = write(report, args.out_root)
+    report.print()
+    print(f"wrote {run_dir}")
+    return 0
+
+
+__all__ = ["quick_check", "register"]

@@ -1,0 +1,261 @@
+"""Where plans come from: head scores with a budget, DuoAttention gates, a MoA window search, baselines.
+
+* :func:`from_scores` -- any ``(layers, kv_heads)`` retrieval score (the head atlas, :func:`probe_scores`)
+  plus a budget of full heads -> full for the top heads, ``stream`` for the rest;
+* :func:`probe_scores` -- retrieval-head scores measured here (Retrieval Head A28 / DuoAttention I30 idea):
+  the attention mass the answer tokens of generated passkey prompts put on the needle, per kv head
+  (max over the query heads sharing it);
+* :func:`from_atlas` -- scores from :mod:`attnlab.inspect`'s ``HeadAtlas`` when it is available;
+* :func:`duo_gates` -- DuoAttention (I30): a gate per kv head mixes full and streaming attention,
+  ``out = a * full + (1 - a) * stream``; gates are optimized on generated passkey prompts to keep the
+  final hidden states of the full model (MSE) with an L1 push towards streaming. CPU scale: a handful of
+  Adam steps on one or two prompts of a few hundred tokens (see ``steps``, ``length``);
+* :func:`moa_plan` -- MoA (I58)-style: per head, the attention mass each candidate window would lose
+  (profiled on generated prompts), then the cheapest per-head windows under a KV budget (greedy
+  multiple-choice knapsack on lost mass per cached position);
+* :func:`uniform` -- baselines: all full, all streaming, SnapKV-like eviction, Quest-like pages.
+
+Scores are ``torch.Tensor`` of shape ``(layers, kv_heads)``; higher means "needs the whole context".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.hf import attnlab_attention, default_attention, geometry
+from .plan import HeadPlan, HeadPolicy
+from .tasks import passkey
+
+
+def uniform(model_or_geo: Any, kind: str = "full", sinks: int = 4, window: int = 256, budget: int = 256,
+            k: int = 16, page: int = 16) -> HeadPlan:
+    """All heads get one policy: ``full``, ``stream`` (sinks + window), ``snap`` (budget, window 32),
+    ``topk`` (k pages of ``page``)."""
+    geo = geometry(model_or_geo) if isinstance(model_or_geo, nn.Module) else model_or_geo
+    pol = {
+        "full": HeadPolicy.full(),
+        "stream": HeadPolicy.stream(sinks, window),
+        "snap": HeadPolicy.snap(budget, 32),
+        "topk": HeadPolicy.topk(k, page),
+    }
+    if kind not in pol:
+        raise ValueError(f"uniform plans are {sorted(pol)}, got {kind!r}")
+    return HeadPlan.uniform(geo.num_layers, geo.num_kv_heads, pol[kind], geo.group)
+
+
+def from_scores(scores: Tensor, q_per_kv: int, full_fraction: float = 1 / 3, sinks: int = 4,
+                window: int = 256, name: str | None = None, source: str = "scores") -> HeadPlan:
+    """Full attention for the ``full_fraction`` highest-scoring kv heads, ``stream(sinks, window)`` else."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (layers, kv_heads), got shape {tuple(scores.shape)}")
+    if not 0.0 <= full_fraction <= 1.0:
+        raise ValueError(f"full_fraction must be in [0, 1], got {full_fraction}")
+    n_full = int(round(full_fraction * scores.numel()))
+    order = torch.argsort(scores.flatten().double(), descending=True, stable=True)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[order[:n_full]] = True
+    mask = keep.view(scores.shape).tolist()
+    meta = (("source", source), ("full_fraction", full_fraction), ("sinks", sinks), ("window", window))
+    return HeadPlan.from_mask(mask, HeadPolicy.stream(sinks, window), q_per_kv,
+                              name or f"{source}-{n_full}full", meta)
+
+
+def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256) -> HeadPlan:
+    """Plan from an ``attnlab.inspect`` HeadAtlas: rank kv heads by ``retrieval + (1 - streaming)`` from its
+    ``kv_scores()`` (retrieval: max over the group's query heads; streaming: min), unmeasured = 0."""
+    kv = atlas.kv_scores()
+    if "streaming" not in kv and "retrieval" not in kv:
+        raise ValueError("the atlas has neither retrieval nor streaming scores")
+    ref = next(iter(kv.values()))
+    score = torch.zeros(ref.shape, dtype=torch.float64)
+    if "retrieval" in kv:
+        score += torch.nan_to_num(kv["retrieval"].double(), nan=0.0)
+    if "streaming" in kv:
+        score += 1.0 - torch.nan_to_num(kv["streaming"].double(), nan=1.0)
+    q_per_kv = atlas.num_heads // atlas.num_kv_heads
+    return from_scores(score, q_per_kv, full_fraction, sinks, window, source="atlas")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# profiling prompts: attention weights of the last rows only
+# ---------------------------------------------------------------------------------------------------------
+def _prompts(tok: Any, n: int, length: int, seed: int) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """Passkey prompts with the answer appended: (ids, answer token positions, needle span)."""
+    out = []
+    for i in range(n):
+        s = passkey(tok, length, seed=10_000 + seed * 100 + i, depth=0.1 + 0.8 * (i + 0.5) / n)
+        ans = list(tok(" " + s.answers[0], add_special_tokens=False)["input_ids"])
+        key_ids = list(tok(s.answers[0], add_special_tokens=False)["input_ids"])
+        ids = list(s.ids)
+        # the needle's first occurrence of the key digits
+        start = next(j for j in range(len(ids)) if ids[j: j + len(key_ids)] == key_ids)
+        full = ids + ans
+        out.append((full, list(range(len(ids), len(full))), (start, start + len(key_ids))))
+    return out
+
+
+def _last_rows_weights(model: nn.Module, ids: list[int], rows: int) -> list[Tensor]:
+    """Per layer, the attention weights ``(Hq, rows, T)`` of the last ``rows`` queries (float32)."""
+    store: list[Tensor] = []
+
+    def fn(module, q, k, v, mask, scaling, layer_idx):
+        Tq, Tk = q.shape[2], k.shape[2]
+        r = min(rows, Tq)
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        s = (q[:, :, Tq - r:] @ kk.transpose(-1, -2)) * scaling
+        qpos = torch.arange(Tk - r, Tk, device=q.device).view(r, 1)
+        s = s.masked_fill(torch.arange(Tk, device=q.device).view(1, Tk) > qpos, float("-inf"))
+        store.append(torch.softmax(s.float(), -1)[0])
+        return default_attention(module, q, k, v, mask, scaling)
+
+    with torch.no_grad(), attnlab_attention(model, fn):
+        model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+    return store
+
+
+def probe_scores(model: nn.Module, tok: Any, n: int = 2, length: int = 1024, seed: int = 0,
+                 rows: int = 24, sinks: int = 4, window: int = 256) -> Tensor:
+    """Retrieval scores ``(layers, kv_heads)`` from one pass per generated passkey prompt (teacher-forced):
+    the mean attention mass the answer tokens put on the needle (retrieval heads, A28) plus the mean mass
+    the last ``rows`` queries put outside ``sinks + window`` (heads that read far, which a streaming
+    head would cut off); max over the query heads of each kv head."""
+    geo = geometry(model)
+    acc = torch.zeros(geo.num_layers, geo.num_heads)
+    for ids, ans_pos, (a, b) in _prompts(tok, n, length, seed):
+        r = max(rows, len(ans_pos) + 1)
+        ws = _last_rows_weights(model, ids, r)
+        T = len(ids)
+        qpos = torch.arange(T - r, T).view(r, 1)
+        kpos = torch.arange(T).view(1, T)
+        far = ~((kpos < sinks) | ((qpos - kpos) < window))
+        na = len(ans_pos)
+        for layer, w in enumerate(ws):
+            # the query predicting answer token t sits at t - 1: rows -na-1 .. -2
+            needle = w[:, r - na - 1: r - 1, a:b].sum(-1).mean(-1)
+            acc[layer] += needle + (w * far).sum(-1).mean(-1)
+    acc /= n
+    return acc.view(geo.num_layers, geo.num_kv_heads, geo.group).amax(-1)
+
+
+def window_loss_profile(model: nn.Module, tok: Any, windows: Sequence[int], sinks: int = 4, n: int = 2,
+                        length: int = 1024, rows: int = 64, seed: int = 0) -> Tensor:
+    """Attention mass lost per (layer, kv head, window): ``(layers, kv_heads, len(windows))``; the mass
+    the last ``rows`` queries put outside ``sinks + window`` keys, max over the kv head's query heads."""
+    geo = geometry(model)
+    out = torch.zeros(geo.num_layers, geo.num_heads, len(windows))
+    for ids, _, _ in _prompts(tok, n, length, seed):
+        ws = _last_rows_weights(model, ids, rows)
+        T = len(ids)
+        for layer, w in enumerate(ws):
+            r = w.shape[1]
+            qpos = torch.arange(T - r, T).view(r, 1)
+            kpos = torch.arange(T).view(1, T)
+            for j, win in enumerate(windows):
+                keep = (kpos < sinks) | ((qpos - kpos) < win)
+                out[layer, :, j] += (w * (~keep)).sum(-1).mean(-1)
+    out /= n
+    return out.view(geo.num_layers, geo.num_kv_heads, geo.group, len(windows)).amax(2)
+
+
+def moa_plan(model: nn.Module, tok: Any, kv_budget: float = 0.5, at_length: int = 2048,
+             windows: Sequence[int] = (64, 128, 256, 512, 1024), sinks: int = 4, n: int = 2,
+             length: int = 1024, seed: int = 0) -> HeadPlan:
+    """MoA-style per-head windows: minimize profiled lost attention mass with the average cached fraction
+    at ``at_length`` tokens at most ``kv_budget`` (full attention is the last candidate, losing nothing)."""
+    geo = geometry(model)
+    lost = window_loss_profile(model, tok, windows, sinks, n, length, seed=seed)
+    L, Hkv, W = lost.shape
+    cands = [min(at_length, sinks + w - 1) for w in windows] + [at_length]
+    cost = torch.tensor(cands, dtype=torch.float64)  # cached positions per head at at_length
+    loss = torch.cat([lost.double(), torch.zeros(L, Hkv, 1, dtype=torch.float64)], dim=-1)
+    choice = torch.zeros(L, Hkv, dtype=torch.long)  # start from the smallest window everywhere
+    budget = kv_budget * at_length * L * Hkv
+    used = float(cost[0]) * L * Hkv
+    while True:
+        # best upgrade: largest loss reduction per extra cached position (any higher candidate)
+        best, best_gain = None, 0.0
+        for layer in range(L):
+            for h in range(Hkv):
+                c = int(choice[layer, h])
+                for nxt in range(c + 1, W + 1):
+                    extra = float(cost[nxt] - cost[c])
+                    gain = float(loss[layer, h, c] - loss[layer, h, nxt])
+                    if extra > 0 and used + extra <= budget and gain / extra > best_gain:
+                        best, best_gain = (layer, h, nxt, extra), gain / extra
+        if best is None:
+            break
+        layer, h, nxt, extra = best
+        choice[layer, h] = nxt
+        used += extra
+    pol = []
+    for layer in range(L):
+        row = []
+        for h in range(Hkv):
+            c = int(choice[layer, h])
+            row.append(HeadPolicy.full() if c == W else HeadPolicy.stream(sinks, windows[c]))
+        pol.append(tuple(row))
+    meta = (("source", "moa"), ("kv_budget", kv_budget), ("at_length", at_length), ("windows", list(windows)))
+    return HeadPlan(tuple(pol), geo.group, f"moa-{kv_budget:g}", meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DuoAttention gates
+# ---------------------------------------------------------------------------------------------------------
+def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: int = 2, sinks: int = 4,
+              window: int = 64, lr: float = 0.1, l1: float = 0.05, seed: int = 0) -> Tensor:
+    """Optimize DuoAttention gates ``(layers, kv_heads)`` in [0, 1] (see the module docstring).
+
+    Scale on CPU: ``steps`` Adam steps over ``n`` passkey prompts of ``length`` tokens; the window is scaled
+    down with the prompt (``window`` < ``length``) so streaming heads actually lose the needle.
+    """
+    geo = geometry(model)
+    g = geo.group
+    logits = torch.full((geo.num_layers, geo.num_kv_heads), 2.0, requires_grad=True)  # sigmoid(2) ~ 0.88
+    opt = torch.optim.Adam([logits], lr=lr)
+    stream_pat = HeadPolicy.stream(sinks, window).pattern()
+    prompts = _prompts(tok, n, length, seed)
+    targets = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        for ids, _, _ in prompts:
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+            targets.append(out.hidden_states[-1][0, -32:].clone())
+
+    def fn(module, q, k, v, mask, scaling, layer_idx):
+        from ..core.attention import attention
+
+        full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        stream = attention(q, k, v, pattern=stream_pat, scale=scaling, backend="blocksparse")
+        a = torch.sigmoid(logits[layer_idx]).repeat_interleave(g).view(1, -1, 1, 1).to(q.dtype)
+        return a * full + (1 - a) * stream
+
+    with attnlab_attention(model, fn):
+        for step in range(steps):
+            ids, _, _ = prompts[step % len(prompts)]
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+            h = out.hidden_states[-1][0, -32:]
+            t = targets[step % len(prompts)]
+            distill = ((h - t) ** 2).mean() / (t ** 2).mean()
+            loss = distill + l1 * torch.sigmoid(logits).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return torch.sigmoid(logits.detach())
+
+
+def duo_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
+             **gate_kwargs: Any) -> HeadPlan:
+    gates = duo_gates(model, tok, sinks=sinks, **gate_kwargs)
+    geo = geometry(model)
+    plan = from_scores(gates, geo.group, full_fraction, sinks, window, source="duo")
+    return plan
+
+
+__all__ = ["duo_gates", "duo_plan", "from_atlas", "from_scores", "moa_plan", "probe_scores",
+           "uniform", "window_loss_profile"]

@@ -1,0 +1,49 @@
+import torch
+
+from attnlab.models.hf import ModelGeometry
+from attnlab.plans import sources
+
+
+def test_from_scores_keeps_top_heads_full():
+    sc = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.0, 0.3]])
+    plan = sources.from_scores(sc, q_per_kv=3, full_fraction=2 / 6, sinks=4, window=64)
+    kinds = [[p.kind for p in row] for row in plan.policies]
+    assert kinds == [["stream", "full", "stream"], ["full", "stream", "stream"]]
+    assert plan[0, 0].window == 64 and dict(plan.meta)["source"] == "scores"
+
+
+def test_uniform_baselines():
+    geo = ModelGeometry(3, 6, 2, 8, True)
+    for kind, label in (("full", "full"), ("stream", "stream(4+256)"), ("snap", "snap(256/32)"),
+                        ("topk", "topk(16x16)")):
+        plan = sources.uniform(geo, kind)
+        assert plan.num_layers == 3 and plan.num_kv_heads == 2 and plan.q_per_kv == 3
+        assert {p.label() for row in plan.policies for p in row} == {label}
+
+
+def test_moa_search_respects_budget_and_prefers_lossy_heads(monkeypatch, tiny_vocab):
+    model, tok = tiny_vocab
+    # head (0, 0) loses a lot with small windows, the others lose nothing
+    lost = torch.zeros(2, 2, 3)
+    lost[0, 0] = torch.tensor([0.9, 0.5, 0.2])
+    monkeypatch.setattr(sources, "window_loss_profile", lambda *a, **k: lost)
+    plan = sources.moa_plan(model, tok, kv_budget=0.5, at_length=400, windows=(32, 64, 128))
+    assert plan[0, 0].kind == "full"
+    assert all(plan[i, j].kind == "stream" and plan[i, j].window == 32 for i, j in ((0, 1), (1, 0), (1, 1)))
+    assert plan.kv_ratio(400) <= 0.5
+    tight = sources.moa_plan(model, tok, kv_budget=0.12, at_length=400, windows=(32, 64, 128))
+    assert tight[0, 0].kind == "stream" and tight[0, 0].window == 64  # the best upgrade that fits
+    assert tight.kv_ratio(400) <= 0.12
+
+
+def test_probe_profile_and_duo_gates_run_on_a_tiny_model(tiny_vocab):
+    model, tok = tiny_vocab
+    sc = sources.probe_scores(model, tok, n=1, length=160, window=16)
+    assert sc.shape == (2, 2) and bool((sc >= 0).all())
+    prof = sources.window_loss_profile(model, tok, (8, 64), n=1, length=160, rows=16)
+    assert prof.shape == (2, 2, 2) and bool((prof[..., 0] >= prof[..., 1] - 1e-6).all())  # wider loses less
+    gates = sources.duo_gates(model, tok, steps=2, length=160, n=1, window=16, lr=0.5)
+    assert gates.shape == (2, 2) and bool(((gates > 0) & (gates < 1)).all())
+    assert not torch.allclose(gates, torch.sigmoid(torch.tensor(2.0)).expand(2, 2))  # the optimizer moved them
+    plan = sources.from_scores(gates, 2, 0.5, 4, 16, source="duo")
+    assert plan.counts() == {"full": 2, "stream": 2}
