@@ -49,15 +49,19 @@ def run(args: argparse.Namespace) -> int:
 def _atlas(out: Path, quick: bool) -> None:
     from .inspect import quick_atlas
 
-    path = quick_atlas(out)
+    path = quick_atlas(out / f"atlas-smollm2-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"head atlas report: {path}")
 
 
 def _plans(out: Path, quick: bool) -> None:
-    from .plans import quick_eval
+    from .models.hf import load_model
+    from .plans.cli import quick_check
 
-    path = quick_eval(out, quick=quick)
-    print(f"plan comparison: {path}")
+    model, tok = load_model("smollm2")
+    # quick: 6 passkey prompts of 4k tokens, dense and the plan back to back (the figures the issue names)
+    figs = quick_check(model, tok, n=6 if quick else 20, length=4096, out_root=str(out))
+    held = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in figs["targets"].items())
+    print(f"plan comparison: {figs['run_dir']} ({held})")
 
 
 _STEPS = {"atlas": _atlas, "plans": _plans}
