@@ -105,23 +105,23 @@ def _common(parts: tuple[Pattern, ...], attr: str) -> int | None:
     return vals.pop() if vals else None
 
 
-@dataclass(frozen=True)
-class And(Pattern):
-    """Intersection: a key is allowed when every part allows it."""
+class _Combine(Pattern):
+    """Shared body of And / Or: a tuple of parts folded with one boolean operator."""
 
     parts: tuple[Pattern, ...]
+    _op = staticmethod(torch.logical_and)
 
     def __post_init__(self) -> None:
         if not self.parts:
-            raise ValueError("And needs at least one pattern")
+            raise ValueError(f"{type(self).__name__} needs at least one pattern")
         object.__setattr__(self, "num_heads", _common(self.parts, "num_heads"))
         object.__setattr__(self, "seq_len", _common(self.parts, "seq_len"))
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        return reduce(torch.logical_and, (p.mask_mod(b, h, q_idx, kv_idx) for p in self.parts))
+        return reduce(self._op, (p.mask_mod(b, h, q_idx, kv_idx) for p in self.parts))
 
     def _dense(self, q_len, kv_len, q_offset):
-        return reduce(torch.logical_and, (p.dense(q_len, kv_len, q_offset) for p in self.parts))
+        return reduce(self._op, (p.dense(q_len, kv_len, q_offset) for p in self.parts))
 
     def count(self, q_len, kv_len, q_offset=0):
         return Pattern.count(self, q_len, kv_len, q_offset)
@@ -129,6 +129,14 @@ class And(Pattern):
     def query_order(self, q_len, q_offset=0):
         orders = [p.query_order(q_len, q_offset) for p in self.parts]
         return next((o for o in orders if o is not None), None)
+
+
+@dataclass(frozen=True)
+class And(_Combine):
+    """Intersection: a key is allowed when every part allows it."""
+
+    parts: tuple[Pattern, ...]
+    _op = staticmethod(torch.logical_and)
 
     @property
     def is_causal(self) -> bool:
@@ -139,33 +147,19 @@ class And(Pattern):
 
 
 @dataclass(frozen=True)
-class Or(Pattern):
+class Or(_Combine):
     """Union: a key is allowed when any part allows it."""
 
     parts: tuple[Pattern, ...]
-
-    def __post_init__(self) -> None:
-        if not self.parts:
-            raise ValueError("Or needs at least one pattern")
-        object.__setattr__(self, "num_heads", _common(self.parts, "num_heads"))
-        object.__setattr__(self, "seq_len", _common(self.parts, "seq_len"))
-
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        return reduce(torch.logical_or, (p.mask_mod(b, h, q_idx, kv_idx) for p in self.parts))
-
-    def _dense(self, q_len, kv_len, q_offset):
-        return reduce(torch.logical_or, (p.dense(q_len, kv_len, q_offset) for p in self.parts))
-
-    def count(self, q_len, kv_len, q_offset=0):
-        return Pattern.count(self, q_len, kv_len, q_offset)
-
-    def query_order(self, q_len, q_offset=0):
-        orders = [p.query_order(q_len, q_offset) for p in self.parts]
-        return next((o for o in orders if o is not None), None)
+    _op = staticmethod(torch.logical_or)
 
     @property
     def is_full(self) -> bool:
         return any(p.is_full for p in self.parts)
+
+    @property
+    def is_causal(self) -> bool:
+        return all(p.is_causal for p in self.parts)
 
     def __or__(self, other):
         return Or(self.parts + (other,))
