@@ -68,14 +68,14 @@ class Task:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
-    # -- to implement --------------------------------------------------------------------------------
+    # -- to implement (the defaults read the config's ``vocab`` / ``seq_len``) ------------------------
     @property
     def vocab(self) -> int | None:
-        raise NotImplementedError
+        return self.cfg.vocab
 
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        return self.vocab
 
     @property
     def in_features(self) -> int:
@@ -83,7 +83,7 @@ class Task:
 
     @property
     def train_len(self) -> int:
-        raise NotImplementedError
+        return self.cfg.seq_len
 
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         raise NotImplementedError

@@ -76,10 +76,6 @@ class FlipFlop(Task):
     def num_classes(self) -> int:
         return 5
 
-    @property
-    def train_len(self) -> int:
-        return self.cfg.seq_len
-
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         return flipflop_batch(n, gen, self.cfg.seq_len, self.cfg.p_ignore)
 

@@ -59,18 +59,6 @@ class Induction(Task):
 
     cfg: InductionConfig
 
-    @property
-    def vocab(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def train_len(self) -> int:
-        return self.cfg.seq_len
-
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         return induction_batch(n, gen, self.cfg.seq_len, self.cfg.vocab)
 

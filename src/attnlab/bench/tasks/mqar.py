@@ -50,18 +50,6 @@ class MQAR(Task):
 
     cfg: MQARConfig
 
-    @property
-    def vocab(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def train_len(self) -> int:
-        return self.cfg.seq_len
-
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         c = self.cfg
         T, N, half = c.seq_len, c.num_pairs, c.vocab // 2

@@ -82,14 +82,6 @@ class Needle(Task):
     cfg: NeedleConfig
 
     @property
-    def vocab(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.vocab
-
-    @property
     def train_len(self) -> int:
         return max(self.cfg.lengths)
 

@@ -39,18 +39,6 @@ class SelectiveCopy(Task):
 
     cfg: SelectiveCopyConfig
 
-    @property
-    def vocab(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.vocab
-
-    @property
-    def train_len(self) -> int:
-        return self.cfg.seq_len
-
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         c = self.cfg
         T, N = c.seq_len, c.num_tokens
