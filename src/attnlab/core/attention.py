@@ -99,10 +99,11 @@ def _sdpa(q, k, v, pattern, mod, scale, q_offset):
     if not _sdpa_ok(pattern, mod):
         raise ValueError(f"backend='sdpa' serves full and causal attention only, not {pattern!r}")
     causal = not pattern.is_full
-    if mod is None and (not causal or (q_offset == 0 and Tq <= Tk) or q_offset + Tq - 1 >= Tk - 1 and Tq == 1):
-        # is_causal is top-left aligned: right for q_offset 0; a single last query sees every key
+    top_left = q_offset == 0 and Tq <= Tk  # is_causal's own alignment
+    sees_all = Tq == 1 and q_offset >= Tk - 1  # one query at (or past) the last key
+    if mod is None and (not causal or top_left or sees_all):
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and q_offset == 0 and Tq > 1, scale=scale, enable_gqa=gqa
+            q, k, v, is_causal=causal and top_left and Tq > 1, scale=scale, enable_gqa=gqa
         )
     return _dense_mask(q, k, v, pattern, mod, scale, q_offset)
 
