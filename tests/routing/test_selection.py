@@ -26,7 +26,9 @@ def _blocks(Tk, blk):
 @pytest.mark.parametrize("T,blk", [(45, 8), (48, 8)])  # partial last block (row gathers) / aligned (block views)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("fused", [True, False])
-def test_key_centric_matches_reference(T, blk, causal, fused):
+@pytest.mark.parametrize("waste", [0.0, 1.0])  # per-(batch, head) kernel calls / one padded call per key block
+def test_key_centric_matches_reference(T, blk, causal, fused, waste, monkeypatch):
+    monkeypatch.setattr(S, "_PAD_WASTE", waste)
     B, H, Hkv = 2, 4, 2
     q, k, v = qkv(B, H, Hkv, T, D=8)
     sets = _blocks(T, blk)
@@ -35,6 +37,8 @@ def test_key_centric_matches_reference(T, blk, causal, fused):
     kinds = {type(p) for p in parts}
     if T % blk == 0 and not causal:
         assert kinds == {S.BlockTiles}  # aligned, unmasked: one call per key block, no K/V copy
+        per_head = {bh is not None for bh, *_ in S._block_calls(parts[0], B, H)}
+        assert per_head == {waste == 0.0}
     out = S.tile_attention(q, k, v, parts, 8**-0.5, fused=fused)
     ref = S.masked_reference(q, k, v, S.selection_mask(sel, valid, sets, T, 0, causal))
     assert max_err(out, ref) < 1e-12

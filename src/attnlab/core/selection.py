@@ -313,8 +313,11 @@ def _merge(parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]], nro
 
     parts: (out (n, Dv), lse (n,), row (n,) or None for all rows in order, ok (n,) or None for all valid).
     Returns the merged output (nrows, Dv) and log-sum-exp (nrows,) (-inf where a row sees no key).
+    Without autograd (the fused path) the accumulators are updated in place: the merge touches every
+    partial output once instead of copying the whole result per part.
     """
     ref = parts[0][1]
+    inplace = not torch.is_grad_enabled()
     m = torch.full((nrows,), float("-inf"), dtype=ref.dtype, device=ref.device)
     lses = []
     for _o, lse, row, ok in parts:
@@ -323,20 +326,34 @@ def _merge(parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]], nro
         lses.append(lse)
         m = torch.maximum(m, lse.detach()) if row is None else m.scatter_reduce(0, row, lse.detach(), "amax")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.zeros(nrows, dtype=ref.dtype, device=ref.device)
-    out = torch.zeros(nrows, Dv, dtype=parts[0][0].dtype, device=ref.device)
+    s = out = None
     for (o, _, row, _), lse in zip(parts, lses):
+        if row is None and out is None:  # a part over every row starts the sums (no zero fill)
+            s = torch.exp(lse - m)
+            out = s.unsqueeze(-1) * o
+            continue
+        if out is None:
+            s = torch.zeros(nrows, dtype=ref.dtype, device=ref.device)
+            out = torch.zeros(nrows, Dv, dtype=o.dtype, device=ref.device)
         if row is None:
             e = torch.exp(lse - m)
-            s = s + e
-            out = out + e.unsqueeze(-1) * o
+            if inplace:
+                s += e
+                out.addcmul_(e.unsqueeze(-1), o)
+            else:
+                s = s + e
+                out = out + e.unsqueeze(-1) * o
         else:
             e = torch.exp(lse - m[row])
-            s = s.index_add(0, row, e)
-            out = out.index_add(0, row, e.unsqueeze(-1) * o)
+            if inplace:
+                s.index_add_(0, row, e)
+                out.index_add_(0, row, e.unsqueeze(-1) * o)
+            else:
+                s = s.index_add(0, row, e)
+                out = out.index_add(0, row, e.unsqueeze(-1) * o)
     L = m + torch.log(s)
-    out = out / s.clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1)
-    return out, L
+    norm = s.clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1)
+    return (out.div_(norm) if inplace else out / norm), L
 
 
 def _block_kv(x: Tensor, j: int, K: int, H: int) -> Tensor:
@@ -352,46 +369,95 @@ def _fold_heads(g: Tensor, Hkv: int) -> Tensor:
     return g if H == Hkv else g.view(B, Hkv, H // Hkv, *g.shape[2:]).sum(2)
 
 
+# per-(batch, head) calls beat one padded call per key block when padding wastes more than this share of the
+# rows, as long as the calls stay few (each costs a kernel launch)
+_PAD_WASTE = 0.05
+_MAX_HEAD_CALLS = 1024
+
+
+def _block_calls(bt: BlockTiles, B: int, H: int, per_head: bool = True) -> list[tuple[int | None, int, Tensor, Tensor]]:
+    """The kernel calls of a BlockTiles part: ``(bh, j, rows, ok)``.
+
+    ``bh is None``: one call for key block j over every batch-head, rows and ok (B * H, w) with padding
+    slots; otherwise one call for batch-head ``bh``, rows (n,) exactly its queries (the valid slots of a
+    (batch-head, key block) segment are a prefix, see ``_block_tiles``), ok all True.
+    """
+    nblk, BH = len(bt.blocks), B * H
+    seg = [(bt.cols[i], bt.cols[i + 1]) for i in range(nblk)]
+    padded = [(None, j, bt.q_idx[:, c0:c1], bt.row_ok[:, c0:c1]) for j, (c0, c1) in zip(bt.blocks, seg)]
+    if not per_head or BH * nblk > _MAX_HEAD_CALLS or bool(bt.row_ok.all()):
+        return padded
+    counts = torch.stack([bt.row_ok[:, c0:c1].sum(1) for c0, c1 in seg], 1)  # (BH, nblk)
+    if int(counts.sum()) >= (1 - _PAD_WASTE) * bt.row_ok.numel():
+        return padded
+    calls = []
+    for bh, row in enumerate(counts.tolist()):
+        for (c0, _), j, n in zip(seg, bt.blocks, row):
+            if n:
+                r = bt.q_idx[bh, c0 : c0 + n]
+                calls.append((bh, j, r, torch.ones_like(r, dtype=torch.bool)))
+    return calls
+
+
+def _call_kv(x: Tensor, bh: int | None, j: int, K: int, H: int) -> Tensor:
+    """Key block j for a call: (B, H, K, D) over every batch-head, or (1, 1, K, D) for batch-head bh (views)."""
+    if bh is None:
+        return _block_kv(x, j, K, H)
+    b, h = divmod(bh, H)
+    return x[b, h // (H // x.shape[1]), j * K : (j + 1) * K][None, None]
+
+
+def _call_q(x: Tensor, rows: Tensor, bh: int | None, B: int, H: int) -> Tensor:
+    """Rows of flat (B * H * Tq, d) as the kernel's (B, H, w, d) or (1, 1, n, d)."""
+    return x[rows].view(B, H, -1, x.shape[-1]) if bh is None else x[rows][None, None]
+
+
 def _block_part(q, k, v, bt: BlockTiles, scale: float, fused: bool):
-    """Forward of a BlockTiles part: one call per key block, K/V read as views. Returns a merge part."""
+    """Forward of a BlockTiles part: one call per key block (or, fused, per batch-head and key block when
+    padding would waste work), K/V read as views. Returns a merge part."""
     B, H, Tq, D = q.shape
     Dv = v.shape[-1]
     qf = q.reshape(-1, D)
-    outs, lses = [], []
-    for i, j in enumerate(bt.blocks):
-        rows = bt.q_idx[:, bt.cols[i] : bt.cols[i + 1]]
-        Q = qf[rows].view(B, H, -1, D)
-        Kj, Vj = _block_kv(k, j, bt.block, H), _block_kv(v, j, bt.block, H)
+    outs, lses, rows, oks = [], [], [], []
+    for bh, j, r, ok in _block_calls(bt, B, H, per_head=fused):
+        Q = _call_q(qf, r, bh, B, H)
+        Kj, Vj = _call_kv(k, bh, j, bt.block, H), _call_kv(v, bh, j, bt.block, H)
         if fused:
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, Kj, Vj, 0.0, False, scale=scale)
         else:
             s = (Q @ Kj.transpose(-1, -2)) * scale
             lse = torch.logsumexp(s, dim=-1)
             o = torch.exp(s - lse.unsqueeze(-1)) @ Vj
-        outs.append(o.reshape(B * H, -1, Dv))
-        lses.append(lse.reshape(B * H, -1))
-    return torch.cat(outs, 1).reshape(-1, Dv), torch.cat(lses, 1).reshape(-1), bt.q_idx.reshape(-1), bt.row_ok.reshape(-1)
+        outs.append(o.reshape(-1, Dv))
+        lses.append(lse.reshape(-1))
+        rows.append(r.reshape(-1))
+        oks.append(ok.reshape(-1))
+    return torch.cat(outs), torch.cat(lses), torch.cat(rows), torch.cat(oks)
 
 
 def _block_part_backward(q, k, v, bt: BlockTiles, scale, dof, out, Ls, dq, dk, dv) -> None:
     B, H, Tq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
+    Hkv = k.shape[1]
     qf = q.reshape(-1, D)
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     dk4, dv4 = dk.view_as(k), dv.view_as(v)
     K = bt.block
-    for i, j in enumerate(bt.blocks):
-        rows = bt.q_idx[:, bt.cols[i] : bt.cols[i + 1]]
-        ok = bt.row_ok[:, bt.cols[i] : bt.cols[i + 1]].reshape(-1, 1)
+    for bh, j, rows, ok in _block_calls(bt, B, H):
         r = rows.reshape(-1)
-        Q = qf[rows].view(B, H, -1, D)
-        shape = Q.shape[:3]
-        g = (dof[r] * ok).view(*shape, Dv)
-        gq, gk, gv = bwd(g, Q, _block_kv(k, j, K, H), _block_kv(v, j, K, H), out[r].view(*shape, Dv),
-                         Ls[r].view(shape), 0.0, False, scale=scale)
+        Q = _call_q(qf, rows, bh, B, H)
+        g = _call_q(dof, rows, bh, B, H)
+        if bh is None:
+            g = g * ok.view(B, H, -1, 1)  # padding slots repeat a real row: they must add nothing
+        gq, gk, gv = bwd(g, Q, _call_kv(k, bh, j, K, H), _call_kv(v, bh, j, K, H), _call_q(out, rows, bh, B, H),
+                         Ls[r].view(Q.shape[:3]), 0.0, False, scale=scale)
         dq.index_add_(0, r, gq.reshape(-1, D))
-        dk4[:, :, j * K : (j + 1) * K] += _fold_heads(gk, Hkv)
-        dv4[:, :, j * K : (j + 1) * K] += _fold_heads(gv, Hkv)
+        if bh is None:
+            dk4[:, :, j * K : (j + 1) * K] += _fold_heads(gk, Hkv)
+            dv4[:, :, j * K : (j + 1) * K] += _fold_heads(gv, Hkv)
+        else:
+            b, h = divmod(bh, H)
+            dk4[b, h // (H // Hkv), j * K : (j + 1) * K] += gk[0, 0]
+            dv4[b, h // (H // Hkv), j * K : (j + 1) * K] += gv[0, 0]
 
 
 def _explicit_part(qf, kf, vf, t: Tiles, scale: float):
@@ -424,7 +490,8 @@ def _diag_split(block: int) -> tuple[int, int]:
 
 def _diag_forward(q, k, v, block, scale):
     """Causal attention inside each block, as causal sub-blocks plus a staircase of full rectangles
-    (rows of sub-block i read sub-blocks 0..i-1 of their block, as views). Returns merge parts."""
+    (rows of sub-block i read sub-blocks 0..i-1 of their block, as views), merged in the block layout
+    by log-sum-exp (every row sees its own key, so no -inf). Returns one merge part covering all rows."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     sub, ns = _diag_split(block)
@@ -434,17 +501,15 @@ def _diag_forward(q, k, v, block, scale):
     V = _diag_layout(v, block, H).view(-1, block, Dv)
     o, lse = flash(Q.reshape(-1, 1, sub, D), K.reshape(-1, 1, sub, D), V.reshape(-1, 1, sub, Dv), 0.0, True,
                    scale=scale)
-    parts = [(_diag_unlayout(o, B, H, T), _diag_unlayout(lse, B, H, T), None, None)]
-    nb = Q.shape[0] // (B * H)
-    pos = torch.arange(nb * block, device=q.device).view(nb, ns, sub)
-    bh = torch.arange(B * H, device=q.device).view(B * H, 1, 1)
+    o, lse = o.view(-1, ns, sub, Dv), lse.view(-1, ns, sub)
     for i in range(1, ns):
-        o, lse = flash(Q[:, i].unsqueeze(1), K[:, None, : i * sub], V[:, None, : i * sub], 0.0, False, scale=scale)
-        p = pos[:, i].unsqueeze(0)  # (1, nb, sub) padded-layout positions of these rows
-        rows = (bh * T + p.clamp(max=T - 1)).reshape(-1)
-        ok = (p < T).expand(B * H, nb, sub).reshape(-1)
-        parts.append((o.reshape(-1, Dv), lse.reshape(-1), rows, ok))
-    return parts
+        oi, li = flash(Q[:, i].unsqueeze(1), K[:, None, : i * sub], V[:, None, : i * sub], 0.0, False, scale=scale)
+        oi, li = oi.squeeze(1), li.squeeze(1)
+        L = torch.logaddexp(lse[:, i], li)
+        o[:, i].mul_(torch.exp(lse[:, i] - L).unsqueeze(-1)).addcmul_(torch.exp(li - L).unsqueeze(-1), oi)
+        lse[:, i] = L
+    return [(_diag_unlayout(o.view(-1, 1, block, Dv), B, H, T), _diag_unlayout(lse.view(-1, 1, block), B, H, T),
+             None, None)]
 
 
 def _diag_backward(q, k, v, block, scale, dof, out, Ls, dq, dk, dv) -> None:
