@@ -29,8 +29,11 @@ CASES: dict[str, list[dict]] = {
     "l2vit": [{}],
     "rat": [{}, {"rat_chunk": 1}],
     "lla": [{}, {"ridge": 0.05}],
-    "titans": [{"mem_chunk": 4}, {"mem_chunk": 1}, {"mem_chunk": 7}],
+    "titans": [{"mem_chunk": 4}, {"mem_chunk": 1}, {"mem_chunk": 7}, {"mem_chunk": 4, "memory_depth": 2},
+               {"mem_chunk": 7, "memory_depth": 3, "memory_hidden": 5}],
 }
+# registered layers tested in their own file because they are not causal sequence layers (no cache, no modes)
+TESTED_ELSEWHERE = {"care": "tests/test_care.py"}
 # layers whose decoding state grows with the length (and say so)
 GROWING = {"rat", "lla"}
 
@@ -65,7 +68,9 @@ def _x(B: int = 2, T: int = T) -> torch.Tensor:
 
 def test_every_linear_mechanism_is_tested() -> None:
     names = {e.name for e in catalogue("linear")}
-    assert names == set(CASES), f"untested: {names - set(CASES)}; stale: {set(CASES) - names}"
+    covered = set(CASES) | set(TESTED_ELSEWHERE)
+    assert names == covered, f"untested: {names - covered}; stale: {covered - names}"
+    assert not any(get(n).decodes for n in TESTED_ELSEWHERE)
 
 
 @pytest.mark.parametrize("name,opts", _params())

@@ -1,3 +1,16 @@
 """Linear, recurrent and hybrid attention (family ``linear``); importing registers every layer."""
 
-from . import agent, flowformer, inline, l2vit, lightnet, lightning, linear_attention, lla, rat, titans, tnl  # noqa: F401
+from . import (  # noqa: F401
+    agent,
+    care,
+    flowformer,
+    inline,
+    l2vit,
+    lightnet,
+    lightning,
+    linear_attention,
+    lla,
+    rat,
+    titans,
+    tnl,
+)
