@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from attnlab.core.blocksparse import DEFAULT_GROUP
 from attnlab.core.reference import reference_attention
 from attnlab.models.hf import attnlab_attention
 from attnlab.plans.cache import PlanCache, dense_cache_bytes
 from attnlab.plans.plan import HeadPlan, HeadPolicy
-from attnlab.plans.runtime import PlanRunner, greedy_generate, use_plan
+from attnlab.plans.runtime import PlanRunner, greedy_generate, stream_group, use_plan
 
 T = 200
 IDS = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(1))
@@ -155,3 +156,22 @@ def test_padding_mask_is_respected():
 def test_runner_rejects_wrong_plan(tiny):
     with pytest.raises(ValueError, match="plan"):
         use_plan(tiny, HeadPlan.uniform(3, 2, HeadPolicy.full(), 2))
+
+
+def test_stream_group_follows_the_window():
+    cpu = torch.device("cpu")
+    groups = [stream_group(w, cpu) for w in (16, 128, 256, 512, 4096)]
+    assert groups == sorted(groups) and groups[0] == 32 and groups[2] == 64  # a tile reads window + rows - 1 keys
+    assert all(g & (g - 1) == 0 and g <= DEFAULT_GROUP["cpu"] for g in groups)
+
+
+def test_stream_prefill_with_small_tiles_matches_reference():
+    from attnlab.core.patterns import Causal, Sinks, SlidingWindow
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 300, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    s = HeadPolicy.stream(4, 40)
+    runner = PlanRunner(HeadPlan(((s, s),), q_per_kv=2))
+    out = runner(None, q, k, v, None, 0.25, 0)
+    ref = reference_attention(q, k, v, pattern=Causal() & (Sinks(4) | SlidingWindow(40)), scale=0.25)
+    assert (out - ref).abs().max() < 1e-12
