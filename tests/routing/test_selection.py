@@ -138,3 +138,19 @@ def test_recall_diagnostic_known_answers():
     anti = torch.zeros_like(oracle).scatter_(-1, worst, True) & torch.ones(24, 24, dtype=torch.bool).tril()
     r2 = S.selection_recall(q, k, anti, causal=True)
     assert bool((r2["mass"] < r["mass"]).all())
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_non_contiguous_head_dim_inputs(which):
+    # aligned blocks are read as strided views: a transposed head_dim must not change the answer
+    B, H, T, blk = 1, 2, 32, 8
+    qkv_ = list(qkv(B, H, None, T, D=8, dtype=torch.float32))
+    ref_in = [x.clone() for x in qkv_]
+    qkv_[which] = qkv_[which].transpose(2, 3).contiguous().transpose(2, 3)
+    assert qkv_[which].stride(-1) != 1
+    sets = _blocks(T, blk)
+    sel, valid = _random_sel(B, H, T, sets.shape[2], 2, seed=1)
+    parts = S.tiles_from_selection(sel, valid, sets, H, T, 0, False, rows=4)
+    out = S.tile_attention(*qkv_, parts, 0.3)
+    ref = S.tile_attention(*ref_in, parts, 0.3)
+    assert torch.equal(out, ref)

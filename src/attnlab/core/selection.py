@@ -626,6 +626,8 @@ def tile_attention(
     if not parts and not diag_block:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     fused = _use_flash(q) if fused is None else fused
+    # the CPU kernel reads K/V block views with their strides but assumes a unit stride along head_dim
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if fused:
         return _FlashTiles.apply(q, k, v, scale, diag_block or 0, parts)
     B, H, Tq, D = q.shape

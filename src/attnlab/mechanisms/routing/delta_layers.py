@@ -10,15 +10,28 @@ keys, including the current ones) are always kept.
 Functional: :func:`select_tokens` (in the selection layer) and :func:`token_attention` (in a sparse layer),
 which runs through the tile engine (``core.selection``): one tile per (batch, head) gathers the selected
 keys -- ``top_k + always`` keys instead of the whole cache.
+
+The registered layer ``delta_select`` is one layer playing both roles for each decoding step (each position
+past the prefill is a step of its own): its full scores (no gradient) sum over heads to pick the step's token
+set, shared by the heads, and its output attends only to that set (:func:`select_row_sets`: per row, the
+same rule as :func:`select_tokens` on one query). Prefill positions attend densely, as in the paper. In a
+stack, the cross-layer reuse that makes DELTA fast is :func:`select_tokens` in one layer and
+:func:`token_attention` in the next ones.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
 from attnlab.core.selection import Tiles, flat_key_index, tile_attention
+
+from ..registry import register
+from ._common import SelectionLayer, check_correction, check_prefill, set_tiles
+from .delta import sampled_dense
 
 
 def select_tokens(q: Tensor, k: Tensor, top_k: int, always: int = 1, scale: float | None = None) -> Tensor:
@@ -58,3 +71,98 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float 
     mask = (kok.view(B, 1, 1, n) & (kpos.unsqueeze(2) <= qpos)).reshape(B * H, Tq, n)
     tiles = Tiles(q_idx, k_idx, torch.ones_like(q_idx, dtype=torch.bool), None if bool(mask.all()) else mask)
     return tile_attention(q, k, v, [tiles], default_scale(D, scale))
+
+
+def select_row_sets(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset: int | None = None,
+                    scale: float | None = None, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-row selection as key sets: for each query at ``q_offset + r`` on its own, the ``top_k`` visible
+    positions with the most attention summed over heads, plus its last ``always`` positions (up to itself).
+
+    q (B, H, Tq, D), k (B, Hkv, Tk, D) -> positions and validity (B, Tq, min(top_k, Tk) + always), distinct where
+    valid. For one query this is :func:`select_tokens` over its prefix; rows are scored ``chunk`` at a time.
+    """
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, k)
+    positive_int("top_k", top_k)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    scale = default_scale(D, scale)
+    kk = k.repeat_interleave(H // Hkv, 1)
+    n = min(top_k, Tk)
+    qpos = (torch.arange(Tq, device=q.device) + q_offset).view(1, Tq, 1)
+    top = torch.zeros(B, Tq, n, dtype=torch.long, device=q.device)
+    with torch.no_grad():
+        for r0 in range(0, Tq, chunk):
+            r1 = min(Tq, r0 + chunk)
+            vis = torch.arange(Tk, device=q.device).view(1, Tk) <= qpos[0, r0:r1]
+            s = (q[:, :, r0:r1] @ kk.transpose(-1, -2)) * scale
+            score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, r, Tk)
+            top[:, r0:r1] = score.topk(n, dim=-1).indices
+    recent = qpos - always + 1 + torch.arange(always, device=q.device)  # (1, Tq, always)
+    top_ok = (top <= qpos) & (top <= qpos - always)  # visible, and not already among the recent ones
+    kpos = torch.cat([top, recent.clamp(min=0).expand(B, Tq, always)], -1)
+    return kpos, torch.cat([top_ok, (recent >= 0).expand(B, Tq, always)], -1)
+
+
+def select_rows(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset: int | None = None,
+                scale: float | None = None) -> Tensor:
+    """:func:`select_row_sets` as a boolean (B, Tq, Tk) table."""
+    kpos, ok = select_row_sets(q, k, top_k, always, q_offset, scale)
+    keep = torch.zeros(*kpos.shape[:2], k.shape[2] + 1, dtype=torch.bool, device=q.device)
+    return keep.scatter_(-1, torch.where(ok, kpos, k.shape[2]), True)[..., :-1]
+
+
+@dataclass(frozen=True)
+class DELTASelectConfig:
+    dim: int = 64
+    heads: int = 4
+    kv_heads: int | None = None
+    top_k: int = 64  # positions kept by head-summed attention per step
+    always: int = 16  # the newest positions (the current one included) are always kept
+    prefill: int | None = 1  # positions below it attend densely; None: the first call is the prefill
+    delta_correction: int = 0  # D99 sampling stride on top of the selection; 0 = off
+    rope: bool = True
+
+    def __post_init__(self) -> None:
+        positive_int("top_k", self.top_k)
+        if isinstance(self.always, bool) or not isinstance(self.always, int) or self.always < 0:
+            raise ValueError(f"always must be a non-negative integer, got {self.always!r}")
+        check_prefill(self.prefill)
+        check_correction(self.delta_correction)
+
+
+@register(
+    "delta_select", family="routing", papers=("D42",), year=2025, config=DELTASelectConfig,
+    summary="DELTA: head-summed full attention picks one shared top-k token set per decoding step (+ recent)",
+)
+class DELTASelectAttention(SelectionLayer):
+    def __init__(self, cfg: DELTASelectConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
+        self.cfg = cfg
+
+    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
+        B, H, Tq, _ = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        n = min(Tq, max(0, self.prefill_end(q_offset, Tq, state) - q_offset))  # dense prefill rows of this call
+        parts = []
+        if n:
+            parts.append(sampled_dense(q, k, v, torch.arange(n, device=q.device), True, None, q_offset).to(v.dtype))
+        if n < Tq:
+            kpos, kok = select_row_sets(q[:, :, n:], k, self.cfg.top_k, self.cfg.always, q_offset + n)
+            rows = torch.arange(Tq - n, device=q.device).view(-1, 1)
+            tiles = set_tiles(rows, kpos.unsqueeze(1), kok.unsqueeze(1), B, H, Hkv, Tq - n, Tk, q_offset + n)
+            parts.append(tile_attention(q[:, :, n:], k, v, [tiles], default_scale(q.shape[-1], None)))
+        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
+        """Plainly: per row, head-summed causal softmax, its top-k, the last ``always`` positions."""
+        B, H, T, D = q.shape
+        c = self.cfg
+        vis = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(H // k.shape[1], 1)) * D**-0.5
+        score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, T, T)
+        mask = torch.zeros(B, T, T, dtype=torch.bool, device=q.device)
+        mask.scatter_(-1, score.topk(min(c.top_k, T), dim=-1).indices, True)
+        i, j = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
+        mask = (mask | (j > i - c.always)) & vis
+        P = T if c.prefill is None else min(c.prefill, T)
+        mask[:, :P] = vis[:P]
+        return mask.unsqueeze(1)

@@ -100,6 +100,19 @@ def dma_attention(
     return tile_attention(q1, k1, v1, [tiles], scale)[..., :Dv]
 
 
+def dma_mask(bias: Tensor, Tq: int, window: int, q_offset: int | None = None) -> Tensor:
+    """Dense (B, Hkv, Tq, Tk) selection, plainly: each row keeps its ``window`` visible keys of highest
+    importance ``bias`` (B, Hkv, Tk) (ties: earlier position)."""
+    B, Hkv, Tk = bias.shape
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    keep = torch.zeros(B, Hkv, Tq, Tk, dtype=torch.bool, device=bias.device)
+    for i in range(Tq):
+        n = q_offset + i + 1  # visible keys 0 .. q_offset + i
+        order = torch.argsort(-bias[:, :, :n].detach(), dim=-1, stable=True)  # ties: earlier position first
+        keep[:, :, i].scatter_(-1, order[..., :window], True)
+    return keep
+
+
 def dma_reference(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: int, scale: float | None = None,
     q_offset: int | None = None,
@@ -113,11 +126,7 @@ def dma_reference(
     kd, vd = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     bd = bias.double().repeat_interleave(rep, 1)  # (B, H, Tk)
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kd) * scale + bd.unsqueeze(2)
-    keep = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
-    for i in range(Tq):
-        n = q_offset + i + 1  # visible keys 0 .. q_offset + i
-        order = torch.argsort(-bd[:, :, :n].detach(), dim=-1, stable=True)  # ties: earlier position first
-        keep[:, :, i].scatter_(-1, order[..., :window], True)
+    keep = dma_mask(bias, Tq, window, q_offset).repeat_interleave(rep, 1)
     w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
     return w @ vd
 

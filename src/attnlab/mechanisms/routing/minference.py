@@ -10,11 +10,16 @@ Functional, on given q, k, v (causal prefill; queries at ``q_offset + i``):
 
 Both run as query-centric tiles (``core.selection``): a block of queries gathers the union of the keys any of
 them may see, with the exact mask; the cost is ``queries x union``, never ``queries x all keys``.
+
+The registered layer ``minference`` (``mode`` picks one of the two) runs the sparse pattern on the prefill and
+dense attention on every later position (MInference's decoding); ``prefill`` fixes the prefill length so a
+forward without a cache equals prefill + decoding with one.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,6 +27,9 @@ from torch import Tensor
 from attnlab.core.checks import check_qkv, default_scale, positive_int
 from attnlab.core.selection import Tiles, flat_key_index, tile_attention, tiles_from_blocks
 
+from ..registry import register
+from ._common import SelectionLayer, causal_rows, check_correction, check_prefill
+from .delta import sampled_dense
 from .moba import block_means
 
 
@@ -160,3 +168,84 @@ def block_topk_mask(sel: Tensor, valid: Tensor, block: int, Tq: int, Tk: int, q_
     kb = torch.arange(Tk, device=sel.device) // block
     m = chosen[:, :, qb][..., kb]
     return m & (torch.arange(Tk).view(1, Tk) <= torch.arange(Tq).view(Tq, 1) + q_offset)
+
+
+MODES = ("vertical_slash", "block_topk")
+
+
+@dataclass(frozen=True)
+class MInferenceConfig:
+    dim: int = 64
+    heads: int = 4
+    kv_heads: int | None = None
+    mode: str = "vertical_slash"  # or "block_topk"
+    n_vertical: int = 64  # vertical_slash: kept key columns per head
+    n_slash: int = 64  # vertical_slash: kept diagonals per head (the main one always)
+    last_q: int = 64  # vertical_slash: the last queries that estimate the pattern
+    block: int = 64  # block_topk: block size; vertical_slash: query rows per tile
+    top_k: int = 4  # block_topk: past key blocks per query block (the own block is read too)
+    prefill: int | None = None  # sparse prefill = the first call, cut at this many positions; None: uncut
+    delta_correction: int = 0  # D99 sampling stride on the sparse prefill rows; 0 = off
+    rope: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("n_vertical", "n_slash", "last_q", "block", "top_k"):
+            positive_int(name, getattr(self, name))
+        check_prefill(self.prefill)
+        check_correction(self.delta_correction)
+
+
+@register(
+    "minference", family="routing", papers=("B294",), year=2025, config=MInferenceConfig,
+    summary="MInference sparse prefill (vertical-slash or block top-k, estimated from q, k), dense decoding",
+)
+class MInferenceAttention(SelectionLayer):
+    """The first call is the prefill (cut at ``prefill`` positions when set): its rows run the sparse pattern
+    chosen from the whole prefill (its last queries, or its pooled blocks); every later row attends densely."""
+
+    def __init__(self, cfg: MInferenceConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
+        self.cfg = cfg
+
+    def _sparse(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        c = self.cfg
+        if c.mode == "vertical_slash":
+            return vertical_slash_attention(q, k, v, c.n_vertical, c.n_slash, c.last_q, c.block, q_offset=0)
+        return block_topk_attention(q, k, v, c.block, c.top_k, q_offset=0)
+
+    def prefill_end(self, q_offset: int, Tq: int, state: dict) -> int:
+        """The sparse prefill is the first call, cut at ``prefill`` positions if that is shorter."""
+        if q_offset == 0:
+            state["prefill_end"] = min(self.cfg.prefill or Tq, Tq)
+        return state.get("prefill_end", 0)
+
+    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
+        Tq = q.shape[2]
+        P = self.prefill_end(q_offset, Tq, state)
+        n = max(0, P - q_offset)  # sparse rows of this call (only in the first call)
+        parts = [self._sparse(q[:, :, :P], k[:, :, :P], v[:, :, :P])] if n else []
+        if n < Tq:
+            rows = torch.arange(n, Tq, device=q.device)
+            parts.append(sampled_dense(q, k, v, rows, True, None, q_offset).to(v.dtype))
+        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+    def corrected_end(self, q_offset: int, Tq: int, state: dict) -> int | None:
+        return state.get("prefill_end", min(self.cfg.prefill or Tq, Tq))
+
+    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
+        c = self.cfg
+        B, H, T, _ = q.shape
+        P = min(T, c.prefill or T)
+        qp, kp = q[:, :, :P], k[:, :, :P]
+        if c.mode == "vertical_slash":
+            vert, slash = vertical_slash_select(qp, kp, c.n_vertical, c.n_slash, c.last_q)
+            sparse = vertical_slash_mask(vert, slash, P, P)
+        else:
+            sel, valid = block_topk_select(qp, kp, c.block, c.top_k)
+            sparse = block_topk_mask(sel, valid, c.block, P, P)
+        mask = causal_rows(T, T, 0, q.device).expand(B, H, T, T).clone()  # rows past the prefill: dense
+        mask[:, :, :P] = False
+        mask[:, :, :P, :P] = sparse
+        return mask

@@ -11,6 +11,12 @@ query to the last full step's query (averaged over heads) drops below it.
 
 The sparse steps run through the tile engine (``core.selection``): one query-centric tile per (batch, head)
 gathers the recorded keys and the recent ones -- ``top_k + recent`` keys, never the whole cache.
+
+The registered layer ``recycled`` follows the schedule *per position*, whatever the calls: positions below
+``prefill`` are full steps (the prefill, dense); after it, a position is a full step when ``stride`` positions
+have passed since the last one (or, with ``refresh_below``, when its query turns away from that one's);
+every other position recycles the last full step's top-k keys plus the keys after it. So a forward without a
+cache follows the same schedule as decoding token by token, and the two agree.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
 from attnlab.core.selection import Tiles, flat_key_index, masked_reference, tile_attention
+
+from ..registry import register
+from ._common import SelectionLayer, check_correction, check_prefill, set_tiles
+from .delta import sampled_dense
 
 
 def full_step(q: Tensor, k: Tensor, v: Tensor, top_k: int, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -136,3 +146,171 @@ def recycled_reference(
         m[..., i + 1 :] = False
         outs.append(masked_reference(q[:, :, i : i + 1], k, v, m.unsqueeze(2), scale))
     return torch.cat(outs, 2)
+
+
+# ---- the registered layer ---------------------------------------------------------------------------------
+
+
+def full_rows(q: Tensor, q_offset: int, prefill: int, stride: int, refresh_below: float | None,
+              last: int | None = None, q_ref: Tensor | None = None) -> list[int]:
+    """The call's rows (queries at ``q_offset + r``) that are full steps. ``last``: position of the last full
+    step before the call, ``q_ref`` (B, H, D) its query. Positions below ``prefill`` always are full steps."""
+    Tq = q.shape[2]
+    out: list[int] = []
+    r = 0
+    while r < Tq:
+        p = q_offset + r
+        if p < prefill or last is None or p - last >= stride:
+            out.append(r)
+            last, q_ref, r = p, q[:, :, r], r + 1
+            continue
+        nxt = min(last + stride - q_offset, Tq)  # the next scheduled full step (> r)
+        if refresh_below is not None:  # or the first query that turned away from the last full step's
+            sim = F.cosine_similarity(q[:, :, r:nxt], q_ref.unsqueeze(2), dim=-1).mean((0, 1))
+            low = (sim < refresh_below).nonzero().flatten()
+            if len(low):
+                nxt = r + int(low[0])
+                out.append(nxt)
+                last, q_ref = q_offset + nxt, q[:, :, nxt]
+                nxt += 1
+        r = nxt
+    return out
+
+
+def recorded_keys(q: Tensor, k: Tensor, rows: Tensor, q_offset: int, top_k: int,
+                  chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Top-k keys by attention probability of the query rows ``rows`` (n,): positions and validity, each
+    (B, H, n, min(top_k, Tk)) (rows that see fewer keys than top_k have invalid entries). No gradient."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(H // Hkv, 1)
+    n = min(top_k, Tk)
+    pos = torch.zeros(B, H, len(rows), n, dtype=torch.long, device=q.device)
+    with torch.no_grad():
+        for c0 in range(0, len(rows), chunk):
+            rr = rows[c0 : c0 + chunk]
+            vis = torch.arange(Tk, device=q.device).view(1, Tk) <= (rr + q_offset).view(-1, 1)
+            s = (q[:, :, rr] @ kk.transpose(-1, -2)) * D**-0.5
+            pos[:, :, c0 : c0 + len(rr)] = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).topk(n, -1).indices
+    return pos, pos <= (rows + q_offset).view(1, 1, -1, 1)
+
+
+def recycled_layer_attention(
+    q: Tensor, k: Tensor, v: Tensor, top_k: int, stride: int, prefill: int, dense_refresh: bool = True,
+    refresh_below: float | None = None, q_offset: int | None = None, state: dict | None = None,
+) -> Tensor:
+    """The per-position schedule on the newest Tq positions (see the module notes). q (B, H, Tq, D) at
+    ``q_offset + r``; k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). ``state`` (a dict, updated) carries the last
+    full step (``last``, ``keys``, ``ok``, ``q_ref``) from one call to the next.
+
+    Full steps attend densely (SDPA; ``dense_refresh=False``: to their own top-k); the other rows, grouped by
+    the full step they follow, are one tile each: the recorded keys + the ``stride - 1`` positions after it.
+    """
+    B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    state = {} if state is None else state
+    dev = q.device
+    full = torch.tensor(full_rows(q, q_offset, prefill, stride, refresh_below, state.get("last"),
+                                  state.get("q_ref")), dtype=torch.long, device=dev)
+    is_full = torch.zeros(Tq, dtype=torch.bool, device=dev)
+    is_full[full] = True
+    # full steps whose keys are needed: those followed by a recycled row, and the last one (for the next call)
+    need = is_full & torch.cat([~is_full[1:], is_full.new_ones(1)]) if dense_refresh else is_full
+    need_rows = need.nonzero().flatten()
+    kp, ok = recorded_keys(q, k, need_rows, q_offset, top_k)  # (B, H, m, n)
+    n = kp.shape[-1]
+    carried = "keys" in state
+    if carried:  # the last full step of an earlier call (fewer keys then: pad)
+        kc, oc = state["keys"], state["ok"]
+        kp = torch.cat([F.pad(kc, (0, n - kc.shape[-1])).unsqueeze(2), kp], 2)
+        ok = torch.cat([F.pad(oc, (0, n - oc.shape[-1])).unsqueeze(2), ok], 2)
+    f_pos = torch.cat([torch.tensor([state["last"]] if carried else [], dtype=torch.long, device=dev),
+                       need_rows + q_offset])
+    parts = []
+    rec = (~is_full).nonzero().flatten()
+    if len(rec):
+        sid = (torch.cumsum(need.long(), 0) - 1 + int(carried))[rec]  # the full step each recycled row follows
+        segs, counts = torch.unique_consecutive(sid, return_counts=True)
+        rank = torch.arange(len(rec), device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        rows = torch.full((len(segs), int(counts.max())), -1, dtype=torch.long, device=dev)
+        rows[torch.repeat_interleave(torch.arange(len(segs), device=dev), counts), rank] = rec
+        recent = f_pos[segs].view(-1, 1) + 1 + torch.arange(max(1, stride - 1), device=dev)  # (S, W)
+        S, W = recent.shape
+        kpos = torch.cat([kp[:, :, segs], recent.expand(B, H, S, W)], -1)
+        kok = torch.cat([ok[:, :, segs], (recent < Tk).expand(B, H, S, W)], -1)
+        parts.append(set_tiles(rows, kpos, kok, B, H, Hkv, Tq, Tk, q_offset))
+    if not dense_refresh:
+        own = slice(int(carried), None)
+        parts.append(set_tiles(need_rows.view(-1, 1), kp[:, :, own], ok[:, :, own], B, H, Hkv, Tq, Tk, q_offset))
+    out = tile_attention(q, k, v, parts, default_scale(D, None))
+    if dense_refresh and len(full):
+        out = out.index_copy(2, full, sampled_dense(q, k, v, full, True, None, q_offset).to(out.dtype))
+    if len(need_rows):
+        state.update(last=int(f_pos[-1]), keys=kp[:, :, -1], ok=ok[:, :, -1], q_ref=q[:, :, need_rows[-1]].detach())
+    return out
+
+
+def recycled_mask(
+    q: Tensor, k: Tensor, top_k: int, stride: int, prefill: int, dense_refresh: bool = True,
+    refresh_below: float | None = None,
+) -> Tensor:
+    """Dense (B, H, T, T) mask of the layer's schedule over a whole sequence, written plainly position by
+    position (for the reference)."""
+    B, H, T, D = q.shape
+    kk = k.repeat_interleave(H // k.shape[1], 1)
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)
+    last, q_ref, rec = None, None, None
+    for p in range(T):
+        full = p < prefill or last is None or p - last >= stride
+        if not full and refresh_below is not None:
+            full = bool(F.cosine_similarity(q[:, :, p], q_ref, dim=-1).mean() < refresh_below)
+        if full:
+            w = torch.softmax(torch.einsum("bhd,bhkd->bhk", q[:, :, p], kk[:, :, : p + 1]) * D**-0.5, -1)
+            rec = torch.zeros(B, H, T, dtype=torch.bool, device=q.device).scatter_(-1, w.topk(min(top_k, p + 1), -1).indices, True)
+            last, q_ref = p, q[:, :, p]
+            mask[:, :, p, : p + 1] = True if dense_refresh else rec[..., : p + 1]
+        else:
+            mask[:, :, p] = rec
+            mask[:, :, p, last + 1 : p + 1] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class RecycledAttentionConfig:
+    dim: int = 64
+    heads: int = 4
+    kv_heads: int | None = None
+    top_k: int = 64  # keys recorded at a full step
+    stride: int = 8  # a full step every ``stride`` positions
+    dense_refresh: bool = True  # full steps attend to every key (the paper); False: to their own top-k
+    refresh_below: float | None = None  # also refresh when query similarity to the last full step falls below
+    prefill: int | None = 1  # positions below it are full steps; None: the first call is the prefill
+    delta_correction: int = 0  # D99 sampling stride on top of the selection; 0 = off
+    rope: bool = True
+
+    def __post_init__(self) -> None:
+        positive_int("top_k", self.top_k)
+        positive_int("stride", self.stride)
+        check_prefill(self.prefill)
+        check_correction(self.delta_correction)
+
+
+@register(
+    "recycled", family="routing", papers=("D27",), year=2024, config=RecycledAttentionConfig,
+    summary="recycled attention: a full step every `stride` positions records top-k keys; the others reuse them",
+)
+class RecycledAttention(SelectionLayer):
+    def __init__(self, cfg: RecycledAttentionConfig) -> None:
+        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
+        self.cfg = cfg
+
+    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
+        c = self.cfg
+        P = self.prefill_end(q_offset, q.shape[2], state)
+        return recycled_layer_attention(q, k, v, c.top_k, c.stride, P, c.dense_refresh, c.refresh_below,
+                                        q_offset, state)
+
+    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
+        c = self.cfg
+        P = q.shape[2] if c.prefill is None else c.prefill
+        return recycled_mask(q, k, c.top_k, c.stride, P, c.dense_refresh, c.refresh_below)
