@@ -370,8 +370,9 @@ def _fold_heads(g: Tensor, Hkv: int) -> Tensor:
 
 
 # per-(batch, head) calls beat one padded call per key block when padding wastes more than this share of the
-# rows, as long as the calls stay few (each costs a kernel launch)
-_PAD_WASTE = 0.05
+# rows, as long as the calls stay few (each costs a kernel launch and a thread barrier: on 2 cores the padded
+# calls won at 17% padding, the per-head ones only on 1 thread)
+_PAD_WASTE = 0.5
 _MAX_HEAD_CALLS = 1024
 
 
@@ -414,11 +415,11 @@ def _call_q(x: Tensor, rows: Tensor, bh: int | None, B: int, H: int) -> Tensor:
 
 def _block_part(q, k, v, bt: BlockTiles, scale: float, fused: bool):
     """Forward of a BlockTiles part: one call per key block (or, fused, per batch-head and key block when
-    padding would waste work), K/V read as views. Returns a merge part."""
+    padding would waste work), K/V read as views. Returns the merge parts."""
     B, H, Tq, D = q.shape
     Dv = v.shape[-1]
     qf = q.reshape(-1, D)
-    outs, lses, rows, oks = [], [], [], []
+    parts = []
     for bh, j, r, ok in _block_calls(bt, B, H, per_head=fused):
         Q = _call_q(qf, r, bh, B, H)
         Kj, Vj = _call_kv(k, bh, j, bt.block, H), _call_kv(v, bh, j, bt.block, H)
@@ -428,11 +429,8 @@ def _block_part(q, k, v, bt: BlockTiles, scale: float, fused: bool):
             s = (Q @ Kj.transpose(-1, -2)) * scale
             lse = torch.logsumexp(s, dim=-1)
             o = torch.exp(s - lse.unsqueeze(-1)) @ Vj
-        outs.append(o.reshape(-1, Dv))
-        lses.append(lse.reshape(-1))
-        rows.append(r.reshape(-1))
-        oks.append(ok.reshape(-1))
-    return torch.cat(outs), torch.cat(lses), torch.cat(rows), torch.cat(oks)
+        parts.append((o.reshape(-1, Dv), lse.reshape(-1), r.reshape(-1), ok.reshape(-1)))
+    return parts  # one merge part per call: concatenating them first would copy every output once more
 
 
 def _block_part_backward(q, k, v, bt: BlockTiles, scale, dof, out, Ls, dq, dk, dv) -> None:
@@ -480,7 +478,8 @@ def _explicit_diag(q, k, v, block, scale):
     return _diag_unlayout(o, B, H, T), _diag_unlayout(lse, B, H, T), None, None
 
 
-_DIAG_SUB = 128  # the CPU kernel computes whole 512-key chunks even when causal: cut the diagonal finer
+_DIAG_SUB = 256  # the CPU kernel computes whole 512-key chunks even when causal: cut the diagonal finer (256 measured
+# best for 512-key blocks on 2 cores: 128-row sub-blocks make the kernel split queries into 32-row chunks)
 
 
 def _diag_split(block: int) -> tuple[int, int]:
@@ -555,7 +554,7 @@ class _FlashTiles(torch.autograd.Function):
             outs.extend(_diag_forward(q, k, v, diag_block, scale))
         for t in parts:
             if isinstance(t, BlockTiles):
-                outs.append(_block_part(q, k, v, t, scale, True))
+                outs.extend(_block_part(q, k, v, t, scale, True))
                 continue
             Q = qf[t.q_idx].unsqueeze(1)
             o, lse = flash(Q, _gather_kv(kf, t), _gather_kv(vf, t), 0.0, False, attn_mask=_bias(t.mask, q.dtype),
@@ -633,10 +632,12 @@ def tile_attention(
     B, H, Tq, D = q.shape
     Dv = v.shape[-1]
     qf, kf, vf = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
-    outs = [
-        _block_part(q, k, v, t, scale, False) if isinstance(t, BlockTiles) else _explicit_part(qf, kf, vf, t, scale)
-        for t in parts
-    ]
+    outs = []
+    for t in parts:
+        if isinstance(t, BlockTiles):
+            outs.extend(_block_part(q, k, v, t, scale, False))
+        else:
+            outs.append(_explicit_part(qf, kf, vf, t, scale))
     if diag_block:
         outs.append(_explicit_diag(q, k, v, diag_block, scale))
     out, _ = _merge(outs, B * H * Tq, Dv)
