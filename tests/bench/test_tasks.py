@@ -225,6 +225,54 @@ def test_softmax_learns_tiny_mqar_and_a_blind_window_does_not():
     assert r2["score"] < 0.5 and r2["stopped"] != "target"
 
 
+def test_gated_recurrence_solves_flipflop_exactly_and_a_short_window_does_not():
+    """The flip-flop anchor in miniature: RAT with one chunk (a gated linear recurrence) reads the last write
+    without error in and out of distribution; a window of 2 tokens cannot see a write further back."""
+    task = FlipFlop(FlipFlopConfig(seq_len=32, test_size=300, val_size=64))
+    bb = BackboneConfig(dim=32, heads=2)
+    cfg = TrainConfig(lr=1e-2, batch_size=32, max_steps=100, eval_every=25, target=None, budget_s=60)
+    rnn = LayerSpec("rat", {"rat_chunk": 1024, "mode": "parallel"})
+    r = train(task, lambda i: build_layer(rnn, 32, 2), bb, cfg, seed=0)
+    assert r["metrics"] == {"id": 1.0, "sparse": 1.0, "dense": 1.0}, r["curve"]
+    # target=None: no early stop although validation reached 1.0; on ties the last checkpoint is scored
+    assert r["stopped"] == "max_steps" and r["steps"] == 100 and r["best_step"] == 100
+    assert sum(v == 1.0 for _, _, v in r["curve"]) >= 2
+    window = LayerSpec("mha", {"pattern": SlidingWindow(2)})
+    r2 = train(task, lambda i: build_layer(window, 32, 2), bb, cfg, seed=0)
+    assert r2["metrics"]["sparse"] < 0.9
+
+
+def test_lr_schedule_and_early_stop_options():
+    from attnlab.bench.tasks.trainer import lr_at
+
+    const = TrainConfig(lr=1e-2, warmup=10)
+    assert lr_at(0, const) == pytest.approx(1e-3) and lr_at(9, const) == lr_at(5000, const) == 1e-2
+    cos = TrainConfig(lr=1e-2, warmup=10, decay_steps=110)
+    assert lr_at(9, cos) == pytest.approx(1e-2) and lr_at(10, cos) == pytest.approx(1e-2)
+    assert lr_at(60, cos) == pytest.approx(0.55e-2)  # halfway: (1 + 0.1) / 2 of the peak
+    assert lr_at(110, cos) == pytest.approx(1e-3) and lr_at(10_000, cos) == pytest.approx(1e-3)
+    assert all(lr_at(s, cos) >= lr_at(s + 1, cos) for s in range(10, 200))
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(warmup=30, decay_steps=30)
+    # a target of 0 stops at the first evaluation; None never stops early
+    mk = lambda i: build_layer(LayerSpec("mha"), 32, 2)  # noqa: E731
+    stop = train(TINY, mk, BB, TrainConfig(lr=1e-3, batch_size=8, max_steps=30, eval_every=10, target=0.0), 0)
+    assert stop["stopped"] == "target" and stop["steps"] == 10
+    full = train(TINY, mk, BB, TrainConfig(lr=1e-3, batch_size=8, max_steps=30, eval_every=10, target=None), 0)
+    assert full["stopped"] == "max_steps" and full["steps"] == 30 and len(full["curve"]) == 3
+
+
+def test_task_loss_can_skip_the_score():
+    from attnlab.bench.tasks.backbone import Backbone, task_loss
+
+    torch.manual_seed(0)
+    model = Backbone(BB, lambda i: build_layer(LayerSpec("mha"), 32, 2), vocab=32, num_classes=32)
+    b = TINY.sample(4, generator(0))
+    loss, score, _ = task_loss(model, "classify", b.x, b.y, b.mask)
+    loss2, none, _ = task_loss(model, "classify", b.x, b.y, b.mask, score=False)
+    assert none is None and torch.equal(loss, loss2) and score.shape == (int(b.mask.sum()),)
+
+
 def test_non_causal_mechanism_is_rejected():
     full = MechSpec("full", (LayerSpec("mha", {"pattern": None}),))
     rc = RunConfig("tiny", TINY, full, BB, TrainConfig(max_steps=5), seed=0)

@@ -47,7 +47,9 @@ def distinct_tokens(n: int, k: int, low: int, high: int, gen: torch.Generator) -
     """``(n, k)`` tokens from ``[low, high)``, distinct within each row (random permutation prefix)."""
     if high - low < k:
         raise ValueError(f"cannot draw {k} distinct tokens from [{low}, {high})")
-    return torch.rand(n, high - low, generator=gen).argsort(dim=1)[:, :k] + low
+    # the k smallest of uniform draws: a uniform k-subset in random order; topk avoids sorting the whole row
+    # (MQAR at vocabulary 8192 draws 16 keys from 4096 per sequence)
+    return torch.rand(n, high - low, generator=gen).topk(k, dim=1, largest=False).indices + low
 
 
 class Task:

@@ -9,11 +9,13 @@ Mechanism labels used across suites::
     based+swa    Based-style hybrid: a Taylor (f=16) block, then a sliding-window (16) softmax block
     lightning    decayed linear attention (Lightning Attention / TransNormerLLM)
     rat-rnn      RAT with a single chunk: a gated linear recurrence (per-channel forget gate)  state 2 dim
+    rat-16       RAT as published: chunks of 16, softmax over the chunk summaries      state 2 dim (T/16 + 1)
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ...core.patterns import SlidingWindow
 from ...mechanisms import registry
@@ -46,14 +48,17 @@ MECHANISMS: dict[str, MechSpec] = {
     "lightning": MechSpec("lightning", (LayerSpec("lightning"),)),
     # RAT with one chunk longer than any sequence: a pure gated recurrence (h = f h + (1 - f) x), O(dim) state
     "rat-rnn": MechSpec("rat-rnn", (LayerSpec("rat", {"rat_chunk": 1024, "mode": "parallel"}),)),
+    "rat-16": MechSpec("rat-16", (LayerSpec("rat", {"rat_chunk": 16}),)),
 }
 
 RECALL = ("softmax", "sliding-8", "linear-elu", "based-f4", "based-f8", "based-f16", "based+swa", "lightning")
 FEW = ("softmax", "based+swa", "lightning")
+# flip-flop: softmax, a window, a fixed decay, and the two RATs -- a gated recurrence, and chunks + softmax
+FLIPFLOP = ("softmax", "sliding-8", "lightning", "rat-rnn", "rat-16")
 
 
-def _t(budget_s: float) -> TrainConfig:
-    return TrainConfig(batch_size=64, eval_every=50, budget_s=budget_s)
+def _t(budget_s: float, **kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 64, "eval_every": 50, "budget_s": budget_s, **kw})
 
 
 def quick() -> Suite:
@@ -62,11 +67,13 @@ def quick() -> Suite:
         backbone=BackboneConfig(dim=64, heads=2, layers=2),
         mechanisms=MECHANISMS,
         tasks=(
-            TaskRun("mqar-64x16", MQAR(MQARConfig(vocab=512, seq_len=64, num_pairs=16, test_size=500)),
-                    _t(60), (3e-3, 1e-2), RECALL),
+            # Zoology's vocabulary; batch 32 at lr 1e-2 reaches 0.99 in the least CPU time (docs/benchmarks.md);
+            # validation target 0.995 so that the test accuracy clears 0.99
+            TaskRun("mqar-64x16", MQAR(MQARConfig(vocab=8192, seq_len=64, num_pairs=16, test_size=500)),
+                    _t(90, batch_size=32, target=0.995, decay_steps=800), (1e-2,), RECALL),
+            # no early stop: the claim is about rare long-gap errors the in-distribution validation cannot see
             TaskRun("flipflop-128", FlipFlop(FlipFlopConfig(seq_len=128, test_size=2000)),
-                    _t(60), (3e-3,),
-                    ("softmax", "sliding-8", "lightning", "rat-rnn")),
+                    _t(75, target=None), (1e-2,), FLIPFLOP),
             TaskRun("selective_copy", SelectiveCopy(SelectiveCopyConfig(vocab=64, seq_len=64, num_tokens=8,
                                                                         test_size=500)),
                     _t(30), (3e-3,), FEW),
@@ -82,7 +89,7 @@ def quick() -> Suite:
         ),
         seeds=1,
         workers=2,
-        note="vocab 512 for MQAR (Zoology: 8192) so that softmax converges within a minute on one core",
+        note="MQAR at Zoology's vocabulary 8192 with batch 32 and lr 1e-2; flip-flop trained for its whole budget",
     )
 
 
@@ -104,7 +111,8 @@ def full() -> Suite:
         backbone=BackboneConfig(dim=64, heads=2, layers=2),
         mechanisms=mechanisms,
         tasks=mqar + (
-            TaskRun("flipflop-512", FlipFlop(FlipFlopConfig(seq_len=512, test_size=4000)), t, lrs, every),
+            TaskRun("flipflop-512", FlipFlop(FlipFlopConfig(seq_len=512, test_size=4000)),
+                    replace(t, target=None), lrs, every),
             TaskRun("selective_copy", SelectiveCopy(SelectiveCopyConfig(vocab=64, seq_len=256, num_tokens=16)),
                     t, lrs, every),
             TaskRun("induction-64", Induction(InductionConfig(vocab=1024, seq_len=64)), t, lrs, every),
