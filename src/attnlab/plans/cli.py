@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--full", action="store_true", help="also 8k tokens")
     e.add_argument("--quick", action="store_true",
                    help="the headline check: passkey at 4096 tokens (--quick-length), 20 samples (--n), dense vs a probe plan with "
-                        "56%% of kv heads streaming (4 sinks + 256 window)")
+                        "64%% of kv heads streaming (4 sinks + 256 window)")
     e.add_argument("--quick-length", type=int, default=4096, help="--quick: prompt length in tokens")
     e.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     e.add_argument("--out-root", default="runs")
@@ -96,8 +96,13 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+#: kv heads kept full by the headline check: 64% streaming keeps SmolLM2's passkeys at 4096 tokens (20/20,
+#: like 56%) while the streamed heads' saved attention lifts prefill; 60% scored 19/20 in the same sweep
+QUICK_FULL_FRACTION = 0.36
+
+
 def quick_check(model, tok, n: int = 20, length: int = 4096, out_root: str = "runs",
-                full_fraction: float = 0.44) -> dict[str, Any]:
+                full_fraction: float = QUICK_FULL_FRACTION) -> dict[str, Any]:
     """The headline comparison (the README's last step): dense vs a probe plan with >= half of the kv
     heads streaming (4 sinks + 256 window) on ``n`` passkey prompts of ``length`` tokens. Returns the
     figures and whether each target holds (KV <= 0.55x, accuracy within 1 of n, prefill >= 1.2x)."""
