@@ -46,3 +46,16 @@ def test_report_markdown_table():
     r = Report(kind="x", columns=["a", "b"])
     r.add(a=1, b=0.5)
     assert r.markdown().splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5 |"]
+
+
+def test_time_pair_alternates_and_reports_the_median_ratio():
+    import time
+
+    from attnlab.bench.common import time_pair
+
+    calls = []
+    base = lambda: (calls.append("b"), time.sleep(0.02))  # noqa: E731
+    fn = lambda: (calls.append("f"), time.sleep(0.01))  # noqa: E731
+    tb, ta, ratio = time_pair(base, fn, rounds=3, warmup=1)
+    assert calls == ["b", "f"] * 4  # warm-up round, then strictly alternating
+    assert tb > ta and 1.4 < ratio < 2.6

@@ -43,6 +43,29 @@ def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1, max_seconds: 
     return times
 
 
+def time_pair(base: Callable[[], Any], fn: Callable[[], Any], rounds: int = 5, warmup: int = 1,
+              max_seconds: float = 30.0) -> tuple[float, float, float]:
+    """Time ``base`` and ``fn`` alternately, one call each per round: (median base s, median fn s, median of the
+    per-round ratios base / fn). On a shared machine a burst of load then slows both sides of a round alike,
+    so the ratio is steadier than one from two separate series."""
+    for _ in range(warmup):
+        base()
+        fn()
+    sync()
+    tb: list[float] = []
+    ta: list[float] = []
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for f, acc in ((base, tb), (fn, ta)):
+            t0 = time.perf_counter()
+            f()
+            sync()
+            acc.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(tb) >= 2:
+            break
+    return median(tb), median(ta), median([b / a for b, a in zip(tb, ta)])
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..mechanisms.routing.biformer import biformer_attention, biformer_mask
 from ..mechanisms.routing.moba import moba_attention, moba_mask, moba_select
-from .common import Report, attention_flops, median, peak_memory, time_fn
+from .common import Report, attention_flops, median, peak_memory, time_fn, time_pair
 from .speed import SpeedContext
 
 HEADS, HEAD_DIM = 8, 64
@@ -42,6 +42,11 @@ def _t(fn: Callable[[], object], quick: bool) -> float:
     return median(time_fn(fn, reps=2 if quick else 3, warmup=1, max_seconds=10.0))
 
 
+def _pair(base: Callable[[], object], fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
+    """Baseline and attnlab alternated round by round; the speed-up is the median of the per-round ratios."""
+    return time_pair(base, fn, rounds=2 if quick else 7, warmup=1, max_seconds=40.0)
+
+
 def _moba_pairs(q: torch.Tensor, k: torch.Tensor, block: int, top_k: int) -> float:
     """Allowed pairs per head of MoBA's selection (past blocks are whole; the current block up to the query)."""
     sel, valid = moba_select(q, k, block, top_k, 0)
@@ -57,10 +62,10 @@ def run(ctx: SpeedContext) -> Report:
     scale = HEAD_DIM**-0.5
     only = set(ctx.only or ("moba", "biformer"))
 
-    def row(mech, sel, pas, base_name, tb, ta, pairs, tmask=None, mem=None, backward=False):
+    def row(mech, sel, pas, base_name, tb, ta, sp, pairs, tmask=None, mem=None, backward=False):
         fl = attention_flops(pairs, 1, HEADS, HEAD_DIM, backward)
         rep.add(mechanism=mech, length=n, selected=sel, **{"pass": pas}, baseline=base_name, baseline_s=tb,
-                attnlab_s=ta, speedup=tb / ta, vs_dense_mask=(tmask / ta) if tmask else "",
+                attnlab_s=ta, speedup=sp, vs_dense_mask=(tmask / ta) if tmask else "",
                 useful_gflops=fl / ta / 1e9, of_peak=fl / ta / 1e9 / ctx.peak_gflops,
                 peak_mem_MiB=(mem / 2**20) if mem is not None else "")
 
@@ -73,15 +78,16 @@ def run(ctx: SpeedContext) -> Report:
         with torch.no_grad():
             mask = moba_mask(q, k, block, top_k, 0)
             naive = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # noqa: E731
-            tb, ta, tm = _t(sdpa, quick), _t(moba, quick), _t(naive, quick)
+            tb, ta, sp = _pair(sdpa, moba, quick)
+            tm = _t(naive, quick)
         del mask
         pairs = _moba_pairs(q, k, block, top_k)
         sel = f"{top_k}/{math.ceil(n / block)} blocks of {block}"
-        row("moba", sel, "fwd", "sdpa causal", tb, ta, pairs, tm)
+        row("moba", sel, "fwd", "sdpa causal", tb, ta, sp, pairs, tm)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        tb = _t(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)), quick)
-        ta = _t(_fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
-        row("moba", sel, "fwd+bwd", "sdpa causal", tb, ta, pairs, backward=True)
+        tb, ta, sp = _pair(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)),
+                           _fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
+        row("moba", sel, "fwd+bwd", "sdpa causal", tb, ta, sp, pairs, backward=True)
 
     if "biformer" in only:
         gh = 2 ** (int(math.log2(n)) // 2)
@@ -90,11 +96,10 @@ def run(ctx: SpeedContext) -> Report:
         nR = regions[0] * regions[1]
         q, k, v = _inputs(n, dev, dt, False)
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
-        tb = _t(sdpa, quick)
         for top_k in (nR // 16, nR // 8):
             bif = lambda top_k=top_k: biformer_attention(q, k, v, grid, regions, top_k, scale)  # noqa: E731
             with torch.no_grad():
-                ta = _t(bif, quick)
+                tb, ta, sp = _pair(sdpa, bif, quick)
                 mem = peak_memory(bif, dev)
                 if top_k == nR // 8:
                     mask = biformer_mask(q, k, grid, regions, top_k)
@@ -104,11 +109,11 @@ def run(ctx: SpeedContext) -> Report:
                     tm = None
             pairs = float(n * top_k * (n // nR))
             sel = f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}"
-            row("biformer", sel, "fwd", "sdpa dense", tb, ta, pairs, tm, mem)
+            row("biformer", sel, "fwd", "sdpa dense", tb, ta, sp, pairs, tm, mem)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
         top_k = nR // 8
-        tb = _t(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale)), quick)
-        ta = _t(_fwd_bwd(lambda: biformer_attention(qg, kg, vg, grid, regions, top_k, scale)), quick)
-        row("biformer", f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}", "fwd+bwd", "sdpa dense", tb, ta,
+        tb, ta, sp = _pair(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale)),
+                           _fwd_bwd(lambda: biformer_attention(qg, kg, vg, grid, regions, top_k, scale)), quick)
+        row("biformer", f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}", "fwd+bwd", "sdpa dense", tb, ta, sp,
             float(n * top_k * (n // nR)), backward=True)
     return rep

@@ -46,6 +46,8 @@ class Tiles:
     mask:   (N, R, K) bool or None (None: every key of the tile is visible to every row)
     k_block: (N, m) long or None: when each tile's keys are m aligned blocks of K / m rows, their indices
             among the ``(B * Hkv * Tk * m / K)`` blocks (gathers then copy whole blocks, not rows)
+    q_in_order: the tiles cover every query row once, in order (the fused path then reads Q and writes the
+            output and its gradient as views)
     """
 
     q_idx: Tensor
@@ -53,6 +55,7 @@ class Tiles:
     row_ok: Tensor
     mask: Tensor | None = None
     k_block: Tensor | None = None
+    q_in_order: bool = False  # q_idx is arange(N * R).view(N, R): queries are read as a view, not gathered
 
     @property
     def computed_pairs(self) -> int:
@@ -228,7 +231,7 @@ def tiles_from_blocks(
         mask = None
     else:
         mask = mask.expand(B * H * G, q_block, mask.shape[-1])
-    return Tiles(q_idx, k_idx, row_ok, mask, kb)
+    return Tiles(q_idx, k_idx, row_ok, mask, kb, q_in_order=G * q_block == Tq)
 
 
 def _block_tiles(bh, qi, set_block, sid, BH, Tq, K, device) -> BlockTiles:
@@ -276,6 +279,13 @@ def _gather_kv(xf: Tensor, t: Tiles) -> Tensor:
     return xf[t.k_idx].unsqueeze(1)
 
 
+def _tile_rows(xf: Tensor, t: Tiles) -> Tensor:
+    """Rows of flat (B * H * Tq, d) for every tile, as the kernel's (N, 1, R, d): a view when in order."""
+    if t.q_in_order:
+        return xf.view(*t.q_idx.shape, xf.shape[-1]).unsqueeze(1)
+    return xf[t.q_idx].unsqueeze(1)
+
+
 def _scatter_kv(acc: Tensor, g: Tensor, t: Tiles) -> None:
     if t.k_block is not None:
         Kb = t.k_idx.shape[-1] // t.k_block.shape[-1]
@@ -317,6 +327,8 @@ def _merge(parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]], nro
     partial output once instead of copying the whole result per part.
     """
     ref = parts[0][1]
+    if len(parts) == 1 and parts[0][2] is None and parts[0][3] is None:  # one part over every row, in order
+        return parts[0][0], parts[0][1]
     inplace = not torch.is_grad_enabled()
     m = torch.full((nrows,), float("-inf"), dtype=ref.dtype, device=ref.device)
     lses = []
@@ -556,10 +568,11 @@ class _FlashTiles(torch.autograd.Function):
             if isinstance(t, BlockTiles):
                 outs.extend(_block_part(q, k, v, t, scale, True))
                 continue
-            Q = qf[t.q_idx].unsqueeze(1)
+            Q = _tile_rows(qf, t)
             o, lse = flash(Q, _gather_kv(kf, t), _gather_kv(vf, t), 0.0, False, attn_mask=_bias(t.mask, q.dtype),
                            scale=scale)
-            outs.append((o.reshape(-1, Dv), lse.reshape(-1), t.q_idx.reshape(-1), _row_valid(t).reshape(-1)))
+            ok = None if t.q_in_order and t.mask is None else _row_valid(t).reshape(-1)
+            outs.append((o.reshape(-1, Dv), lse.reshape(-1), None if t.q_in_order else t.q_idx.reshape(-1), ok))
         out, L = _merge(outs, B * H * Tq, Dv)
         ctx.save_for_backward(q, k, v, out, L)
         ctx.scale, ctx.diag_block, ctx.parts = scale, diag_block, parts
@@ -583,14 +596,17 @@ class _FlashTiles(torch.autograd.Function):
             if isinstance(t, BlockTiles):
                 _block_part_backward(q, k, v, t, scale, dof, out, Ls, dq, dk, dv)
                 continue
-            Q = qf[t.q_idx].unsqueeze(1)
-            r = t.q_idx.reshape(-1)
+            Q = _tile_rows(qf, t)
             ok = _row_valid(t).reshape(-1, 1)
             shape = Q.shape[:3]
-            g = (dof[r] * ok).view(*shape, Dv)
-            gq, gk, gv = bwd(g, Q, _gather_kv(kf, t), _gather_kv(vf, t), out[r].view(*shape, Dv), Ls[r].view(shape),
-                             0.0, False, attn_mask=_bias(t.mask, q.dtype), scale=scale)
-            dq.index_add_(0, r, gq.reshape(-1, D))
+            g = (_tile_rows(dof, t).reshape(-1, Dv) * ok).view(*shape, Dv)
+            gq, gk, gv = bwd(g, Q, _gather_kv(kf, t), _gather_kv(vf, t), _tile_rows(out, t),
+                             _tile_rows(Ls.unsqueeze(-1), t).view(shape), 0.0, False,
+                             attn_mask=_bias(t.mask, q.dtype), scale=scale)
+            if t.q_in_order:
+                dq += gq.reshape(-1, D)
+            else:
+                dq.index_add_(0, t.q_idx.reshape(-1), gq.reshape(-1, D))
             _scatter_kv(dk, gk, t)
             _scatter_kv(dv, gv, t)
         return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None

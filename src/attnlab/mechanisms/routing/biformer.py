@@ -55,18 +55,26 @@ def biformer_attention(
     if Tq != grid[0] * grid[1] or Tk != Tq:
         raise ValueError(f"BiFormer needs q and k of length {grid[0] * grid[1]} (grid {grid}), got {Tq}, {Tk}")
     scale = default_scale(D, scale)
-    order = region_order(grid, regions, q.device)
+    region_order(grid, regions)  # checks that the regions divide the grid
     region = Tq // (regions[0] * regions[1])
-    qp, kp, vp = q[:, :, order], k[:, :, order], v[:, :, order]
+    qp, kp, vp = (_to_regions(x, grid, regions) for x in (q, k, v))
     sel = route(qp, kp, region, top_k)  # (B, nR, k)
     nR = sel.shape[1]
     block_index = sel.unsqueeze(1).expand(B, H, nR, sel.shape[-1])
     tiles = tiles_from_blocks(block_index, torch.ones_like(block_index, dtype=torch.bool), region, region,
                               Tq, Tk, Hkv)
     out = tile_attention(qp, kp, vp, [tiles], scale)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(Tq, device=q.device)
-    return out[:, :, inv]
+    return _to_regions(out, grid, regions, inverse=True)
+
+
+def _to_regions(x: Tensor, grid: tuple[int, int], regions: tuple[int, int], inverse: bool = False) -> Tensor:
+    """(B, H, T, d) raster order <-> region-major order (``region_order``), as one strided copy (whole rows of a
+    region are contiguous runs, so this beats a per-token gather)."""
+    (gh, gw), (rh, rw) = grid, regions
+    B, H, T, d = x.shape
+    if inverse:
+        return x.reshape(B, H, rh, rw, gh // rh, gw // rw, d).transpose(3, 4).reshape(B, H, T, d)
+    return x.reshape(B, H, rh, gh // rh, rw, gw // rw, d).transpose(3, 4).reshape(B, H, T, d)
 
 
 def biformer_mask(q: Tensor, k: Tensor, grid: tuple[int, int], regions: tuple[int, int], top_k: int) -> Tensor:
