@@ -43,6 +43,23 @@ def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1, max_seconds: 
     return times
 
 
+def bench_qkv(n: int, device: str, dtype: torch.dtype, grad: bool = False, heads: int = 8, head_dim: int = 64,
+              std: float = 1.0) -> list[torch.Tensor]:
+    """Seeded q, k, v of shape (1, heads, n, head_dim) for the speed sections (the same draw in every run)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, heads, n, head_dim, generator=g).mul_(std).to(device, dtype).requires_grad_(grad)
+            for _ in range(3)]
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A call of ``fn`` followed by its backward pass (gradient of ones), for timing training steps."""
+    def run() -> None:
+        out = fn()
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
 def time_pair(base: Callable[[], Any], fn: Callable[[], Any], rounds: int = 5, warmup: int = 1,
               max_seconds: float = 30.0) -> tuple[float, float, float]:
     """Time ``base`` and ``fn`` alternately, one call each per round: (median base s, median fn s, median of the

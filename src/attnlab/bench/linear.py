@@ -15,7 +15,6 @@ peak memory per token at the longest over the shortest (1.0 = linear growth).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.linear import DEFAULT_CHUNK, linear_attention
-from .common import Report, peak_memory, time_fn
+from .common import Report, bench_qkv, fwd_bwd, peak_memory, time_fn
 from .speed import SpeedContext
 
 HEADS, HEAD_DIM = 8, 64
@@ -31,19 +30,7 @@ LOG_DECAY = -8.0 * torch.arange(HEADS, dtype=torch.float32) / HEADS  # TransNorm
 
 
 def _inputs(n: int, dtype: torch.dtype, device: str, grad: bool = False) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        torch.randn(1, HEADS, n, HEAD_DIM, generator=g).mul_(0.3).to(device, dtype).requires_grad_(grad)
-        for _ in range(3)
-    ]
-
-
-def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        out = fn()
-        out.backward(torch.ones_like(out))
-
-    return run
+    return bench_qkv(n, device, dtype, grad, HEADS, HEAD_DIM, std=0.3)  # small scores keep the decays meaningful
 
 
 def _lightning(q, k, v, chunk: int) -> torch.Tensor:
@@ -103,8 +90,8 @@ def run(ctx: SpeedContext) -> Report:
         _say(rep.add(kind="prefill fwd", length=n, chunk=chunk, time_s=t, us_per_token=t / n * 1e6,
                      peak_mib=peak / 2**20, sdpa_s=ts if ts is not None else "", speedup_vs_sdpa=ts / t if ts else ""))
         if ctx.backward or not ctx.quick:
-            train = _fwd_bwd(partial(_lightning, *_inputs(n, dt, dev, grad=True), chunk))
-            sdpa_train = _fwd_bwd(partial(_sdpa, *_inputs(n, dt, dev, grad=True)))
+            train = fwd_bwd(partial(_lightning, *_inputs(n, dt, dev, grad=True), chunk))
+            sdpa_train = fwd_bwd(partial(_sdpa, *_inputs(n, dt, dev, grad=True)))
             tb = best(time_fn(train, reps=max(1, reps - 2)))
             peak_b = peak_memory(train, dev)
             tsb = best(time_fn(sdpa_train, reps=1, warmup=0 if long else 1)) if n <= sdpa_max else None

@@ -27,7 +27,7 @@ from ..core.patterns import (
     SlidingWindow,
     StridedShards,
 )
-from .common import Report, attention_flops, median, peak_memory, progress, time_fn
+from .common import Report, attention_flops, bench_qkv, fwd_bwd, median, peak_memory, progress, time_fn
 from .speed import SpeedContext
 
 HEADS, HEAD_DIM = 8, 64
@@ -64,23 +64,10 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def _inputs(n: int, device: str, dtype: torch.dtype, grad: bool):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
-
-
-def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        out = fn()
-        out.backward(torch.ones_like(out))
-
-    return run
-
-
 def tune_group(ctx: SpeedContext, n: int = 4096) -> int:
     """Measure rows-per-tile for the block-sparse engine on a sliding window, forward plus forward+backward;
     the fastest total wins and is saved for later processes."""
-    q, k, v = _inputs(n, ctx.device, ctx.dtype, True)
+    q, k, v = bench_qkv(n, ctx.device, ctx.dtype, True, HEADS, HEAD_DIM)
     pat = SlidingWindow(512)
     best, best_t = blocksparse.DEFAULT_GROUP.get(torch.device(ctx.device).type, 128), float("inf")
     for group in (64, 128, 256):
@@ -88,7 +75,7 @@ def tune_group(ctx: SpeedContext, n: int = 4096) -> int:
             with torch.no_grad():
                 return attention(q, k, v, pat, backend="blocksparse", group=g)
 
-        step = _fwd_bwd(lambda g=group: attention(q, k, v, pat, backend="blocksparse", group=g))
+        step = fwd_bwd(lambda g=group: attention(q, k, v, pat, backend="blocksparse", group=g))
         t = median(time_fn(fwd, reps=3)) + median(time_fn(step, reps=2))
         if t < best_t:
             best, best_t = group, t
@@ -135,10 +122,10 @@ def _run_case(ctx: SpeedContext, report: Report, case: Case, n: int, reps: int) 
     passes = ["fwd"] + (["fwd+bwd"] if (case.backward and (ctx.backward or not ctx.quick or case.name.startswith("sliding"))) else [])
     for pas in passes:
         grad = pas == "fwd+bwd"
-        engines = _engines(pat, _inputs(n, ctx.device, ctx.dtype, grad), flex=not grad and not ctx.quick)
+        engines = _engines(pat, bench_qkv(n, ctx.device, ctx.dtype, grad, HEADS, HEAD_DIM), flex=not grad and not ctx.quick)
         times: dict[str, float] = {}
         for name, fn in engines.items():
-            call = _fwd_bwd(fn) if grad else fn
+            call = fwd_bwd(fn) if grad else fn
             ctxm = torch.enable_grad() if grad else torch.no_grad()
             with ctxm:
                 times[name] = median(time_fn(call, reps=reps, warmup=1))

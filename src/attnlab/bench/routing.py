@@ -17,25 +17,12 @@ import torch.nn.functional as F
 
 from ..mechanisms.routing.biformer import biformer_attention, biformer_mask
 from ..mechanisms.routing.moba import moba_attention, moba_mask, moba_select
-from .common import Report, attention_flops, median, peak_memory, time_fn, time_pair
+from .common import Report, attention_flops, bench_qkv, fwd_bwd, median, peak_memory, time_fn, time_pair
 from .speed import SpeedContext
 
 HEADS, HEAD_DIM = 8, 64
 COLUMNS = ["mechanism", "length", "selected", "pass", "baseline", "baseline_s", "attnlab_s", "speedup",
            "vs_dense_mask", "useful_gflops", "of_peak", "peak_mem_MiB"]
-
-
-def _inputs(n: int, device: str, dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
-
-
-def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        out = fn()
-        out.backward(torch.ones_like(out))
-
-    return run
 
 
 def _t(fn: Callable[[], object], quick: bool) -> float:
@@ -72,7 +59,7 @@ def run(ctx: SpeedContext) -> Report:
     if "moba" in only:
         block = 512 if n >= 8192 else 256
         top_k = max(1, math.ceil(n / block) // 8)
-        q, k, v = _inputs(n, dev, dt, False)
+        q, k, v = bench_qkv(n, dev, dt, heads=HEADS, head_dim=HEAD_DIM)
         moba = lambda: moba_attention(q, k, v, block, top_k, scale)  # noqa: E731
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # noqa: E731
         with torch.no_grad():
@@ -85,8 +72,8 @@ def run(ctx: SpeedContext) -> Report:
         sel = f"{top_k}/{math.ceil(n / block)} blocks of {block}"
         row("moba", sel, "fwd", "sdpa causal", tb, ta, sp, pairs, tm)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        tb, ta, sp = _pair(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)),
-                           _fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
+        tb, ta, sp = _pair(fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)),
+                           fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
         row("moba", sel, "fwd+bwd", "sdpa causal", tb, ta, sp, pairs, backward=True)
 
     if "biformer" in only:
@@ -94,7 +81,7 @@ def run(ctx: SpeedContext) -> Report:
         grid = (gh, n // gh)
         regions = (8, 8)
         nR = regions[0] * regions[1]
-        q, k, v = _inputs(n, dev, dt, False)
+        q, k, v = bench_qkv(n, dev, dt, heads=HEADS, head_dim=HEAD_DIM)
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
         for top_k in (nR // 16, nR // 8):
             bif = lambda top_k=top_k: biformer_attention(q, k, v, grid, regions, top_k, scale)  # noqa: E731
@@ -112,8 +99,8 @@ def run(ctx: SpeedContext) -> Report:
             row("biformer", sel, "fwd", "sdpa dense", tb, ta, sp, pairs, tm, mem)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
         top_k = nR // 8
-        tb, ta, sp = _pair(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale)),
-                           _fwd_bwd(lambda: biformer_attention(qg, kg, vg, grid, regions, top_k, scale)), quick)
+        tb, ta, sp = _pair(fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale)),
+                           fwd_bwd(lambda: biformer_attention(qg, kg, vg, grid, regions, top_k, scale)), quick)
         row("biformer", f"{top_k}/{nR} regions, grid {grid[0]}x{grid[1]}", "fwd+bwd", "sdpa dense", tb, ta, sp,
             float(n * top_k * (n // nR)), backward=True)
     return rep
