@@ -49,6 +49,7 @@ def attention(
     return_weights: bool = False,
     q_offset: int | None = None,
     group: int | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention restricted to ``pattern``, with an optional score modifier.
 
@@ -61,6 +62,9 @@ def attention(
            last positions, as when decoding with a cache).
         group: query rows per tile for the block-sparse engine (default: the measured per-device choice).
         return_weights: also return the ``(batch, heads, q_len, kv_len)`` weights (uses the reference).
+        mask: a free boolean ``(batch or 1, heads or 1, q_len, kv_len)`` (True = may attend; padding, per-batch
+           rules) ANDed with ``pattern``; it has no block structure known in advance, so it runs as one masked
+           dense call (``dense_mask``) unless the reference is asked for.
     Returns: ``(batch, heads, q_len, head_dim_v)`` in q's dtype (and the weights if asked).
     """
     B, Hq, Hkv, Tq, Tk, D = check_qkv(q, k, v)
@@ -76,9 +80,17 @@ def attention(
     pattern.check_heads(Hq)
     mod = as_score_mod(score_mod)
 
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (Tq, Tk):
+            raise ValueError(f"mask must be a bool tensor (batch or 1, heads or 1, {Tq}, {Tk}), got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, Hq):
+            raise ValueError(f"mask batch/heads must be 1 or ({B}, {Hq}), got {tuple(mask.shape[:2])}")
     if return_weights or backend == "reference":
-        res = reference_attention(q, k, v, pattern, mod, scale, q_offset, return_weights, dtype=None)
+        res = reference_attention(q, k, v, pattern, mod, scale, q_offset, return_weights, dtype=None, mask=mask)
         return res
+    if mask is not None:
+        return _dense_mask(q, k, v, pattern, mod, scale, q_offset, mask)
     if backend == "auto":
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         backend = choose_backend(pattern, mod, q.device, needs_grad)
@@ -108,10 +120,12 @@ def _sdpa(q, k, v, pattern, mod, scale, q_offset):
     return _dense_mask(q, k, v, pattern, mod, scale, q_offset)
 
 
-def _dense_mask(q, k, v, pattern, mod, scale, q_offset):
+def _dense_mask(q, k, v, pattern, mod, scale, q_offset, extra: Tensor | None = None):
     """SDPA with the whole mask materialized: correct for everything, skips nothing."""
     Tq, Tk = q.shape[2], k.shape[2]
     mask = pattern.dense(Tq, Tk, q_offset).to(q.device).unsqueeze(0)  # (1, Hp, Tq, Tk)
+    if extra is not None:
+        mask = mask & extra
     if mod is None:
         attn_mask = mask
     elif mod.kind == "additive":
@@ -122,7 +136,7 @@ def _dense_mask(q, k, v, pattern, mod, scale, q_offset):
         h = torch.arange(q.shape[1], device=q.device).view(1, -1, 1, 1)
         attn_mask = mod.bias(b, h, q_pos, kv_pos).to(q.dtype).masked_fill(~mask, float("-inf"))
     else:
-        return reference_attention(q, k, v, pattern, mod, scale, q_offset, dtype=None)
+        return reference_attention(q, k, v, pattern, mod, scale, q_offset, dtype=None, mask=extra)
     empty = ~mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask | empty if mod is None else attn_mask.masked_fill(empty, 0.0),

@@ -11,6 +11,7 @@ from torch import Tensor
 from .checks import check_qkv, default_scale
 from .patterns import Pattern
 from .score_mods import ScoreMod, as_score_mod
+from .softmax import masked_softmax
 
 
 def index_grids(Tq: int, Tk: int, q_offset: int, device) -> tuple[Tensor, Tensor]:
@@ -30,11 +31,14 @@ def reference_attention(
     q_offset: int | None = None,
     return_weights: bool = False,
     dtype: torch.dtype | None = torch.float64,
+    mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """softmax(mask(mod(q k^T * scale))) v for ``(B, H, T, D)`` tensors.
 
-    Rows with no allowed key give zero output (and zero weights), never NaN. Returns the output in
-    ``dtype`` (float64 by default; None keeps q's dtype), plus the ``(B, Hq, Tq, Tk)`` weights if asked.
+    ``mask``: an optional free boolean ``(B or 1, Hq or 1, Tq, Tk)`` (True = may attend: padding, per-batch
+    rules) ANDed with the pattern. Rows with no allowed key give zero output (and zero weights), never NaN.
+    Returns the output in ``dtype`` (float64 by default; None keeps q's dtype), plus the ``(B, Hq, Tq, Tk)``
+    weights if asked.
     """
     B, Hq, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     scale = default_scale(D, scale)
@@ -52,11 +56,11 @@ def reference_attention(
         b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
         h = torch.arange(Hq, device=q.device).view(1, Hq, 1, 1)
         scores = mod.score_mod(scores, b, h, q_pos, kv_pos)
+    allowed = None if mask is None else mask.to(q.device)
     if pattern is not None:
         pattern.check_heads(Hq)
-        allowed = pattern.dense(Tq, Tk, q_offset).to(q.device).unsqueeze(0)  # (1, Hp, Tq, Tk)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    has_any = torch.isfinite(scores).any(dim=-1, keepdim=True)
-    weights = torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * has_any
+        pm = pattern.dense(Tq, Tk, q_offset).to(q.device).unsqueeze(0)  # (1, Hp, Tq, Tk)
+        allowed = pm if allowed is None else allowed & pm
+    weights = masked_softmax(scores, allowed)
     out = weights @ v
     return (out, weights) if return_weights else out

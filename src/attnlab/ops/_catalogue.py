@@ -1,0 +1,3 @@
+"""Imports every op module so that each registers its ops (one line per module)."""
+
+from . import dense  # noqa: F401
