@@ -59,7 +59,7 @@ def test_split_is_asymmetric_one_third_in_whole_heads() -> None:
 CASES = [
     {},
     {"global_ratio": 0.5, "feature_map": "relu", "local_kernels": (1, 3, 5)},
-    {"heads": 4, "expansion": 2, "inter_kernel": 5, "chunk_size": 7},
+    {"heads": 4, "expansion": 2, "inter_kernel": 5, "chunk": 7},
 ]
 
 
@@ -90,7 +90,7 @@ def test_forward_with_memory_matches_reference(opts: dict) -> None:
 @pytest.mark.parametrize("chunk", [1, 3, 7, T, 64])
 def test_chunked_global_state_equals_one_shot(chunk: int) -> None:
     one = _layer()
-    chunked = _layer(chunk_size=chunk)  # same seed: same weights
+    chunked = _layer(chunk=chunk)  # same seed: same weights
     x = _x()
     assert max_err(chunked(x), one(x)) < 1e-12
     # the state itself, and streamed in uneven pieces through accumulate()

@@ -38,13 +38,13 @@ def _flat(state: tuple) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     "opts",
     [
-        {"mem_chunk": 4, "memory_depth": 2},  # 4 does not divide 19
-        {"mem_chunk": 5, "memory_depth": 3, "memory_hidden": 5},
-        {"mem_chunk": 1, "memory_depth": 2, "memory_hidden": 8},  # online SGD
-        {"mem_chunk": 19, "memory_depth": 2},  # one chunk: every gradient at M_0
-        {"mem_chunk": 32, "memory_depth": 2},  # a chunk longer than the sequence
+        {"block": 4, "memory_depth": 2},  # 4 does not divide 19
+        {"block": 5, "memory_depth": 3, "memory_hidden": 5},
+        {"block": 1, "memory_depth": 2, "memory_hidden": 8},  # online SGD
+        {"block": 19, "memory_depth": 2},  # one chunk: every gradient at M_0
+        {"block": 32, "memory_depth": 2},  # a chunk longer than the sequence
     ],
-    ids=lambda o: f"chunk{o['mem_chunk']}-depth{o['memory_depth']}-hidden{o.get('memory_hidden')}",
+    ids=lambda o: f"chunk{o['block']}-depth{o['memory_depth']}-hidden{o.get('memory_hidden')}",
 )
 def test_chunk_parallel_equals_token_loop(opts: dict, mode: str) -> None:
     layer = _layer(mode=mode, **opts)
@@ -55,7 +55,7 @@ def test_chunk_parallel_equals_token_loop(opts: dict, mode: str) -> None:
     r = layer.out(ry)
     assert r.abs().max() > 1e-3 and torch.isfinite(r).all()
     assert max_err(y, r) < 1e-11
-    assert max_err(_flat(cache.state), _flat(rstate)) < 1e-11  # chunk-start memory, memory, momentum
+    assert max_err(_flat(cache.state["memory"]), _flat(rstate)) < 1e-11  # chunk-start memory, memory, momentum
     params = (x, *layer.parameters())  # includes the learned initial memory M_0 and the gates
     g, rg = grads(y, params), grads(r, params)
     assert max_err(g, rg) < 1e-9
@@ -66,7 +66,7 @@ def test_chunk_parallel_equals_token_loop(opts: dict, mode: str) -> None:
 def test_decoding_equals_full_forward(splits: tuple[int, ...]) -> None:
     # the cache holds (chunk-start memory, memory, momentum); a token's update uses the gradient at the chunk-start
     # memory and is applied at once, exactly as in the full forward, so any split gives the same outputs and state
-    layer = _layer(mem_chunk=4, memory_depth=2, memory_hidden=7)
+    layer = _layer(block=4, memory_depth=2, memory_hidden=7)
     x = _x().detach()
     full_cache = layer.init_cache(2)
     full = layer(x, full_cache)
@@ -77,14 +77,14 @@ def test_decoding_equals_full_forward(splits: tuple[int, ...]) -> None:
         start += n
     assert cache.length == T
     assert max_err(torch.cat(outs, 1), full) < 1e-12
-    assert max_err(_flat(cache.state), _flat(full_cache.state)) < 1e-12
+    assert max_err(_flat(cache.state["memory"]), _flat(full_cache.state["memory"])) < 1e-12
     assert cache.numel() == layer.state_size(T) * 2  # batch 2
 
 
 def test_first_steps_are_sgd_steps_on_the_mlp() -> None:
     # no forgetting, no momentum, theta = 0.5, online SGD: M_1 = M_0 - 0.5 grad l(M_0; x_0), y_0 = M_1(q_0);
     # M_2 = M_1 - 0.5 grad l(M_1; x_1), y_1 = M_2(q_1)
-    layer = _layer(mem_chunk=1, memory_depth=2)
+    layer = _layer(block=1, memory_depth=2)
     with torch.no_grad():
         layer.gates.weight.zero_()
         layer.gates.bias.copy_(torch.tensor([-60.0] * HEADS + [-60.0] * HEADS + [0.0] * HEADS))
@@ -107,7 +107,7 @@ def test_first_steps_are_sgd_steps_on_the_mlp() -> None:
 
 def test_depth_one_is_unchanged_and_the_deep_form_reduces_to_it() -> None:
     assert TitansConfig().memory_depth == 1
-    lin = _layer(mem_chunk=4)
+    lin = _layer(block=4)
     assert not hasattr(lin, "mem_init") and lin.state_size(T) == 3 * HEADS * (DIM // HEADS) ** 2
     # the layer-by-layer deep segment with one layer and the closed form of depth 1 agree on a mid-chunk segment
     x = _x()

@@ -26,8 +26,8 @@ def test_bench_speed_writes_json_markdown_png(tmp_path, capsys, monkeypatch):
     assert (run / "patterns" / "results.md").read_text().count("| sliding_window_512 |") == len(rows)
     assert (run / "patterns" / "speedup.png").stat().st_size > 1000
     assert data["meta"]["matmul_peak_gflops"] > 0
-    assert data["meta"]["group"] in (64, 128, 256)
-    assert json.loads((tmp_path / "cache" / "tuning.json").read_text())["group/cpu"] == data["meta"]["group"]
+    assert data["meta"]["q_block"] in (64, 128, 256)  # the sparse engine's tile rows (the old "group")
+    assert json.loads((tmp_path / "cache" / "tuning.json").read_text())["q_block/cpu"] == data["meta"]["q_block"]
     assert "sliding_window_512" in capsys.readouterr().out
 
 

@@ -231,7 +231,7 @@ def test_gated_recurrence_solves_flipflop_exactly_and_a_short_window_does_not():
     task = FlipFlop(FlipFlopConfig(seq_len=32, test_size=300, val_size=64))
     bb = BackboneConfig(dim=32, heads=2)
     cfg = TrainConfig(lr=1e-2, batch_size=32, max_steps=100, eval_every=25, target=None, budget_s=60)
-    rnn = LayerSpec("rat", {"rat_chunk": 1024, "mode": "parallel"})
+    rnn = LayerSpec("rat", {"block": 1024, "mode": "parallel"})
     r = train(task, lambda i: build_layer(rnn, 32, 2), bb, cfg, seed=0)
     assert r["metrics"] == {"id": 1.0, "sparse": 1.0, "dense": 1.0}, r["curve"]
     # target=None: no early stop although validation reached 1.0; on ties the last checkpoint is scored

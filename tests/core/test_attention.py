@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnlab import attention, reference_attention
-from attnlab.core import blocksparse
+from attnlab.core import sparse
 from attnlab.core.patterns import (
     Causal,
     Chunked,
@@ -42,9 +42,9 @@ BASIC = [
 ]
 
 
-def _check(pattern, backend, *, B=2, H=4, Hkv=2, Tq=37, Tk=None, mod=None, q_offset=None, group=8):
+def _check(pattern, backend, *, B=2, H=4, Hkv=2, Tq=37, Tk=None, mod=None, q_offset=None, q_block=8):
     q, k, v = qkv(B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=16)
-    out = attention(q, k, v, pattern, mod, backend=backend, q_offset=q_offset, group=group)
+    out = attention(q, k, v, pattern, mod, backend=backend, q_offset=q_offset, q_block=q_block)
     ref = reference_attention(q, k, v, pattern, mod, q_offset=q_offset)
     assert out.dtype == torch.float64 and out.shape == ref.shape
     assert max_err(out, ref) < 1e-10
@@ -98,7 +98,7 @@ def test_empty_rows_give_zeros_and_zero_grads():
     pat = Sinks(2) & SlidingWindow(3)  # rows from position 4 on see no key
     q, k, v = qkv(B=1, H=2, Tq=12, D=8)
     for backend in ("blocksparse", "dense_mask", "reference"):
-        out = attention(q, k, v, pat, backend=backend, group=4)
+        out = attention(q, k, v, pat, backend=backend, q_block=4)
         assert torch.isfinite(out).all()
         assert out[:, :, 4:].abs().max() == 0
         gq, gk, gv = grads(out, (q, k, v))
@@ -112,7 +112,7 @@ def test_low_precision_within_twice_sdpa_error(dtype, pattern):
     q, k, v = qkv(B=1, H=4, Hkv=2, Tq=96, D=32, dtype=dtype, requires_grad=False)
     mask = pattern.dense(96, 96).unsqueeze(0)
     ref = reference_attention(q, k, v, pattern)
-    err = max_err(attention(q, k, v, pattern, group=32), ref)
+    err = max_err(attention(q, k, v, pattern, q_block=32), ref)
     assert err <= tolerance(dtype, sdpa_error(q, k, v, mask))
 
 
@@ -135,50 +135,21 @@ def test_return_weights_are_the_softmax_rows():
 
 def test_static_plans_are_cached_and_skip_work():
     pat = SlidingWindow(16)
-    p1 = blocksparse.static_plan(pat, 256, 256, 0, 32, torch.device("cpu"))
-    p2 = blocksparse.static_plan(SlidingWindow(16), 256, 256, 0, 32, torch.device("cpu"))
+    p1 = sparse.plan_pattern(pat, 256, 256, 0, 32, torch.device("cpu"))
+    p2 = sparse.plan_pattern(SlidingWindow(16), 256, 256, 0, 32, "cpu")
     assert p1 is p2
-    assert p1.span is not None  # contiguous windows run on views, not gathered copies
-    assert p1.pairs == pat.count(256, 256)
+    tiles = p1.parts[0]
+    assert tiles.span is not None  # contiguous windows run on views, not gathered copies
+    assert tiles.pairs == pat.count(256, 256)
     assert p1.computed_pairs < 0.3 * 256 * 256
 
 
-def test_plan_from_blocks_all_selected_equals_dense_causal():
-    B, H, T, blk = 1, 2, 40, 8
-    q, k, v = qkv(B=B, H=H, Tq=T, D=8)
-    G = T // blk
-    idx = torch.arange(G).expand(B, H, G, G).contiguous()
-    valid = torch.ones(B, H, G, G, dtype=torch.bool)
-    plan = blocksparse.plan_from_blocks(idx, valid, T, T, blk)
-    out = blocksparse.run_plan(q, k, v, plan, scale=8**-0.5)
-    ref = reference_attention(q, k, v, Causal())
-    assert max_err(out, ref) < 1e-10
-    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
-
-
-def test_plan_from_blocks_random_selection_matches_masked_reference():
-    B, H, T, blk, nsel = 2, 2, 48, 8, 2
-    q, k, v = qkv(B=B, H=H, Tq=T, D=8)
-    G = T // blk
-    g = torch.Generator().manual_seed(0)
-    idx = torch.stack([torch.randperm(G, generator=g)[:nsel] for _ in range(B * H * G)]).view(B, H, G, nsel)
-    valid = torch.ones_like(idx, dtype=torch.bool)
-    plan = blocksparse.plan_from_blocks(idx, valid, T, T, blk)
-    out = blocksparse.run_plan(q, k, v, plan, scale=8**-0.5)
-    # the same selection as a dense mask
-    allowed = torch.zeros(B, H, T, T, dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            for gq in range(G):
-                for kb in idx[b, h, gq].tolist():
-                    allowed[b, h, gq * blk : (gq + 1) * blk, kb * blk : (kb + 1) * blk] = True
-    allowed &= torch.ones(T, T, dtype=torch.bool).tril()
-    scores = (q @ k.transpose(-1, -2)) * 8**-0.5
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    has = allowed.any(-1, keepdim=True)
-    ref = torch.softmax(scores.masked_fill(~has, 0), -1) * has @ v
-    assert max_err(out, ref) < 1e-10
-    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+def test_renamed_group_option_fails_loudly():
+    q, k, v = qkv(B=1, H=2, Tq=8, D=8, requires_grad=False)
+    with pytest.raises(TypeError, match="'group' was renamed to 'q_block'"):
+        attention(q, k, v, SlidingWindow(3), backend="blocksparse", group=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'groups'"):
+        attention(q, k, v, groups=4)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -190,15 +161,15 @@ def test_plan_from_blocks_random_selection_matches_masked_reference():
     extra=st.integers(0, 20),
     D=st.sampled_from([4, 8, 16]),
     which=st.integers(0, len(BASIC) - 1),
-    group=st.sampled_from([1, 4, 7, 16, 64]),
+    q_block=st.sampled_from([1, 4, 7, 16, 64]),
 )
-def test_property_blocksparse_equals_reference(B, Hkv, rep, Tq, extra, D, which, group):
+def test_property_blocksparse_equals_reference(B, Hkv, rep, Tq, extra, D, which, q_block):
     pattern = BASIC[which]
     H = Hkv * rep
     if pattern.num_heads is not None:
         pattern = PerHead(tuple(pattern.patterns[i % len(pattern.patterns)] for i in range(H)))
     q, k, v = qkv(B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tq + extra, D=D)
-    out = attention(q, k, v, pattern, backend="blocksparse", group=group)
+    out = attention(q, k, v, pattern, backend="blocksparse", q_block=q_block)
     ref = reference_attention(q, k, v, pattern)
     assert max_err(out, ref) < 1e-10
     assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
@@ -252,7 +223,7 @@ from pattern_zoo import pattern_zoo  # noqa: E402
 def test_every_zoo_pattern_matches_reference(name, pattern, n, backend):
     H = pattern.num_heads or 2
     q, k, v = qkv(B=1, H=H, Hkv=1 if H % 2 else 2, Tq=n, D=8)
-    out = attention(q, k, v, pattern, backend=backend, group=8)
+    out = attention(q, k, v, pattern, backend=backend, q_block=8)
     ref = reference_attention(q, k, v, pattern)
     assert max_err(out, ref) < 1e-10
     assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10

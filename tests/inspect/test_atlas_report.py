@@ -163,3 +163,22 @@ def test_report_in_headless_chromium(minilm_reports, tmp_path):
 def test_cli_help_lists_inspect():
     out = subprocess.run(["attnlab", "inspect", "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "--compare" in out and "--probe" in out
+
+
+def test_cli_atlas_under_a_plan(smollm2, tmp_path):
+    """`attnlab inspect --plan`: the atlas is the plan's. An all-stream plan whose sinks and window are the
+    metrics' own gives every head a streaming share of exactly 1; the plain model's heads read further."""
+    from attnlab.models.hf import ModelGeometry
+    from attnlab.plans import sources
+
+    plan = sources.uniform(smollm2[0], "stream", sinks=4, window=16).save(tmp_path / "plan.json")
+    common = ["inspect", "--model", "smollm2", "--probe", "text", "--importance", "none", "--max-tokens", "48",
+              "--flow-tokens", "0", "--window", "16", "--no-png"]
+    assert main([*common, "--out", str(tmp_path / "plan"), "--plan", str(plan)]) == 0
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    under, plain = (HeadAtlas.load(tmp_path / d / "atlas.json") for d in ("plan", "plain"))
+    assert torch.allclose(under.metric("streaming"), torch.ones(30, 9, dtype=torch.float64), atol=1e-5)
+    assert float(plain.metric("streaming").min()) < 0.9
+    assert under.meta["plan"]["name"] == "all-stream(4+16)" and "plan" not in plain.meta
+    bad = sources.uniform(ModelGeometry(2, 4, 2, 8, True), "full").save(tmp_path / "bad.json")
+    assert main([*common, "--out", str(tmp_path / "bad"), "--plan", str(bad)]) == 2

@@ -1,4 +1,5 @@
-"""attnlab attention inside Hugging Face models equals the models' own attention; loader errors are clear."""
+"""attnlab's seam inside Hugging Face models (a runner sees the model's q/k/v and the resolved mask) equals the
+models' own attention; loader errors are clear."""
 
 from __future__ import annotations
 
@@ -20,22 +21,30 @@ from transformers import (
 from attnlab.models import hf
 
 
-def reference_callback(log: list | None = None):
-    """Recompute attention with attnlab's float64 oracle and the mask resolved by attnlab."""
+class Float64Runner:
+    """A runner (hf.Runner protocol) recomputing attention with a float64 softmax written here, from the mask
+    attnlab resolved (None = the plain rule); ``log`` records (layer, mask shape or None) per call."""
 
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        if log is not None:
-            log.append((layer_idx, None if mask is None else tuple(mask.shape)))
+    def __init__(self, log: list | None = None):
+        self.log = log
+
+    def attend(self, layer, module, q, k, v, *, mask, scale, q_offset):
+        if self.log is not None:
+            self.log.append((layer, None if mask is None else tuple(mask.shape)))
         full = hf.resolve_mask(module, q, k, mask)
         rep = q.shape[1] // k.shape[1]
         kk, vv = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
-        s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kk) * scaling
+        s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kk) * scale
         if full is not None:
             s = s.masked_fill(~full, float("-inf"))
         w = torch.softmax(s, -1).nan_to_num(0.0)
         return (w @ vv).to(q.dtype)
 
-    return fn
+    def weights_mask(self, layer, q, k, *, q_offset):
+        return None
+
+    def new_cache(self, model):
+        return None
 
 
 def _tiny(name: str):
@@ -71,20 +80,20 @@ def test_tiny_models_match_eager(family):
         for mask in (None, pad):
             kw = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
             ref = _out(model, **kw)
-            with hf.attnlab_attention(model, reference_callback(log)):
+            with hf.use(model, Float64Runner(log)):
                 got = _out(model, **kw)
             assert model.config._attn_implementation == "eager"  # restored
             keep = slice(None) if mask is None else (mask.bool())
             assert torch.allclose(got[keep], ref[keep], atol=2e-5), (family, (got - ref)[keep].abs().max())
     assert {layer for layer, _ in log} == {0, 1}
-    assert len(log) == 4  # 2 layers x 2 forwards: every attention call went through the callback
+    assert len(log) == 4  # 2 layers x 2 forwards: every attention call went through the runner
 
 
-def test_mask_none_means_plain_rule_and_padding_reaches_callback():
+def test_mask_none_means_plain_rule_and_padding_reaches_the_runner():
     model = _tiny("llama").eval()
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2))
     log: list = []
-    with torch.no_grad(), hf.attnlab_attention(model, reference_callback(log)):
+    with torch.no_grad(), hf.use(model, Float64Runner(log)):
         model(input_ids=ids)
         model(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [0, 0] + [1] * 4]))
     assert log[0][1] is None  # unpadded: transformers passes no mask, even with a registered mask function
@@ -99,13 +108,13 @@ def test_decoding_with_cache_matches():
     ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
-        with hf.attnlab_attention(model, reference_callback()):
+        with hf.use(model, Float64Runner()):
             got = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(ref, got)
 
 
-def test_zero_heads_equals_o_proj_prehook():
-    """Zeroing a head inside the attention function == zeroing its slice of o_proj's input."""
+def test_zeroing_a_head_on_z_equals_o_proj_prehook():
+    """Zeroing a head at blocks.{l}.attn.z == zeroing its slice of o_proj's input."""
     model = _tiny("llama").eval()
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(4))
     layer, head, d = 1, 2, 8
@@ -116,12 +125,17 @@ def test_zero_heads_equals_o_proj_prehook():
         x[..., head * d:(head + 1) * d] = 0
         return (x,)
 
+    def zero(z, ctx):
+        z = z.clone()
+        z[:, head] = 0
+        return z
+
     with torch.no_grad():
         base = model(ids).logits
         h = o_proj.register_forward_pre_hook(pre)
         ref = model(ids).logits
         h.remove()
-        with hf.attnlab_attention(model, hf.zero_heads({layer: [head]})):
+        with hf.hooks(model, {f"blocks.{layer}.attn.z": zero}):
             got = model(ids).logits
     assert (ref - base).abs().max() > 1e-4
     assert torch.allclose(got, ref, atol=1e-5)
@@ -134,7 +148,7 @@ def test_smollm2_matches_own_sdpa(smollm2):
     enc = tok(["Paris is the capital of", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**enc).logits
-        with hf.attnlab_attention(model, reference_callback()):
+        with hf.use(model, Float64Runner()):
             got = model(**enc).logits
     keep = enc["attention_mask"].bool()
     assert torch.allclose(got[keep], ref[keep], atol=2e-3), (got - ref)[keep].abs().max()
@@ -147,7 +161,7 @@ def test_minilm_matches_own_attention(minilm):
     enc = tok(["a cat sat on the mat", "dogs"], return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**enc).last_hidden_state
-        with hf.attnlab_attention(model, reference_callback()):
+        with hf.use(model, Float64Runner()):
             got = model(**enc).last_hidden_state
     keep = enc["attention_mask"].bool()
     assert torch.allclose(got[keep], ref[keep], atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,28 +130,62 @@ def test_massive_activations():
     assert (r["token"], r["dim"], r["count"]) == (3, 17, 1) and r["ratio"] > 1000
 
 
-def test_recorder_matches_oracle_and_stays_chunked():
-    """Recorder output == SDPA; its metrics == metrics of the oracle's full weights; chunks stay small."""
+def _ctx(layer: int, rows: tuple[int, int], causal: bool = True, mask=None, q_offset: int = 0):
+    """What the hook seam hands a weights observer (the fields the recorder reads)."""
+    mod = torch.nn.Module()
+    mod.is_causal = causal
+    return SimpleNamespace(name=f"blocks.{layer}.attn.weights", layer=layer, module=mod, q_offset=q_offset,
+                           scale=1.0, rows=rows, runner=None, mask=mask)
+
+
+def test_recorder_on_chunks_matches_oracle_and_stays_chunked():
+    """Recorder fed chunk by chunk == metrics of the oracle's full weights; it never holds more than a chunk."""
     from attnlab.core.patterns import Causal
     from attnlab.core.reference import reference_attention
+    from attnlab.core.softmax import weights_chunks
 
     g = torch.Generator().manual_seed(0)
     H, Hkv, T, D = 6, 2, 50, 8
     q, k, v = (torch.randn(1, h, T, D, generator=g) for h in (H, Hkv, Hkv))
     cfg = MetricConfig(chunk=8, window=4, sink_tokens=2, rollout_max=64)
-    rec = Recorder(cfg, ProbeSpec(tokens=tuple(range(25)) * 2, context_len=40))
-    mod = torch.nn.Module()
-    mod.is_causal = True
-    out = rec(mod, q, k, v, None, D ** -0.5, 0)
-    ref, w = reference_attention(q, k, v, Causal(), return_weights=True)
-    assert torch.allclose(out.double(), ref, atol=1e-5)
-    want, _ = head_metrics(w[0].float(), cfg, ProbeSpec(tokens=tuple(range(25)) * 2, context_len=40))
+    spec = ProbeSpec(tokens=tuple(range(25)) * 2, context_len=40)
+    rec = Recorder(cfg, spec)
+    causal = Causal().dense(T, T, 0).view(1, 1, T, T)
+    for start, w in weights_chunks(q, k, scale=D ** -0.5, mask=causal, rows=20):  # the seam's chunks: 20 rows
+        rec.weights(w, _ctx(0, (start, start + w.shape[2])))
+    _, w = reference_attention(q, k, v, Causal(), return_weights=True)
+    want, _ = head_metrics(w[0].float(), cfg, spec)
     got = rec.stats[0].finalize()
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-5, equal_nan=True), name
-    assert rec.stats[0].largest_chunk == H * 8 * T  # never more than one chunk of rows
+    assert rec.stats[0].largest_chunk == H * 8 * T  # split to the recorder's own chunk of rows
     assert torch.allclose(rec.stats[0].mean_map, w[0].float().mean(0), atol=1e-5)
     assert torch.equal(rec.stats[0].argmax.long(), w[0].argmax(-1))
+    with pytest.raises(ValueError, match="one sequence"):
+        rec.weights(torch.zeros(2, H, 4, T), _ctx(0, (0, 4)))
+
+
+def test_per_head_visibility_from_the_hook_mask():
+    """Under a per-head rule (ctx.mask with heads), entropy_norm and locality count each head's own keys."""
+    T, H = 30, 2
+    cfg = MetricConfig(chunk=7, window=4, sink_tokens=1)
+    full = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    kpos, qpos = torch.arange(T).view(1, T), torch.arange(T).view(T, 1)
+    local = full & (qpos - kpos < 3)  # head 1 sees its last 3 keys only
+    mask = torch.stack([full, local]).unsqueeze(0)  # (1, H, T, T)
+    w = mask.double() / mask.sum(-1, keepdim=True)  # uniform over what each head sees
+    rec = Recorder(cfg)
+    for s in range(0, T, 11):
+        e = min(T, s + 11)
+        rec.weights(w[:, :, s:e].float(), _ctx(0, (s, e), mask=mask[:, :, s:e]))
+    got = rec.stats[0].finalize()
+    assert torch.allclose(got["entropy_norm"], torch.ones(H, dtype=torch.float64), atol=1e-6)  # uniform: 1
+    want, _ = head_metrics(w[0].float(), cfg, visible=mask[0].sum(-1))
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, equal_nan=True), name
+    # head 1 never sees more than sink_tokens + window keys: locality falls back to all its rows (= 1)
+    assert float(got["locality"][1]) == pytest.approx(1.0)
+    assert float(got["locality"][0]) < 0.9
 
 
 def test_record_in_model_matches_eager_attentions():
@@ -167,6 +202,7 @@ def test_record_in_model_matches_eager_attentions():
         eager = model(ids, output_attentions=True)
     cap = record(model, ids, cfg, logits_rows=0)
     assert torch.equal(cap.predicted, eager.logits[0].argmax(-1))
+    assert cap.stats[0].largest_chunk <= 4 * 5 * 24  # heads x chunk x T: never the whole square
     assert set(cap.massive) == {0, 1}
     for layer in range(2):
         want, _ = head_metrics(eager.attentions[layer][0], cfg)

@@ -40,7 +40,7 @@ def test_three_forms_agree(decay: str, normalize: bool, T: int, C: int) -> None:
     inputs = tuple(t for t in (q, k, v, g, S0) if t is not None)
     res = {}
     for mode in L.MODES:
-        o, S = L.linear_attention(q, k, v, g, state=S0, normalize=normalize, mode=mode, chunk_size=C)
+        o, S = L.linear_attention(q, k, v, g, state=S0, normalize=normalize, mode=mode, chunk=C)
         res[mode] = (o, S, grads(torch.cat([o.flatten(), S.flatten()]), inputs))
     ref_o, ref_S, ref_g = res["parallel"]
     for mode in ("chunked", "recurrent"):
@@ -67,10 +67,10 @@ def test_parallel_matches_the_written_out_sum() -> None:
 def test_state_carries_across_calls(split: int) -> None:
     q, k, v = _inputs(40, True)
     g = _decay("token", 2, 3, 40)
-    full, S_full = L.linear_attention(q, k, v, g, normalize=True, chunk_size=8)
+    full, S_full = L.linear_attention(q, k, v, g, normalize=True, chunk=8)
     o1, S = L.linear_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], g[..., :split], normalize=True)
     o2, S = L.linear_attention(q[:, :, split:], k[:, :, split:], v[:, :, split:], g[..., split:], state=S,
-                               normalize=True, chunk_size=8)
+                               normalize=True, chunk=8)
     assert max_err(torch.cat([o1, o2], 2), full) < 1e-12
     assert max_err(S, S_full) < 1e-12
 
@@ -81,7 +81,7 @@ def test_segments_of_the_chunked_form(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = qkv(B=1, H=2, Tq=T, D=4)
     g = -torch.rand(2, dtype=F64)
     ref, S_ref = L.linear_attention(q, k, v, g, mode="parallel")
-    o, S = L.linear_attention(q, k, v, g, chunk_size=2)
+    o, S = L.linear_attention(q, k, v, g, chunk=2)
     assert max_err(o, ref) < 1e-10 and max_err(S, S_ref) < 1e-10
     assert max_err(grads(o, (q, k, v)), grads(ref, (q, k, v))) < 1e-9
 
@@ -158,7 +158,7 @@ def test_cumulative_softmax_forms_agree(T: int, C: int) -> None:
         s.mul_(6.0)
     res = {}
     for mode in L.MODES:
-        o, st = L.cumulative_softmax_attention(q, s, v, mode=mode, chunk_size=C)
+        o, st = L.cumulative_softmax_attention(q, s, v, mode=mode, chunk=C)
         res[mode] = (o, grads(o, (q, s, v)), st)
     for mode in ("chunked", "recurrent"):
         assert max_err(res[mode][0], res["parallel"][0]) < 1e-10, mode

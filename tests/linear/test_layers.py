@@ -3,13 +3,11 @@ parallel = chunked = recurrent, decoding with a cache = the full forward, consta
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import attnlab
-from attnlab.mechanisms.registry import build, catalogue, get
+from attnlab.mechanisms.registry import build, catalogue, config_options, get
 from attnlab.testing import grads, max_err
 
 # small configurations per registered name (several where a layer has variants worth checking)
@@ -27,10 +25,10 @@ CASES: dict[str, list[dict]] = {
     "lightnet": [{}],
     "inline": [{}, {"feature_map": "elu1", "window": 1}],
     "l2vit": [{}],
-    "rat": [{}, {"rat_chunk": 1}],
+    "rat": [{}, {"block": 1}],
     "lla": [{}, {"ridge": 0.05}],
-    "titans": [{"mem_chunk": 4}, {"mem_chunk": 1}, {"mem_chunk": 7}, {"mem_chunk": 4, "memory_depth": 2},
-               {"mem_chunk": 7, "memory_depth": 3, "memory_hidden": 5}],
+    "titans": [{"block": 4}, {"block": 1}, {"block": 7}, {"block": 4, "memory_depth": 2},
+               {"block": 7, "memory_depth": 3, "memory_hidden": 5}],
 }
 # registered layers tested in their own file because they are not causal sequence layers (no cache, no modes)
 TESTED_ELSEWHERE = {"care": "tests/test_care.py"}
@@ -49,10 +47,10 @@ def _params() -> list:
 
 
 def _build(name: str, opts: dict) -> torch.nn.Module:
-    fields = {f.name for f in dataclasses.fields(get(name).config)}
+    fields = set(config_options(get(name).config))
     base = {"dim": DIM, "heads": HEADS}
-    if "chunk_size" in fields:
-        base["chunk_size"] = 4  # does not divide T = 19
+    if "chunk" in fields:
+        base["chunk"] = 4  # does not divide T = 19
     torch.manual_seed(0)
     layer = build(name, **{**base, **opts}).double()
     with torch.no_grad():  # non-trivial values for parameters initialized to constants
@@ -88,7 +86,7 @@ def test_forward_matches_reference(name: str, opts: dict) -> None:
 
 @pytest.mark.parametrize("name,opts", _params())
 def test_modes_agree(name: str, opts: dict) -> None:
-    fields = {f.name for f in dataclasses.fields(get(name).config)}
+    fields = set(config_options(get(name).config))
     if "mode" not in fields:
         pytest.fail(f"{name} has no mode option")  # every layer in the family offers the three forms
     x = _x()
@@ -187,7 +185,7 @@ def test_rat_with_chunk_one_is_softmax_attention_over_gated_tokens() -> None:
     from attnlab.core.patterns import Causal
     from attnlab.core.reference import reference_attention
 
-    layer = _build("rat", {"rat_chunk": 1})
+    layer = _build("rat", {"block": 1})
     x = _x()
     q, f, k, v = layer._inputs(x)
     want = layer.out(reference_attention(q, (1 - f) * k, (1 - f) * v, Causal()))
@@ -196,8 +194,8 @@ def test_rat_with_chunk_one_is_softmax_attention_over_gated_tokens() -> None:
 
 def test_titans_first_steps_are_gradient_descent_on_the_memory() -> None:
     # no forgetting, no momentum: M_1 = -theta grad = 2 theta v_0 k_0^T, so y_0 = 2 theta (k_0 . q_0) v_0;
-    # then M_2 = M_1 - 2 theta (M_1 k_1 - v_1) k_1^T with mem_chunk=1 (online SGD)
-    layer = _build("titans", {"mem_chunk": 1})
+    # then M_2 = M_1 - 2 theta (M_1 k_1 - v_1) k_1^T with block=1 (online SGD)
+    layer = _build("titans", {"block": 1})
     with torch.no_grad():
         layer.gates.weight.zero_()
         layer.gates.bias.copy_(torch.tensor([-60.0] * HEADS + [-60.0] * HEADS + [0.0] * HEADS))  # alpha, eta ~ 0

@@ -145,7 +145,7 @@ def test_bad_config_raises(name: str, options: dict, match: str) -> None:
 
 
 def _heads_of(layer, x: torch.Tensor, rope: bool = True):
-    """Plain q, k, v of a ProjectedAttention layer (no cache), optionally rotated."""
+    """Plain q, k, v of a layer with q, k, v projections (no cache), optionally rotated."""
     from attnlab.mechanisms.common import apply_rope, split_heads
 
     q, k, v = (split_heads(p(x), layer.heads) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
@@ -327,15 +327,8 @@ def test_luong_dot_is_the_paper_formula() -> None:
 
 
 def _numbers_held(cache, batch: int) -> int:
-    """Numbers a cache object holds per sequence: KVCache contents plus tensors that are not views of them."""
-    from attnlab.core.cache import KVCache
-
-    parts = [cache] if isinstance(cache, KVCache) else [getattr(cache, a) for a in vars(cache)]
-    kv = [p for p in parts if isinstance(p, KVCache)]
-    storages = {p._k.untyped_storage().data_ptr() for p in kv} | {p._v.untyped_storage().data_ptr() for p in kv}
-    total = sum(p.nbytes() // p._k.element_size() for p in kv)
-    total += sum(p.numel() for p in parts if isinstance(p, torch.Tensor) and p.untyped_storage().data_ptr() not in storages)
-    return total // batch
+    """Numbers a layer cache holds per sequence: cached keys/values plus state tensors that are not views of them."""
+    return cache.numel() // batch
 
 
 @torch.no_grad()

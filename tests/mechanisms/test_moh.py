@@ -9,9 +9,9 @@ from attnlab.testing import grads, max_err, qkv
 
 CONFIGS = {
     "default": dict(),
-    "chunked": dict(query_chunk=4, qk_norm=True),  # several chunks: the two-part kernel path
-    "no-shared": dict(shared_heads=0, active_heads=3, query_chunk=5),
-    "bidirectional": dict(causal=False, query_chunk=6),
+    "chunked": dict(chunk=4, qk_norm=True),  # several chunks: the two-part kernel path
+    "no-shared": dict(shared_heads=0, active_heads=3, chunk=5),
+    "bidirectional": dict(causal=False, chunk=6),
 }
 
 

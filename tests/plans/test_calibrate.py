@@ -1,4 +1,5 @@
-"""Each calibration / intervention changes what it should, and only that."""
+"""Each calibration / intervention changes what it should, and only that; calibrations are hooks on the
+seam and compose with each other and with plans (checked layer by layer against the float64 reference)."""
 
 import math
 
@@ -6,9 +7,11 @@ import torch
 
 from attnlab.core.attention import attention
 from attnlab.core.patterns import Causal
+from attnlab.core.reference import reference_attention
+from attnlab.core.score_mods import Temperature
+from attnlab.models import hf
 from attnlab.plans import calibrate as C
 from attnlab.plans.plan import HeadPlan, HeadPolicy
-from attnlab.plans.runtime import use_plan
 
 IDS = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(2))
 
@@ -33,21 +36,36 @@ def test_zerotuning_scales_initial_token_weight():
     assert C.ZeroTuning.uniform(3, 2, 1.0).score_mod(1, 2) is None
 
 
+def _o_proj_scaled(model, ids, heads, scale):
+    """Independent path: scale the heads' slices of o_proj's input with forward pre-hooks."""
+    d = model.config.hidden_size // model.config.num_attention_heads
+    handles = []
+    for layer, head in heads:
+        def pre(mod, args, head=head):
+            x = args[0].clone()
+            x[..., head * d:(head + 1) * d] *= scale
+            return (x,)
+        handles.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre))
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_zerotuning_and_head_mask_in_a_model(tiny):
-    plan = HeadPlan.uniform(2, 2, HeadPolicy.full(), 2)
     with torch.no_grad():
         base = tiny(input_ids=IDS).logits
-        with use_plan(tiny, plan, [C.ZeroTuning.uniform(2, 4, 3.0, only_layers=[0])]):
+        with C.ZeroTuning.uniform(2, 4, 3.0, only_layers=[0]).attach(tiny):
             zt = tiny(input_ids=IDS).logits
-        with use_plan(tiny, plan, [C.HeadMask.ablate(2, 4, [(1, 2)])]):
+        with C.HeadMask.ablate(2, 4, [(1, 2), (0, 3)]).attach(tiny):
             masked = tiny(input_ids=IDS).logits
-        from attnlab.models.hf import attnlab_attention, zero_heads
-
-        with attnlab_attention(tiny, zero_heads({1: [2]})):
-            ref_masked = tiny(input_ids=IDS).logits
+        ref_masked = _o_proj_scaled(tiny, IDS, [(1, 2), (0, 3)], 0.0)
+        again = tiny(input_ids=IDS).logits  # hooks gone after the block
     assert (zt - base).abs().max() > 1e-3
     assert (zt[:, 0] - base[:, 0]).abs().max() < 1e-5  # position 0 only sees itself: unchanged
     assert (masked - ref_masked).abs().max() < 1e-5 and (masked - base).abs().max() > 1e-3
+    assert (again - base).abs().max() < 1e-5
 
 
 def test_positional_calibration_flattens_a_position_bias():
@@ -66,10 +84,13 @@ def test_positional_calibration_flattens_a_position_bias():
     assert torch.allclose(w_cal, torch.full((T,), 1 / T), atol=1e-6)  # q = 0: only the bias mattered
 
 
-def test_estimate_position_bias_shape_and_centring(tiny):
+def test_estimate_position_bias_against_dense_weights(tiny):
     b = C.estimate_position_bias(tiny, IDS, rows=8)
     assert b.shape == (2, 4, 48 - 8 + 1)
     assert torch.allclose(b.mean(-1), torch.zeros(2, 4), atol=1e-5)
+    A = _eager_attentions(tiny, IDS).double()
+    lw = torch.log(A[:, :, -8:, : 48 - 8 + 1].mean(2) + 1e-6)
+    assert torch.allclose(b.double(), lw - lw.mean(-1, keepdim=True), atol=1e-4)
 
 
 def test_find_and_scale_positional_dimension(tiny):
@@ -112,18 +133,20 @@ def test_act_calibrates_hidden_sinks_only():
     assert torch.allclose(ratio, torch.full_like(ratio, 0.4), atol=1e-5)
 
 
-def test_act_callback_in_model(tiny):
-    from attnlab.models.hf import attnlab_attention
-
+def test_act_intervention_in_model(tiny):
     act = C.ACT(alpha=1.5, beta=0.0)
     with torch.no_grad():
         base = tiny(input_ids=IDS).logits
-        with attnlab_attention(tiny, C.ACT(alpha=1e9)):  # threshold never met: identical model
+        with C.ACT(alpha=1e9).attach(tiny):  # threshold never met: identical model
             same = tiny(input_ids=IDS).logits
-        with attnlab_attention(tiny, act):
+        with act.attach(tiny):
             out = tiny(input_ids=IDS).logits
     assert (same - base).abs().max() < 1e-4
     assert sum(act.found.values()) > 0 and (out - base).abs().max() > 1e-4
+    only = C.ACT(alpha=1.5, beta=0.0, layers=(1,))
+    with torch.no_grad(), only.attach(tiny):
+        tiny(input_ids=IDS)
+    assert set(only.found) == {1}
 
 
 def test_decore_formula_and_generation(tiny):
@@ -141,10 +164,27 @@ def test_decore_formula_and_generation(tiny):
     assert toks.tolist() == [greedy]  # alpha 0: plain greedy
 
 
+def _eager_attentions(model, ids):
+    """Independent weights: transformers' eager attention with output_attentions, (L, H, T, T)."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return torch.stack([a[0] for a in model(input_ids=ids, output_attentions=True).attentions])
+    finally:
+        model.set_attn_implementation(prev)
+
+
 def test_lookback_ratios_against_dense_weights(tiny):
-    r = C.lookback_ratios(tiny, IDS, n_context=40)
+    n = 40
+    r = C.lookback_ratios(tiny, IDS, n_context=n)
     assert r.shape == (2, 4, 8)
     assert bool(((r > 0) & (r < 1)).all())
+    A = _eager_attentions(tiny, IDS).double()  # (L, H, T, T)
+    for i in range(8):
+        row = A[:, :, n + i]
+        ctx, gen = row[..., :n].mean(-1), row[..., n: n + i + 1].mean(-1)
+        assert torch.allclose(r[..., i].double(), ctx / (ctx + gen), atol=1e-5)
     new = C.lookback_guided_generate(tiny, IDS[:, :20], chunks=1, chunk_len=2, candidates=2)
     assert new.shape == (1, 2)
 
@@ -171,27 +211,76 @@ def test_pause_prompt_inserts_markers(smol):
     assert [t for t in out if t >= 1000 and t < 1300] == ids
 
 
-def test_score_mods_follow_heads_through_a_mixed_plan(tiny):
-    """A per-head temperature on a plan with two policy groups equals the same mod on the reference."""
-    from attnlab.core.reference import reference_attention
-    from attnlab.core.score_mods import Temperature
-    from attnlab.models.hf import attnlab_attention
+MIXED = HeadPlan(((HeadPolicy.full(), HeadPolicy.stream(2, 8)), (HeadPolicy.stream(2, 8), HeadPolicy.full())),
+                 q_per_kv=2)
 
-    s = HeadPolicy.stream(2, 8)
-    plan = HeadPlan(((HeadPolicy.full(), s), (s, HeadPolicy.full())), q_per_kv=2)
+
+def _under_plan(model, plan, calibrations):
+    """Run ``model`` under ``plan`` with ``calibrations`` attached; observers registered after them record each
+    layer's q, k, v and z (z after every intervention). Returns ``{(layer, point): tensor}``."""
+    seen = {}
+
+    def keep(x, ctx):
+        seen[ctx.layer, ctx.name.rsplit(".", 1)[1]] = x.detach().clone()
+
+    with torch.no_grad(), hf.use(model, plan):
+        handles = [c.attach(model) for c in calibrations]
+        for h in handles:
+            h.__enter__()
+        try:
+            with hf.hooks(model, {f"blocks.*.attn.{p}": keep for p in ("q", "k", "v", "z")}):
+                model(input_ids=IDS, use_cache=False)
+        finally:
+            for h in reversed(handles):
+                h.__exit__(None, None, None)
+    return seen
+
+
+def _ref_z(seen, layer, plan, mod=None, weights_fn=None):
+    """The float64 reference of one layer from its captured q, k, v, the plan's pattern and a score mod."""
+    q, k, v = (seen[layer, p].double() for p in "qkv")
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scale = q.shape[-1] ** -0.5
+    out, w = reference_attention(q, k, v, plan.layer_pattern(layer), mod, scale, 0, return_weights=True)
+    if weights_fn is not None:
+        out = weights_fn(w) @ v
+    return out
+
+
+def test_score_mods_follow_heads_through_a_mixed_plan(tiny):
+    """A per-head temperature (a scores intervention) under a plan with two policy groups == the same mod on
+    the plan's own reference attention, layer by layer."""
     temps = torch.tensor([0.5, 1.0, 1.5, 2.0])
 
-    class Temp:
-        def score_mod(self, layer, heads):
-            return Temperature(temps)
+    class Temp(C.Intervention):
+        def hooks(self):
+            return {"blocks.*.attn.scores": C.score_mod_hook(lambda layer, heads: Temperature(temps))}
 
-    def ref(module, q, k, v, mask, scaling, layer_idx):
-        return reference_attention(q, k, v, plan.layer_pattern(layer_idx), Temperature(temps), scaling,
-                                   k.shape[2] - q.shape[2]).to(q.dtype)
+    seen = _under_plan(tiny, MIXED, [Temp()])
+    plain = _under_plan(tiny, MIXED, [])
+    for layer in range(2):
+        want = _ref_z(seen, layer, MIXED, Temperature(temps.double()))
+        assert (seen[layer, "z"].double() - want).abs().max() < 1e-5, layer
+    assert (seen[1, "z"] - plain[1, "z"]).abs().max() > 1e-3
 
-    with torch.no_grad():
-        with use_plan(tiny, plan, [Temp()]):
-            out = tiny(input_ids=IDS).logits
-        with attnlab_attention(tiny, ref):
-            expect = tiny(input_ids=IDS).logits
-    assert (out - expect).abs().max() < 1e-4
+
+def test_calibrations_compose_with_a_plan_and_each_other(tiny):
+    """ZeroTuning + ACT + HeadMask under a mixed plan == the calibrations applied to the plan's weights."""
+    zt = C.ZeroTuning(torch.tensor([[2.0, 0.5, 1.0, 3.0], [1.0, 1.0, 4.0, 0.25]]))
+    act = C.ACT(alpha=1.5, beta=0.3)
+    mask = C.HeadMask.ablate(2, 4, [(0, 1), (1, 3)])
+    seen = _under_plan(tiny, MIXED, [zt, act, mask])
+    plain = _under_plan(tiny, MIXED, [])
+    for layer in range(2):
+        mod = C.InitialTokenBias(torch.log(zt.gamma[layer].double()))
+        want = _ref_z(seen, layer, MIXED, mod, weights_fn=lambda w: act.calibrate(w)[0])
+        want = want * mask.factors[layer].double().view(1, -1, 1, 1)
+        assert (seen[layer, "z"].double() - want).abs().max() < 1e-5, layer
+        assert (seen[layer, "z"] - plain[layer, "z"]).abs().max() > 1e-3
+    assert float(seen[0, "z"][0, 1].abs().max()) == 0.0  # the ablated head
+    pc = C.PositionalCalibration(torch.linspace(-1, 1, 48).expand(2, 4, 48).contiguous(), layers=(1,))
+    seen = _under_plan(tiny, MIXED, [pc])
+    for layer in range(2):
+        mod = C.PositionBias(pc.bias[layer].double()) if layer == 1 else None
+        assert (seen[layer, "z"].double() - _ref_z(seen, layer, MIXED, mod)).abs().max() < 1e-5, layer

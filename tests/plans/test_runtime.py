@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from attnlab.core.blocksparse import DEFAULT_GROUP
 from attnlab.core.reference import reference_attention
+from attnlab.core.sparse import DEFAULT_Q_BLOCK
 from attnlab.models.hf import attnlab_attention
 from attnlab.plans.cache import PlanCache, dense_cache_bytes
 from attnlab.plans.plan import HeadPlan, HeadPolicy
@@ -37,7 +37,7 @@ def test_all_full_plan_equals_native(tiny):
     with torch.no_grad():
         ref = tiny(input_ids=IDS).logits
         with use_plan(tiny, plan):
-            out = tiny(input_ids=IDS, past_key_values=PlanCache(plan), use_cache=True).logits
+            out = tiny(input_ids=IDS, cache=PlanCache(plan), use_cache=True).logits
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -46,7 +46,7 @@ def test_mixed_plan_matches_reference(tiny):
     ref = reference_logits(tiny, plan, IDS)
     with torch.no_grad(), use_plan(tiny, plan):
         out = tiny(input_ids=IDS, use_cache=False).logits
-        cached = tiny(input_ids=IDS, past_key_values=PlanCache(plan), use_cache=True).logits
+        cached = tiny(input_ids=IDS, cache=PlanCache(plan), use_cache=True).logits
         native = tiny(input_ids=IDS).logits
     assert (out - ref).abs().max() < 1e-4
     assert (cached - ref).abs().max() < 1e-4
@@ -62,9 +62,9 @@ def test_chunked_prefill_and_decode_match_reference(tiny):
     outs = []
     with torch.no_grad(), use_plan(tiny, plan):
         for a, b in ((0, 70), (70, 150), (150, 190)):  # chunks, some smaller than the window
-            outs.append(tiny(input_ids=IDS[:, a:b], past_key_values=cache, use_cache=True).logits)
+            outs.append(tiny(input_ids=IDS[:, a:b], cache=cache, use_cache=True).logits)
         for t in range(190, T):  # decode one token at a time
-            outs.append(tiny(input_ids=IDS[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            outs.append(tiny(input_ids=IDS[:, t:t + 1], cache=cache, use_cache=True).logits)
     got = torch.cat(outs, 1)
     assert (got - ref).abs().max() < 1e-4
     # streaming heads hold sinks + window - 1 positions, full heads everything, dropped heads nothing
@@ -80,10 +80,10 @@ def test_snap_keeps_budget_and_recent(tiny):
     assert res["kv_positions"] == 4 * (24 + 8 + 4)
     cache = PlanCache(plan)
     with torch.no_grad(), use_plan(tiny, plan):
-        tiny(input_ids=IDS, past_key_values=cache, use_cache=True)
+        tiny(input_ids=IDS, cache=cache, use_cache=True)
         g = cache.layers[0].groups[0]
-        scores = g.pending_scores.clone()
-        tiny(input_ids=IDS[:, :1], past_key_values=cache, use_cache=True)
+        scores = g.state["_scores"].clone()
+        tiny(input_ids=IDS[:, :1], cache=cache, use_cache=True)
     assert scores.shape == (1, 2, T)
     # the kept prompt keys are the recent window plus prompt keys with top pooled scores
     assert g.keys.shape[2] == 24 + 8 + 1
@@ -91,14 +91,14 @@ def test_snap_keeps_budget_and_recent(tiny):
 
 def test_topk_pages_equal_full_when_all_pages_fit_and_differ_when_few(tiny):
     full = HeadPlan.uniform(2, 2, HeadPolicy.full(), 2)
-    many = HeadPlan.uniform(2, 2, HeadPolicy.topk(k=64, page=8), 2)  # 64 * 8 >= T: every page read
-    few = HeadPlan.uniform(2, 2, HeadPolicy.topk(k=2, page=8), 2)
+    many = HeadPlan.uniform(2, 2, HeadPolicy.topk(pages=64, block=8), 2)  # 64 * 8 >= T: every page read
+    few = HeadPlan.uniform(2, 2, HeadPolicy.topk(pages=2, block=8), 2)
     logits = {}
     for name, plan in (("full", full), ("many", many), ("few", few)):
         cache = PlanCache(plan)
         with torch.no_grad(), use_plan(tiny, plan):
-            tiny(input_ids=IDS[:, :-1], past_key_values=cache, use_cache=True)
-            logits[name] = tiny(input_ids=IDS[:, -1:], past_key_values=cache, use_cache=True).logits
+            tiny(input_ids=IDS[:, :-1], cache=cache, use_cache=True)
+            logits[name] = tiny(input_ids=IDS[:, -1:], cache=cache, use_cache=True).logits
     assert (logits["many"] - logits["full"]).abs().max() < 1e-5
     assert (logits["few"] - logits["full"]).abs().max() > 1e-4
 
@@ -108,14 +108,14 @@ def test_quest_reads_the_top_bound_pages():
     from attnlab.plans.cache import PlanLayer
 
     torch.manual_seed(3)
-    layer = PlanLayer((HeadPolicy.topk(k=3, page=4),))
+    layer = PlanLayer((HeadPolicy.topk(pages=3, block=4),))
     k = torch.randn(1, 1, 37, 8)
     v = torch.randn(1, 1, 37, 8)
     layer.update(k[:, :, :36], v[:, :, :36])
     lkv, _ = layer.update(k[:, :, 36:], v[:, :, 36:])
     q = torch.randn(1, 2, 1, 8)
-    runner = PlanRunner(HeadPlan(((HeadPolicy.topk(k=3, page=4),),), q_per_kv=2))
-    out = runner._layer(q, lkv, 0.3, None, None)
+    runner = PlanRunner(HeadPlan(((HeadPolicy.topk(pages=3, block=4),),), q_per_kv=2))
+    out = runner.attend(0, None, q, lkv, lkv, mask=None, scale=0.3)
     # independent selection: bound per page = sum_d max(q*max, q*min), max over the 2 query heads
     pages = [k[0, 0, i:i + 4] for i in range(0, 37, 4)]
     bound = torch.stack([torch.stack([torch.maximum(q[0, h, 0] * p.amax(0), q[0, h, 0] * p.amin(0)).sum()
@@ -142,7 +142,7 @@ def test_padding_mask_is_respected():
     mask[1, :, :, :3] = False  # row 1 is left-padded by 3
     mask[1, :, :, 27] = False
     runner = PlanRunner(HeadPlan(((pol, HeadPolicy.full()),), q_per_kv=1))
-    out = runner._layer(q, lkv, 0.35, mask, None)
+    out = runner.attend(0, None, q, lkv, lkv, mask=mask, scale=0.35)
     qpos = torch.arange(25, 30).view(5, 1)
     kpos = torch.arange(30).view(1, 30)
     for b in range(2):
@@ -162,7 +162,7 @@ def test_stream_group_follows_the_window():
     cpu = torch.device("cpu")
     groups = [stream_group(w, cpu) for w in (16, 128, 256, 512, 4096)]
     assert groups == sorted(groups) and groups[0] == 32 and groups[2] == 64  # a tile reads window + rows - 1 keys
-    assert all(g & (g - 1) == 0 and g <= DEFAULT_GROUP["cpu"] for g in groups)
+    assert all(g & (g - 1) == 0 and g <= DEFAULT_Q_BLOCK["cpu"] for g in groups)
 
 
 def test_stream_prefill_with_small_tiles_matches_reference():
@@ -172,6 +172,14 @@ def test_stream_prefill_with_small_tiles_matches_reference():
     q, k, v = (torch.randn(1, h, 300, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     s = HeadPolicy.stream(4, 40)
     runner = PlanRunner(HeadPlan(((s, s),), q_per_kv=2))
-    out = runner(None, q, k, v, None, 0.25, 0)
+    out = runner.attend(0, None, q, k, v, mask=None, scale=0.25, q_offset=0)
     ref = reference_attention(q, k, v, pattern=Causal() & (Sinks(4) | SlidingWindow(40)), scale=0.25)
     assert (out - ref).abs().max() < 1e-12
+
+
+def test_removed_interventions_option_names_the_new_way(tiny):
+    plan = HeadPlan.uniform(2, 2, HeadPolicy.full(), 2)
+    for call in (lambda: PlanRunner(plan, interventions=[]), lambda: use_plan(tiny, plan, interventions=[]),
+                 lambda: greedy_generate(tiny, IDS, plan, interventions=[])):
+        with pytest.raises(ValueError, match="'interventions' was removed.*hooks"):
+            call()

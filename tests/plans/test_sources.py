@@ -47,3 +47,46 @@ def test_probe_profile_and_duo_gates_run_on_a_tiny_model(tiny_vocab):
     assert not torch.allclose(gates, torch.sigmoid(torch.tensor(2.0)).expand(2, 2))  # the optimizer moved them
     plan = sources.from_scores(gates, 2, 0.5, 4, 16, source="duo")
     assert plan.counts() == {"full": 2, "stream": 2}
+
+
+def _eager_attentions(model, ids):
+    """Independent weights: transformers' eager attention with output_attentions, (L, H, T, T)."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return torch.stack([a[0] for a in model(input_ids=ids, output_attentions=True).attentions])
+    finally:
+        model.set_attn_implementation(prev)
+
+
+def test_last_rows_weights_equal_the_models_attention(tiny):
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ws = sources._last_rows_weights(tiny, ids[0].tolist(), 6)
+    A = _eager_attentions(tiny, ids)
+    assert len(ws) == 2 and ws[0].shape == (4, 6, 40)
+    for layer in range(2):
+        assert torch.allclose(ws[layer], A[layer, :, -6:], atol=1e-5)
+
+
+def test_duo_hooks_mix_full_and_stream(tiny):
+    """Gates 1: the model itself; gates 0: the all-stream plan; in between: the mix, differentiably."""
+    from attnlab.models import hf
+    from attnlab.plans.plan import HeadPlan, HeadPolicy
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    pol = HeadPolicy.stream(2, 8)
+    with torch.no_grad():
+        base = tiny(input_ids=ids).logits
+        with hf.use(tiny, HeadPlan.uniform(2, 2, pol, 2)):
+            stream = tiny(input_ids=ids).logits
+        for value, want in ((1.0, base), (0.0, stream)):
+            with hf.hooks(tiny, sources.duo_hooks(lambda layer, v=value: torch.full((2,), v), pol.pattern(), 2)):
+                got = tiny(input_ids=ids).logits
+            assert (got - want).abs().max() < 1e-4, value
+    assert (stream - base).abs().max() > 1e-3
+    gates = torch.full((2, 2), 0.5, requires_grad=True)
+    with hf.hooks(tiny, sources.duo_hooks(lambda layer: gates[layer], pol.pattern(), 2)):
+        loss = tiny(input_ids=ids).logits.square().mean()
+    (grad,) = torch.autograd.grad(loss, gates)
+    assert bool((grad != 0).all())

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.core.selection import masked_reference
+from attnlab.core.sparse import masked_reference
 from attnlab.mechanisms.registry import build, get
 from attnlab.mechanisms.routing.dhsa import chunk_keys, chunk_layout, dhsa_attention, dhsa_chunks, dhsa_mask
 from attnlab.mechanisms.routing.dma import dma_attention, dma_reference
@@ -144,7 +144,7 @@ def test_dma_keeps_the_most_important_keys():
 
 def test_dma_layer_decodes_and_trains_importance():
     torch.manual_seed(0)
-    layer = build("dma", dim=32, heads=4, kv_heads=2, window=6, block=4).double()
+    layer = build("dma", dim=32, heads=4, kv_heads=2, window=6, chunk=4).double()
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     _decode_matches(layer, x, 9)
     params = (layer.dt_proj.weight, layer.a_log)
@@ -154,6 +154,8 @@ def test_dma_layer_decodes_and_trains_importance():
     assert get("dma").family == "routing" and get("dma").decodes
     with pytest.raises(ValueError, match="window"):
         build("dma", window=0)
+    with pytest.raises(TypeError, match="'block' was renamed to 'chunk'"):
+        build("dma", block=4)
     with pytest.raises(ValueError, match="bias"):
         dma_attention(*qkv(1, 2, None, 8, D=4), torch.zeros(1, 2, 7), 2)
 
@@ -197,8 +199,10 @@ def test_superlinear_span_search_finds_the_anchor():
 
 def test_superlinear_layer_decodes():
     torch.manual_seed(0)
-    layer = build("superlinear", dim=32, heads=4, kv_heads=2, stride=4, window=5, top_k=2, block=4).double()
+    layer = build("superlinear", dim=32, heads=4, kv_heads=2, stride=4, window=5, top_k=2, chunk=4).double()
     _decode_matches(layer, torch.randn(2, 23, 32, dtype=torch.float64), 9)
     assert get("superlinear").family == "routing" and get("superlinear").decodes
     with pytest.raises(ValueError, match="top_k"):
         build("superlinear", top_k=-1)
+    with pytest.raises(TypeError, match="'block' was renamed to 'chunk'"):
+        build("superlinear", block=4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.core.selection import selection_mask
+from attnlab.core.sparse import selection_mask
 from attnlab.mechanisms.registry import build, get
 from attnlab.mechanisms.routing.delta import correction_terms, delta_correction
 from attnlab.mechanisms.routing.delta_layers import select_row_sets, select_rows, select_tokens
@@ -29,13 +29,13 @@ def one_thread():
 T = 23
 CASES = [  # (name, options, length of the first decoding call)
     ("hip", dict(block=4, top_k=2), 5),
-    ("hip", dict(block=4, top_k=1, delta_correction=3), 8),
-    ("minference", dict(n_vertical=3, n_slash=3, last_q=4, block=8, prefill=14), 14),
-    ("minference", dict(mode="block_topk", block=4, top_k=1, prefill=12, delta_correction=3), 15),
+    ("hip", dict(block=4, top_k=1, delta=3), 8),
+    ("minference", dict(n_vertical=3, n_slash=3, last_q=4, chunk=8, prefill=14), 14),
+    ("minference", dict(mode="block_topk", block=4, top_k=1, prefill=12, delta=3), 15),
     ("delta_select", dict(top_k=4, always=2), 5),
-    ("delta_select", dict(top_k=3, always=1, prefill=6, delta_correction=4), 9),
+    ("delta_select", dict(top_k=3, always=1, prefill=6, delta=4), 9),
     ("recycled", dict(top_k=4, stride=3), 5),
-    ("recycled", dict(top_k=3, stride=4, dense_refresh=False, prefill=6, delta_correction=5), 9),
+    ("recycled", dict(top_k=3, stride=4, dense_refresh=False, prefill=6, delta=5), 9),
     ("recycled", dict(top_k=4, stride=5, refresh_below=-0.1, prefill=6), 6),  # 3 extra refreshes
 ]
 
@@ -51,7 +51,7 @@ def _x(B=2, n=T, seed=1):
 
 
 def _dense(layer, x):
-    q, k, v = layer.qkv(x)
+    q, k, v = layer.project(x)
     return layer.out(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
@@ -72,7 +72,7 @@ def test_forward_matches_reference_and_decoding(name, opts, first):
 
 @pytest.mark.parametrize("name,opts", [
     ("hip", dict(block=4, top_k=6)),
-    ("minference", dict(n_vertical=T, n_slash=T, last_q=4, block=8)),
+    ("minference", dict(n_vertical=T, n_slash=T, last_q=4, chunk=8)),
     ("minference", dict(mode="block_topk", block=4, top_k=6)),
     ("delta_select", dict(top_k=T, always=0)),
     ("recycled", dict(top_k=T, stride=4)),
@@ -88,8 +88,10 @@ def test_registered_entries_and_options():
     for name, paper in (("hip", "D74"), ("minference", "B294"), ("delta_select", "D42"), ("recycled", "D27")):
         e = get(name)
         assert e.family == "routing" and e.papers == (paper,) and e.decodes and e.cls.registry_name == name
-        with pytest.raises(ValueError, match="delta_correction"):
-            build(name, delta_correction=-1)
+        with pytest.raises(ValueError, match="delta"):
+            build(name, delta=-1)
+        with pytest.raises(TypeError, match="'delta_correction' was renamed to 'delta'"):
+            build(name, delta_correction=2)
     with pytest.raises(ValueError, match="mode"):
         build("minference", mode="slash")
     with pytest.raises(ValueError, match="prefill"):
@@ -185,7 +187,7 @@ def _planted_layer(name, **opts):
     """The layer with its projections replaced by the planted q, k, v (and an identity output projection)."""
     q, k, v = _planted()
     layer = build(name, dim=32, heads=2, rope=False, **opts).double()
-    layer.qkv = lambda x, start=0: tuple(t[:, :, start : start + x.shape[1]] for t in (q, k, v))
+    layer.project = lambda x, start=0: tuple(t[:, :, start : start + x.shape[1]] for t in (q, k, v))
     with torch.no_grad():
         layer.o_proj.weight.copy_(torch.eye(32, dtype=torch.float64))
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 96, 32)
@@ -198,15 +200,15 @@ def test_delta_correction_reduces_error_and_is_exact_when_dense(name, opts):
     x = torch.zeros(1, 96, 32, dtype=torch.float64)
     err = {}
     for stride in (0, 8):
-        layer, dense = _planted_layer(name, delta_correction=stride, **opts)
+        layer, dense = _planted_layer(name, delta=stride, **opts)
         y = layer(x)
         assert max_err(y, layer.reference(x)) < 1e-12
         err[stride] = float((y - dense)[:, 16:].detach().norm())  # rows past the sink's block
     assert err[8] < 0.5 * err[0], err
-    layer, dense = _planted_layer(name, delta_correction=1, **opts)  # every row sampled: dense attention
+    layer, dense = _planted_layer(name, delta=1, **opts)  # every row sampled: dense attention
     assert max_err(layer(x), dense) < 1e-12
     dense_opts = dict(opts, top_k=96) if name == "delta_select" else dict(opts, top_k=6)
-    layer, dense = _planted_layer(name, delta_correction=8, **dense_opts)  # a dense "sparse" method: exact
+    layer, dense = _planted_layer(name, delta=8, **dense_opts)  # a dense "sparse" method: exact
     assert max_err(layer(x), dense) < 1e-12
 
 

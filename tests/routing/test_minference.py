@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.core.selection import masked_reference
+from attnlab.core.sparse import masked_reference
 from attnlab.mechanisms.routing.minference import (
     block_topk_attention,
     block_topk_mask,
@@ -16,12 +16,12 @@ from attnlab.mechanisms.routing.minference import (
 from attnlab.testing import grads, max_err, qkv
 
 
-@pytest.mark.parametrize("T,nv,ns,block", [(40, 4, 3, 8), (37, 2, 5, 16)])
-def test_vertical_slash_matches_reference(T, nv, ns, block):
+@pytest.mark.parametrize("T,nv,ns,chunk", [(40, 4, 3, 8), (37, 2, 5, 16)])
+def test_vertical_slash_matches_reference(T, nv, ns, chunk):
     q, k, v = qkv(2, 4, 2, T, D=8)
     vert, slash = vertical_slash_select(q, k, nv, ns, last_q=8)
     assert bool((slash == 0).any(-1).all())  # the main diagonal is always kept
-    out = vertical_slash_attention(q, k, v, nv, ns, last_q=8, block=block)
+    out = vertical_slash_attention(q, k, v, nv, ns, last_q=8, chunk=chunk)
     ref = masked_reference(q, k, v, vertical_slash_mask(vert, slash, T, T))
     assert max_err(out, ref) < 1e-12
     assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-12
@@ -39,7 +39,7 @@ def test_vertical_slash_finds_planted_column_and_diagonal():
 
 def test_vertical_slash_all_is_causal():
     q, k, v = qkv(1, 2, None, 24, D=8)
-    out = vertical_slash_attention(q, k, v, 24, 24, last_q=4, block=8)
+    out = vertical_slash_attention(q, k, v, 24, 24, last_q=4, chunk=8)
     assert max_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-12
 
 

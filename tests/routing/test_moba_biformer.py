@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core.reference import reference_attention
-from attnlab.core.selection import masked_reference
+from attnlab.core.sparse import masked_reference
 from attnlab.mechanisms.registry import build, get
 from attnlab.mechanisms.routing.biformer import biformer_attention, biformer_mask, region_order
 from attnlab.mechanisms.routing.moba import moba_attention, moba_mask, moba_select
@@ -86,5 +86,5 @@ def test_biformer_layer_and_errors():
         build("biformer", grid=(5, 8), regions=(2, 2))
     with pytest.raises(ValueError, match="length"):
         layer(torch.randn(1, 30, 32, dtype=torch.float64))
-    with pytest.raises(TypeError, match="cache"):
+    with pytest.raises(TypeError, match="decode"):
         layer.init_cache()

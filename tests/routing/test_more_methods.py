@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from attnlab.bench.selection import SelectionMethod, planted_qkv, recall_report
 from attnlab.cli import main
 from attnlab.core.reference import reference_attention
-from attnlab.core.selection import masked_reference
+from attnlab.core.sparse import masked_reference
 from attnlab.mechanisms.registry import build, get
 from attnlab.mechanisms.routing.delta import delta_correction
 from attnlab.mechanisms.routing.delta_layers import select_tokens, token_attention
@@ -86,7 +86,7 @@ def test_vmoba_all_blocks_is_dense_and_layer():
         build("vmoba", partition="4d")
     with pytest.raises(ValueError, match="divide"):
         build("vmoba", grid=(4, 4, 5), tile=(2, 2, 2), partition="3d")
-    with pytest.raises(TypeError, match="cache"):
+    with pytest.raises(TypeError, match="decode"):
         layer.init_cache()
 
 
@@ -269,7 +269,7 @@ def test_sparsifiner_matches_reference_and_trains_its_predictor():
     assert c.shape == (2, 4, 20, 20)
     dense = build("sparsifiner", dim=32, heads=4, rank=3, top_k=20).double()
     dense.load_state_dict(layer.state_dict())
-    q, k, v = dense.qkv(x)
+    q, k, v = dense.project(x)
     assert max_err(dense(x), dense.out(F.scaled_dot_product_attention(q, k, v))) < 1e-12
     assert max_err(out, dense(x)) > 1e-3  # top-5 of 20 really drops keys
     loss = layer.predictor_loss(x)

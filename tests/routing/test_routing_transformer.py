@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from attnlab.core.selection import masked_reference
+from attnlab.core.sparse import masked_reference
 from attnlab.mechanisms.registry import build
 from attnlab.mechanisms.routing.routing_transformer import cluster_key_sets, routing_attention, routing_mask
 from attnlab.testing import grads, max_err, qkv

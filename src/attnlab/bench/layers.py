@@ -5,6 +5,8 @@ options its config has) and timed on one sequence: forward, forward + backward, 
 prefill of ``length - 1`` tokens. Ratios are speedups over the ``mha`` layer (causal, SDPA) measured in the
 same run: ``t_mha / t_layer``, above 1 is faster. A class may set ``bench_max_len`` to skip longer lengths
 (e.g. layers that materialize the score matrix). MoH's default is 50% of heads active (2 shared + top-2 of 6).
+Layers over a grid of tokens (images, video: ``vmoba``, ``care``, ``biformer``) get a grid of ``length`` tokens
+(power-of-two sides, as even as possible).
 """
 
 from __future__ import annotations
@@ -15,17 +17,30 @@ from typing import Any
 
 import torch
 
-from ..mechanisms.registry import build, catalogue
+from ..mechanisms.registry import build, catalogue, config_options
 from .common import Report, median, progress, time_fn
 from .speed import SpeedContext
 
 DIM, HEADS, BATCH = 512, 8, 1
 
 
-def _build(entry: Any, device: str) -> torch.nn.Module:
-    fields = {f.name for f in dataclasses.fields(entry.config)}
+def grid_options(entry: Any, length: int) -> dict[str, Any]:
+    """``{"grid": sides}`` of ``length`` tokens for layers that take a grid (as many sides as their default grid;
+    powers of two as even as possible, larger sides first), else ``{}``."""
+    if "grid" not in config_options(entry.config):
+        return {}
+    default = next(f.default for f in dataclasses.fields(entry.config) if f.name == "grid")
+    n = len(default)
+    if length < 1 or length & (length - 1):
+        raise ValueError(f"{entry.name}: a grid of {length} tokens needs a power-of-two length")
+    e = length.bit_length() - 1
+    return {"grid": tuple(2 ** (e // n + (i < e % n)) for i in range(n))}
+
+
+def _build(entry: Any, device: str, length: int) -> torch.nn.Module:
+    fields = set(config_options(entry.config))
     opts = {k: v for k, v in (("dim", DIM), ("heads", HEADS)) if k in fields}
-    return build(entry.name, **opts).to(device)
+    return build(entry.name, **opts, **grid_options(entry, length)).to(device)
 
 
 def _times(layer: torch.nn.Module, x: torch.Tensor, reps: int, decodes: bool) -> dict[str, float | None]:
@@ -74,7 +89,7 @@ def run(ctx: SpeedContext) -> Report:
                 advance(f"{e.name} @ {T}")
                 row: dict[str, Any] = {"mechanism": e.name, "family": e.family, "length": T, "note": ""}
                 try:
-                    layer = _build(e, ctx.device).to(ctx.dtype)
+                    layer = _build(e, ctx.device, T).to(ctx.dtype)
                     limit = getattr(layer, "bench_max_len", None)
                     if limit is not None and T > limit:
                         row["note"] = f"skipped: bench_max_len={limit}"

@@ -34,7 +34,7 @@ def _inputs(n: int, dtype: torch.dtype, device: str, grad: bool = False) -> list
 
 
 def _lightning(q, k, v, chunk: int) -> torch.Tensor:
-    return linear_attention(q, k, v, LOG_DECAY.to(q.device), chunk_size=chunk)[0]
+    return linear_attention(q, k, v, LOG_DECAY.to(q.device), chunk=chunk)[0]
 
 
 def _sdpa(q, k, v) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``attnlab bench selection``: how much of dense attention each content-based selection keeps.
 
 On seeded inputs with planted structure (a sink key, a few heavy columns, local similarity, heads of
-increasing sharpness), every method builds its selection; ``core.selection.selection_recall`` then reports per
+increasing sharpness), every method builds its selection; ``core.sparse.selection_recall`` then reports per
 head the sparsity, the attention mass kept, the recall of each query's true top keys, and the relative error of
 the selected (masked float64) output against dense attention. Every registered ``routing`` mechanism has a row
 (a test enforces it); ``.delta`` rows add the delta correction [D99] (its sampled rows count as selected).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.selection import masked_reference, selection_mask, selection_recall
+from ..core.sparse import masked_reference, selection_mask, selection_recall
 from .common import Report, new_run_dir
 
 COLUMNS = ["method", "head", "sparsity", "mass", "top_recall", "out_err"]

@@ -3,8 +3,8 @@
 Engines (``backend=``):
 
 * ``"sdpa"``        -- PyTorch's fused kernel; full and causal attention (the fastest there is for them).
-* ``"blocksparse"`` -- gathered tiles through SDPA (``blocksparse.py``): computes only allowed work,
-  forward and backward, on CPU and GPU.
+* ``"blocksparse"`` -- the sparse engine (:mod:`attnlab.core.sparse`): the pattern's tile plan, computing only
+  allowed work, forward and backward, on CPU and GPU (the native CPU kernel when it is built).
 * ``"flex"``        -- compiled FlexAttention with a block mask (GPU training; CPU forward only).
 * ``"dense_mask"``  -- SDPA with the whole boolean mask: the naive baseline every benchmark compares to.
 * ``"reference"``   -- the float64 oracle (``reference.py``) in the input dtype; returns weights if asked.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import blocksparse, flex
+from . import flex, sparse
 from .checks import check_qkv, default_scale
 from .patterns import Causal, Full, Pattern
 from .reference import reference_attention
@@ -48,8 +48,9 @@ def attention(
     backend: str = "auto",
     return_weights: bool = False,
     q_offset: int | None = None,
-    group: int | None = None,
+    q_block: int | None = None,
     mask: Tensor | None = None,
+    **removed,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention restricted to ``pattern``, with an optional score modifier.
 
@@ -60,13 +61,19 @@ def attention(
         score_mod: ALiBi, SoftCap, Temperature, Bias or a tuple of them.
         q_offset: absolute position of the first query (default ``kv_len - q_len``: the queries are the
            last positions, as when decoding with a cache).
-        group: query rows per tile for the block-sparse engine (default: the measured per-device choice).
+        q_block: query rows per tile of the sparse engine's pattern plan (default: the measured per-device
+           choice, ``attnlab.core.sparse.DEFAULT_Q_BLOCK``).
         return_weights: also return the ``(batch, heads, q_len, kv_len)`` weights (uses the reference).
         mask: a free boolean ``(batch or 1, heads or 1, q_len, kv_len)`` (True = may attend; padding, per-batch
            rules) ANDed with ``pattern``; it has no block structure known in advance, so it runs as one masked
            dense call (``dense_mask``) unless the reference is asked for.
     Returns: ``(batch, heads, q_len, head_dim_v)`` in q's dtype (and the weights if asked).
     """
+    if removed:
+        name = next(iter(removed))
+        if name == "group":
+            raise TypeError("attention(): option 'group' was renamed to 'q_block' (query rows per tile)")
+        raise TypeError(f"attention() got an unexpected keyword argument {name!r}")
     B, Hq, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -100,9 +107,11 @@ def attention(
         return _dense_mask(q, k, v, pattern, mod, scale, q_offset)
     if backend == "flex":
         return flex.flex_attention(q, k, v, pattern, scale, mod, q_offset)
-    group = group or blocksparse.DEFAULT_GROUP.get(q.device.type, 128)
-    plan = blocksparse.static_plan(pattern, Tq, Tk, q_offset, min(group, Tq), q.device)
-    return blocksparse.run_plan(q, k, v, plan, scale, mod, q_offset)
+    plan = sparse.plan_pattern(pattern, Tq, Tk, q_offset, q_block, q.device)
+    # on CPU the engine picks the native kernel when it is built and can express the modifier, else the Python
+    # tiles; off CPU the Python tiles (FlexAttention is its own backend here)
+    engine = "auto" if q.device.type == "cpu" else "python"
+    return sparse.run(q, k, v, plan, scale, mod, engine=engine)
 
 
 def _sdpa(q, k, v, pattern, mod, scale, q_offset):

@@ -1,8 +1,9 @@
 """FlexAttention glue: block masks and compiled kernels, cached.
 
-On CUDA this is the fast sparse path for forward and backward. On CPU in torch 2.13 FlexAttention has a
-compiled forward but no backward, so the block-sparse engine (``blocksparse.py``) serves training there;
-this path stays available as ``backend="flex"`` for forward-only use and for comparison in the benchmark.
+On CUDA this is the fast sparse path for forward and backward (the sparse executor's ``engine="flex"`` for
+pattern plans). On CPU in torch 2.13 FlexAttention has a compiled forward but no backward, so the sparse engine's
+tile path (:mod:`attnlab.core.sparse`) serves training there; this path stays available as ``backend="flex"``
+for forward-only use and for comparison in the benchmark.
 """
 
 from __future__ import annotations
@@ -63,11 +64,17 @@ def flex_attention(
     score_mod: ScoreMod | None,
     q_offset: int,
     block: int = 128,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """FlexAttention of a static pattern with a cached block mask; with ``return_lse`` also the ``(B, H, Tq)``
+    log-sum-exp (``-inf`` and zero output for rows that see no key)."""
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError(
             "FlexAttention on CPU has no backward in this torch; use backend='blocksparse' (the default) for training"
         )
+    if return_lse and q.device.type == "cpu":
+        raise RuntimeError("FlexAttention on CPU cannot return the log-sum-exp in this torch; use the sparse "
+                           "engine's 'python' or 'native' engine for run_lse on CPU")
     bm = block_mask(pattern, q.shape[1], q.shape[2], k.shape[2], q_offset, block, str(q.device))
     mod = None
     if score_mod is not None:
@@ -75,4 +82,8 @@ def flex_attention(
             return score_mod.score_mod(score, b, h, q_idx + q_offset, kv_idx)
 
     enable_gqa = q.shape[1] != k.shape[1]
-    return compiled_flex()(q, k, v, score_mod=mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
+    if not return_lse:
+        return compiled_flex()(q, k, v, score_mod=mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
+    out, lse = compiled_flex()(q, k, v, score_mod=mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa,
+                               return_lse=True)
+    return out, lse

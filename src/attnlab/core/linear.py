@@ -81,7 +81,7 @@ def linear_attention(
     normalize: bool = False,
     eps: float = 1e-6,
     mode: str = "chunked",
-    chunk_size: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decayed causal linear attention.
 
@@ -93,7 +93,7 @@ def linear_attention(
         state: the carried state ``(B, H, F, Dv)`` (``Dv + 1`` columns when ``normalize``) from a previous call.
         normalize: divide by ``q_t z_t + eps``.
         mode: ``"parallel"``, ``"chunked"`` or ``"recurrent"`` (identical results).
-        chunk_size: tokens per chunk for ``"chunked"`` (default: the measured per-device choice).
+        chunk: tokens per chunk for ``"chunked"`` (default: the measured per-device choice).
     Returns: ``o (B, H, T, Dv)`` in q's dtype and the final state (float32 or float64).
     """
     B, H, T, F, Dv = _check(q, k, v)
@@ -118,7 +118,7 @@ def linear_attention(
     elif mode == "recurrent":
         o, state = _recurrent(q, k, v, g, state)
     else:
-        C = chunk_size or DEFAULT_CHUNK.get(q.device.type, 64)
+        C = chunk or DEFAULT_CHUNK.get(q.device.type, 64)
         o, state = _chunked(q, k, v, g, state, C)
     if normalize:
         o = o[..., :Dv] / (o[..., Dv:] + eps)
@@ -244,7 +244,7 @@ def cumulative_softmax_attention(
     *,
     state: SoftmaxState | None = None,
     mode: str = "chunked",
-    chunk_size: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, SoftmaxState]:
     """``o_t = sum_m q_tm * sum_{j<=t} softmax_{j<=t}(s_{.m})_j v_j`` (per-feature softmax over the prefix).
 
@@ -271,7 +271,7 @@ def cumulative_softmax_attention(
     elif mode == "recurrent":
         o, state = _softmax_recurrent(q, s, v, state)
     else:
-        o, state = _softmax_chunked(q, s, v, state, chunk_size or DEFAULT_CHUNK.get(q.device.type, 64))
+        o, state = _softmax_chunked(q, s, v, state, chunk or DEFAULT_CHUNK.get(q.device.type, 64))
     return o.to(out_dtype), state
 
 

@@ -27,6 +27,10 @@ def masked_softmax(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     """
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if not (torch.is_grad_enabled() and scores.requires_grad):
+        # inference: a row with no finite score softmaxes to NaN; zero it in place (4x fewer passes than below)
+        return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    # autograd: NaN rows would poison the backward, so they never reach softmax
     has_any = torch.isfinite(scores).any(dim=-1, keepdim=True)
     return torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * has_any
 
@@ -79,24 +83,87 @@ def weights_chunks(
         yield s, masked_softmax(sc, m)
 
 
-def lse_merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def lse_merge(parts: list, rows: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact softmax over the union of disjoint key sets from per-set partial results.
 
-    parts: ``(out (..., Dv), lse (...))`` per key set, all over the same rows; a row that saw no key in a set
-    has ``lse = -inf`` there. Returns the merged ``(out, lse)``; rows that saw no key at all give zeros and
-    ``-inf``. Differentiable (plain tensor ops).
+    Each part is ``(out, lse)`` over the same rows -- ``out (..., Dv)``, ``lse (...)``, a row that saw no key
+    in that set has ``lse = -inf`` -- or ``(out (n, Dv), lse (n,), row, ok)`` over some of ``rows`` flat rows:
+    ``row (n,)`` long says which row each entry is (None: every row, in order; a row may appear in several
+    entries of a part, e.g. one per selected key set) and ``ok (n,)`` bool marks the entries that count
+    (None: all). Returns the merged ``(out, lse)`` (``(..., Dv)`` and ``(...)``, or ``(rows, Dv)`` and
+    ``(rows,)`` with row indices); rows that saw no key at all give zeros and ``-inf``.
+
+    Differentiable (plain tensor ops) when autograd is on; without autograd the accumulators are updated in
+    place, so the merge touches every partial output once instead of copying the whole result per part.
     """
-    if len(parts) == 1:
-        o, lse = parts[0]
-        return o, lse
-    lses = torch.stack([lse for _, lse in parts])  # (P, ...)
-    total = torch.logsumexp(lses, dim=0)
-    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    out = None
-    for o, lse in parts:
-        w = torch.exp(lse - safe).unsqueeze(-1).to(o.dtype)
-        out = w * o if out is None else out + w * o
-    return out, total
+    full = [p if len(p) == 4 else (p[0], p[1], None, None) for p in parts]
+    if not full:
+        raise ValueError("lse_merge needs at least one part")
+    lead = None
+    if rows is None:
+        if any(p[2] is not None for p in full):
+            raise ValueError("lse_merge: parts with row indices need rows= (the number of output rows)")
+        lead = full[0][1].shape  # every part covers the same rows, in order: merge them flat
+        full = [(o.reshape(-1, o.shape[-1]), lse.reshape(-1), None, None if ok is None else ok.reshape(-1))
+                for o, lse, _, ok in full]
+        rows = full[0][1].numel()
+    o0, ref = full[0][0], full[0][1]
+    if len(full) == 1 and full[0][2] is None and full[0][3] is None:  # one part over every row, in order
+        out, L = o0, ref
+    else:
+        out, L = _merge_rows(full, rows)
+    if lead is not None:
+        out, L = out.reshape(*lead, out.shape[-1]), L.reshape(lead)
+    return out, L
+
+
+def _merge_rows(parts: list, rows: int) -> tuple[Tensor, Tensor]:
+    ref = parts[0][1]
+    dev = ref.device
+    inplace = not torch.is_grad_enabled()
+    m = torch.full((rows,), float("-inf"), dtype=ref.dtype, device=dev)
+    lses = []
+    for _o, lse, row, ok in parts:
+        if ok is not None:
+            lse = lse.masked_fill(~ok, float("-inf"))
+        lses.append(lse)
+        m = torch.maximum(m, lse.detach()) if row is None else m.scatter_reduce(0, row, lse.detach(), "amax")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    out_dtype = parts[0][0].dtype
+    acc = torch.promote_types(out_dtype, ref.dtype)  # low-precision outputs are summed in the lse's precision
+    Dv = parts[0][0].shape[-1]
+    s = out = None
+    for (o, _, row, _), lse in zip(parts, lses):
+        if row is None and out is None:  # a part over every row starts the sums (no zero fill)
+            s = torch.exp(lse - m)
+            out = s.unsqueeze(-1) * o.to(acc)
+            continue
+        if out is None:
+            s = torch.zeros(rows, dtype=ref.dtype, device=dev)
+            out = torch.zeros(rows, Dv, dtype=acc, device=dev)
+        if row is None:
+            e = torch.exp(lse - m)
+            if inplace:
+                s += e
+                out.addcmul_(e.unsqueeze(-1).to(acc), o.to(acc))
+            else:
+                s = s + e
+                out = out + e.unsqueeze(-1) * o
+        else:
+            e = torch.exp(lse - m[row])
+            if inplace:
+                s.index_add_(0, row, e)
+                out.index_add_(0, row, (e.unsqueeze(-1) * o).to(acc))
+            else:
+                s = s.index_add(0, row, e)
+                out = out.index_add(0, row, (e.unsqueeze(-1) * o).to(acc))
+    # every row that saw a key has s >= 1 (its largest part contributes exp(0)); s == 0 marks the others, and
+    # the clamp keeps log's gradient finite there
+    tiny = torch.finfo(s.dtype).tiny
+    L = (m + torch.log(s.clamp(min=tiny))).masked_fill(s == 0, float("-inf"))
+    norm = s.clamp(min=tiny).unsqueeze(-1)
+    out = out.div_(norm) if inplace else out / norm
+    return out.to(out_dtype), L
 
 
 __all__ = ["DEFAULT_ROWS", "lse_merge", "masked_softmax", "weights_chunks"]

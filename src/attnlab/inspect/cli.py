@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 
@@ -21,6 +22,8 @@ def register(subparsers) -> None:
                    help="comma list of probes: text (alias sinks), induction, retrieval, basin, lookback")
     p.add_argument("--out", help="output folder (default runs/inspect-<stamp>)")
     p.add_argument("--compare", help="another atlas.json to compare with in the report")
+    p.add_argument("--plan", help="a per-head plan JSON (attnlab plan ...): record the atlas of the model "
+                   "running that plan (hooks compose with it: every metric is the plan's attention)")
     p.add_argument("--importance", default="gradient", choices=["none", "gradient", "ablation", "both"],
                    help="head importance: gradient (one backward) and/or ablation (one forward per head)")
     p.add_argument("--max-tokens", type=int, default=None, help="truncate the base probe to this many tokens")
@@ -33,6 +36,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.common import new_run_dir, progress
+    from ..models import hf
     from ..models.hf import ModelLoadError, geometry, load_model
     from .atlas import HeadAtlas, build_atlas
     from .metrics import MetricConfig
@@ -57,10 +61,23 @@ def run(args: argparse.Namespace) -> int:
     n_probes = len(set(ALIASES.get(s, s) for s in probes) | {"text"})
     total = n_probes * (g.num_layers + 1) + 4 + (g.num_layers * g.num_heads // 16 + 1
                                                  if args.importance in ("both", "ablation") else 0)
-    with progress(total, f"inspect {args.model}") as advance:
-        atlas = build_atlas(model, tok, probes, name=Path(args.model).name, text=text, cfg=cfg,
+    plan = None
+    if args.plan:
+        from ..plans.plan import HeadPlan
+
+        try:
+            plan = HeadPlan.load(args.plan)
+            plan.check_model(g.num_layers, g.num_kv_heads, g.group)
+        except (OSError, ValueError) as e:
+            print(f"error: --plan {args.plan}: {e}")
+            return 2
+    name = Path(args.model).name + (f" under {plan.name}" if plan is not None else "")
+    with progress(total, f"inspect {name}") as advance, (hf.use(model, plan) if plan is not None else nullcontext()):
+        atlas = build_atlas(model, tok, probes, name=name, text=text, cfg=cfg,
                             importance=args.importance, flow_tokens=args.flow_tokens, max_tokens=args.max_tokens,
                             progress=advance)
+    if plan is not None:
+        atlas.meta["plan"] = plan.to_dict()
     paths = write_report(atlas, out, other, pngs=not args.no_png)
     counts = atlas.role_counts()
     print(f"{atlas.model}: {g.num_layers} layers x {g.num_heads} heads in {atlas.meta['seconds']} s; roles: "

@@ -1,9 +1,13 @@
 """Head importance (Michel et al., "Are Sixteen Heads Really Better than One?").
 
 * ``ablation_importance``: loss change when one head's output is zeroed before the output projection,
-  ``L(head h off) - L(all heads)``. The ablations run batched: copy ``b`` of the batch zeroes its own head.
-* ``gradient_importance``: ``|dL/d xi_h|`` for head gates ``xi`` (all 1) multiplying each head's output,
-  attnlab's own gates (``attnlab.models.hf.head_gates``) -- Michel et al.'s proxy, one backward pass.
+  ``L(head h off) - L(all heads)``: an intervention on ``blocks.*.attn.z`` (each head's output before
+  ``o_proj``). The ablations run batched: copy ``b`` of the batch zeroes its own head.
+* ``gradient_importance``: ``|dL/d xi_h|`` for head gates ``xi`` (all 1) multiplying each head's output
+  (a differentiable ``z`` intervention) -- Michel et al.'s proxy, one backward pass.
+
+Both act through the hook seam, so they compose with whatever runs the attention (``hf.use(model, plan)``:
+the importance of each head under the plan).
 
 The loss is the causal LM's mean next-token cross-entropy. Encoders without an LM head (MiniLM) use the
 embedding change ``1 - cos(mean-pooled output, unablated one)`` for ablation; gradient importance is then
@@ -17,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import hf
+
+Z = "blocks.*.attn.z"
 
 
 def _is_lm(model: nn.Module) -> bool:
@@ -51,11 +57,10 @@ def ablation_importance(model: nn.Module, ids: Tensor, batch: int = 16, on_batch
             for b, (layer, h) in enumerate(part):
                 keep[b, layer, h] = 0.0
 
-            def fn(module, q, k, v, mask, scaling, layer_idx, keep=keep):
-                o = hf.default_attention(module, q, k, v, mask, scaling)
-                return o * keep[:, layer_idx].to(o.dtype).view(o.shape[0], -1, 1, 1)
+            def fn(z, ctx, keep=keep):  # z (B, H, Tq, Dv): copy b keeps all heads but its own
+                return z * keep[:, ctx.layer].to(z.dtype).view(z.shape[0], -1, 1, 1)
 
-            with hf.attnlab_attention(model, fn):
+            with hf.hooks(model, {Z: fn}):
                 loss = _per_sequence_loss(model, ids.expand(len(part), -1), base_emb)
             for b, (layer, h) in enumerate(part):
                 out[layer, h] = float(loss[b]) - base_loss
@@ -70,11 +75,15 @@ def gradient_importance(model: nn.Module, ids: Tensor) -> Tensor:
     if not _is_lm(model):
         return torch.full((g.num_layers, g.num_heads), float("nan"), dtype=torch.float64)
     gates = torch.ones(g.num_layers, g.num_heads, requires_grad=True)
+
+    def gate(z, ctx):  # z (B, H, Tq, Dv) times the layer's gates
+        return z * gates[ctx.layer].to(z.dtype).view(1, -1, 1, 1)
+
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), hf.attnlab_attention(model, hf.head_gates(gates)):
+        with torch.enable_grad(), hf.hooks(model, {Z: gate}):
             loss = _per_sequence_loss(model, ids).mean()
             (grad,) = torch.autograd.grad(loss, gates)
     finally:

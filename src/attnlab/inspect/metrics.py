@@ -72,7 +72,9 @@ class HeadStats:
         self.sums = {k: z(heads) for k in ("sink", "entropy", "entropy_norm", "distance", "prev_token",
                                             "locality", "streaming", "induction", "lookback", "loc_all",
                                             "str_all")}
-        self.counts = dict.fromkeys(("rows", "rows_norm", "prev", "loc", "ind", "look", "prof"), 0)
+        self.counts = dict.fromkeys(("rows", "prev", "ind", "look", "prof"), 0)
+        # rows counted per head: under a per-head plan each head sees its own number of keys
+        self.head_counts = {k: torch.zeros(heads, dtype=torch.float64) for k in ("rows_norm", "loc")}
         self.argmax = torch.zeros(heads, T, dtype=torch.int32)
         self.maxw = torch.zeros(heads, T)
         self.nb = min(cfg.map_bins, T)
@@ -91,7 +93,8 @@ class HeadStats:
         self.largest_chunk = 0  # numel of the largest weight chunk seen (memory check)
 
     def update(self, w: Tensor, q_pos: Tensor, n_visible: Tensor) -> None:
-        """Add a chunk. w: ``(H, c, T)`` rows summing to 1 (or 0 if no key); q_pos, n_visible: ``(c,)``."""
+        """Add a chunk. w: ``(H, c, T)`` rows summing to 1 (or 0 if no key); q_pos ``(c,)``; n_visible: keys
+        each row may see, ``(c,)`` (same for every head) or ``(H, c)`` (per head, e.g. under a plan)."""
         cfg, T = self.cfg, self.T
         w = w.float()
         H, c, Tk = w.shape
@@ -104,10 +107,11 @@ class HeadStats:
         s["sink"] += w[:, :, 0].sum(1).double()
         ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # (H, c)
         s["entropy"] += ent.sum(1).double()
-        many = n_visible > 1
-        if bool(many.any()):
-            s["entropy_norm"] += (ent[:, many] / torch.log(n_visible[many].float())).sum(1).double()
-            self.counts["rows_norm"] += int(many.sum())
+        nv = n_visible.to(torch.float64).expand(H, c)
+        many = nv > 1
+        norm = ent.double() / torch.log(nv.clamp_min(2.0))
+        s["entropy_norm"] += torch.where(many, norm, torch.zeros(())).sum(1)
+        self.head_counts["rows_norm"] += many.sum(1)
         dist = (qp - kpos.view(1, T)).abs().float()  # (c, T)
         s["distance"] += (w * dist).sum(-1).sum(1).double()
         has_prev = q_pos >= 1
@@ -120,11 +124,10 @@ class HeadStats:
         loc, strm = (w * near).sum(-1), (w * stream).sum(-1)  # (H, c)
         s["loc_all"] += loc.sum(1).double()
         s["str_all"] += strm.sum(1).double()
-        hard = n_visible > cfg.sink_tokens + cfg.window
-        if bool(hard.any()):
-            s["locality"] += loc[:, hard].sum(1).double()
-            s["streaming"] += strm[:, hard].sum(1).double()
-            self.counts["loc"] += int(hard.sum())
+        hard = nv > cfg.sink_tokens + cfg.window  # (H, c)
+        s["locality"] += (loc.double() * hard).sum(1)
+        s["streaming"] += (strm.double() * hard).sum(1)
+        self.head_counts["loc"] += hard.sum(1)
         if self.tok is not None:
             prev_tok = torch.cat([torch.full((1,), -1), self.tok[:-1]])  # tok[j-1], none for j = 0
             target = (prev_tok.view(1, T) == self.tok[q_pos].view(c, 1)) & (kpos.view(1, T) <= qp)
@@ -167,22 +170,23 @@ class HeadStats:
 
     def finalize(self) -> dict[str, Tensor]:
         """Per-head values ``(H,)`` for each name in ``HEAD_METRICS`` (NaN where a metric does not apply)."""
-        s, n = self.sums, self.counts
+        s, n, hc = self.sums, self.counts, self.head_counts
         nan = torch.full((self.H,), float("nan"), dtype=torch.float64)
         div = lambda x, k: x / n[k] if n[k] else nan.clone()  # noqa: E731
         out = {
             "sink": div(s["sink"], "rows"),
             "entropy": div(s["entropy"], "rows"),
-            "entropy_norm": div(s["entropy_norm"], "rows_norm"),
+            "entropy_norm": torch.where(hc["rows_norm"] > 0, s["entropy_norm"] / hc["rows_norm"].clamp_min(1),
+                                        nan),
             "distance": div(s["distance"], "rows"),
             "prev_token": div(s["prev_token"], "prev"),
             "induction": div(s["induction"], "ind"),
             "lookback": div(s["lookback"], "look"),
         }
-        if n["loc"]:
-            out["locality"], out["streaming"] = s["locality"] / n["loc"], s["streaming"] / n["loc"]
-        else:  # every row is short: fall back to all rows
-            out["locality"], out["streaming"] = div(s["loc_all"], "rows"), div(s["str_all"], "rows")
+        # a head whose rows are all short (or that sees few keys under a plan) falls back to all its rows
+        has = hc["loc"] > 0
+        for name, every in (("locality", "loc_all"), ("streaming", "str_all")):
+            out[name] = torch.where(has, s[name] / hc["loc"].clamp_min(1), div(s[every], "rows"))
         prof = self.profile()
         out["basin"] = basin_score(prof) if prof is not None else nan.clone()
         return out
@@ -207,17 +211,24 @@ def basin_score(profile: Tensor) -> Tensor:
 
 def head_metrics(
     weights: Tensor, cfg: MetricConfig | None = None, spec: ProbeSpec | None = None, causal: bool = True,
-    chunk: int | None = None,
+    chunk: int | None = None, visible: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], HeadStats]:
-    """Metrics of full weights ``(H, T, T)`` (rows sum to 1), computed chunk by chunk as the recorder does."""
+    """Metrics of full weights ``(H, Tq, T)`` (rows sum to 1), computed chunk by chunk as the recorder does.
+
+    ``visible``: keys each row may see, ``(Tq,)`` or ``(H, Tq)`` (default: the causal or full rule).
+    """
     cfg = cfg or MetricConfig()
     H, Tq, T = weights.shape
     stats = HeadStats(H, T, cfg, spec)
     chunk = chunk or cfg.chunk
     for r0 in range(0, Tq, chunk):
-        q_pos = torch.arange(r0, min(Tq, r0 + chunk)) + (T - Tq)
-        vis = q_pos + 1 if causal else torch.full_like(q_pos, T)
-        stats.update(weights[:, q_pos - (T - Tq)], q_pos, vis)
+        rows = torch.arange(r0, min(Tq, r0 + chunk))
+        q_pos = rows + (T - Tq)
+        if visible is not None:
+            vis = visible[..., rows]
+        else:
+            vis = q_pos + 1 if causal else torch.full_like(q_pos, T)
+        stats.update(weights[:, rows], q_pos, vis)
     return stats.finalize(), stats
 
 

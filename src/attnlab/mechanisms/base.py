@@ -6,6 +6,10 @@
   returned to the caller -- no global state.
 * ``reference(x) -> y``: the paper's formula written plainly (dense, materialized scores); the fast path is
   tested against it in float64.
+
+Every registered layer builds on :class:`attnlab.mechanisms.heads.OpLayer` (projections + an op + the decoding
+cache), with a config that subclasses :class:`attnlab.mechanisms.heads.HeadsConfig`; this module only states
+the interface.
 """
 
 from __future__ import annotations

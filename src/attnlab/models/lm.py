@@ -12,7 +12,6 @@ of every auxiliary loss the layers return (e.g. MoH's load balance, already scal
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +21,13 @@ from torch import Tensor, nn
 
 from ..core.checks import positive_int
 from ..mechanisms.common import RMSNorm
-from ..mechanisms.registry import build, get
+from ..mechanisms.registry import build, config_options, get
 
 
 @dataclass(frozen=True)
 class LMConfig:
     """mechanisms: one name for every layer, or a tuple with one name per layer (hybrid stacks).
-    mechanism_options: options passed to ``attnlab.build`` for every layer (only those the mechanism's config
-    has), or a tuple with one dict per layer. ``dim`` and ``heads`` are passed unless the options set them."""
+    mechanism_options: options passed to ``attnlab.build`` for every layer (only those the mechanism takes), or a tuple with one dict per layer. ``dim`` and ``heads`` are passed unless the options set them."""
 
     vocab: int = 256
     dim: int = 128
@@ -53,7 +51,7 @@ class LMConfig:
             raise ValueError(f"mechanism_options has {len(opts)} entries but layers={self.layers}")
         valid: set[str] = set()
         for m in mechs:  # unknown names fail here
-            valid |= {f.name for f in dataclasses.fields(get(m).config)}
+            valid |= set(config_options(get(m).config))
         if isinstance(opts, dict) and set(opts) - valid:
             raise TypeError(f"mechanism_options {sorted(set(opts) - valid)} fit none of {sorted(set(mechs))}")
 
@@ -65,7 +63,7 @@ class LMConfig:
         """Keyword options for layer ``i``: dim and heads, then the user's options (only valid keys when a
         single dict is shared by a hybrid stack)."""
         name = self.layer_mechanisms()[i]
-        fields = {f.name for f in dataclasses.fields(get(name).config)}
+        fields = set(config_options(get(name).config))
         base = {k: v for k, v in (("dim", self.dim), ("heads", self.heads)) if k in fields}
         opts = self.mechanism_options
         if isinstance(opts, tuple):

@@ -3,6 +3,6 @@
 See :mod:`attnlab.ops.registry` for the one signature every op follows.
 """
 
-from .registry import OpSpec, OpState, get, names, register_op, specs
+from .registry import OpSpec, OpState, get, names, reference, register_op, specs
 
-__all__ = ["OpSpec", "OpState", "get", "names", "register_op", "specs"]
+__all__ = ["OpSpec", "OpState", "get", "names", "reference", "register_op", "specs"]

@@ -24,7 +24,16 @@ multiple of ``kv_heads`` (grouped-query attention, never repeated in memory by t
 read weights and the float64 reference use it. ``spec.reference(q, k, v, *, scale, q_offset, **options)`` is the
 op's formula written plainly (float64 oracle) where a mask does not describe it (linear forms, corrections).
 ``spec.dense_options``: options under which the op equals dense causal softmax attention (every block selected,
-a window covering everything): the catalogue and model tests use them.
+a window covering everything; dense *full* attention for ops that do not decode): the catalogue and model
+tests use them. ``spec.decodes``: prefill then token by token with ``state=OpState()`` equals the full forward
+(False for bidirectional ops, e.g. image grids). ``spec.example``: options that give a small, non-trivial
+instance at length 24 (tiny blocks, a 4 x 6 grid), used by the catalogue test. ``spec.inference_only``: the
+reason an op passes no gradient to q, k, v (empty for trainable ops; the catalogue test checks gradients
+against the reference for every op without one).
+
+``weights_mask`` functions take ``scale=`` too (default ``head_dim ** -0.5``) where the selection reads softmax
+weights, and ``state=`` (read only) where it depends on earlier calls; :func:`reference` is the float64 oracle
+of any op (``spec.reference`` if the op has one, else dense attention masked by ``weights_mask``).
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ class OpSpec:
     renamed: Mapping[str, str] = field(default_factory=dict)
     reference: Callable[..., Tensor] | None = None
     dense_options: Mapping[str, Any] | None = None
+    decodes: bool = True
+    example: Mapping[str, Any] = field(default_factory=dict)
+    inference_only: str = ""
 
     def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults updated by ``options``; unknown or renamed names raise ``ValueError``."""
@@ -91,12 +103,18 @@ class OpSpec:
             "name": self.name, "family": self.family, "papers": list(self.papers),
             "titles": [paper_title(p) for p in self.papers], "summary": self.summary,
             "options": {k: _jsonable(v) for k, v in self.options.items()}, "cache": self.cache,
-            "causal_only": self.causal_only, "weights": self.weights_mask is not None,
+            "causal_only": self.causal_only, "decodes": self.decodes, "weights": self.weights_mask is not None,
+            "reference": self.reference is not None, "renamed": dict(self.renamed),
+            "inference_only": self.inference_only,
         }
 
 
 def _jsonable(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, (int, float, str, bool)) for x in v):
+        return list(v)
+    return repr(v)
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -115,6 +133,9 @@ def register_op(
     renamed: Mapping[str, str] | None = None,
     reference: Callable[..., Tensor] | None = None,
     dense_options: Mapping[str, Any] | None = None,
+    decodes: bool = True,
+    example: Mapping[str, Any] | None = None,
+    inference_only: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(q, k, v, *, scale, q_offset, mask, state, **options)`` as op ``name``."""
     if family not in FAMILIES:
@@ -127,7 +148,8 @@ def register_op(
             raise ValueError(f"op {name!r} is registered twice")
         _OPS[name] = OpSpec(name, fn, family, tuple(papers), summary, MappingProxyType(dict(options or {})), cache,
                             causal_only, weights_mask, MappingProxyType(dict(renamed or {})), reference,
-                            None if dense_options is None else MappingProxyType(dict(dense_options)))
+                            None if dense_options is None else MappingProxyType(dict(dense_options)), decodes,
+                            MappingProxyType(dict(example or {})), inference_only)
         return fn
 
     return deco
@@ -154,8 +176,28 @@ def get(name: str) -> OpSpec:
         raise KeyError(f"unknown op {name!r}; registered ops: {', '.join(sorted(_OPS))}") from None
 
 
+def reference(op: str | OpSpec, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+              q_offset: int | None = None, mask: Tensor | None = None, **options: Any) -> Tensor:
+    """The float64 oracle of an op: ``spec.reference`` where the op has one, else dense attention (float64) masked
+    by ``spec.weights_mask`` (and ``mask``). q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv) float64."""
+    from ..core.reference import reference_attention
+
+    spec = get(op)
+    opts = spec.resolve(options)
+    scale = default_scale(q.shape[-1], scale)
+    if q_offset is None:
+        q_offset = k.shape[2] - q.shape[2] if spec.cache == "kv" else 0
+    if spec.reference is not None:
+        return spec.reference(q, k, v, scale=scale, q_offset=q_offset, mask=mask, **opts)
+    if spec.weights_mask is None:
+        raise ValueError(f"op {spec.name!r} has neither a reference nor a weights_mask")
+    wm = spec.weights_mask(q, k, q_offset=q_offset, scale=scale, **opts)
+    wm = wm if mask is None else wm & mask
+    return reference_attention(q, k, v, scale=scale, q_offset=q_offset, mask=wm)
+
+
 def specs(family: str | None = None) -> list[OpSpec]:
     return [get(n) for n in names(family)]
 
 
-__all__ = ["CACHES", "FAMILIES", "OpSpec", "OpState", "get", "names", "register_op", "specs"]
+__all__ = ["CACHES", "FAMILIES", "OpSpec", "OpState", "get", "names", "reference", "register_op", "specs"]

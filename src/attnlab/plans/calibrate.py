@@ -1,36 +1,44 @@
 """Training-free calibrations and interventions on pretrained models (section I of shared/papers.md).
 
-Each is a reusable piece that plugs into :class:`~attnlab.plans.runtime.PlanRunner` (``interventions=``:
-objects with ``score_mod(layer, heads)`` and/or ``head_scale(layer, heads)``), into
-:func:`attnlab.models.hf.install` (callbacks), or wraps decoding:
+Every calibration is a hook on the seam of :mod:`attnlab.models.hf` (``blocks.{l}.attn.{scores,weights,z}``):
+``c.hooks()`` gives ``{hook point: fn}`` and ``with c.attach(model): ...`` applies it. Hooks compose with
+each other and with whatever runs the attention (``with hf.use(model, plan), c.attach(model): ...`` calibrates
+the plan's attention):
 
 * :class:`ZeroTuning` (I41)       -- head-specific scaling of the attention to the initial token
-  (additive ``log(gamma)`` on key 0: weight ``w0 -> gamma w0 / (gamma w0 + 1 - w0)``);
+  (additive ``log(gamma)`` on key 0: weight ``w0 -> gamma w0 / (gamma w0 + 1 - w0)``); a ``scores``
+  intervention;
 * :class:`HeadMask`               -- head masking / ablation: per (layer, query head) output factors
-  (0 ablates; dropped heads of a plan do the same and also free their cache);
+  (0 ablates); a ``z`` intervention (each head's output before the output projection);
 * :class:`PositionalCalibration` (I201, found-in-the-middle) -- subtract a per-position attention bias
-  (estimated by :func:`estimate_position_bias` on neutral filler) from the scores, so attention follows
-  relevance rather than position;
+  (estimated by :func:`estimate_position_bias` on neutral filler, a ``weights`` observer) from the scores,
+  so attention follows relevance rather than position; a ``scores`` intervention;
 * :class:`ScaleDimension` (I244)  -- scale one hidden-state dimension (the positional one, found by
-  :func:`find_positional_dimension`) in chosen layers, via forward pre-hooks;
+  :func:`find_positional_dimension`) in chosen layers. It acts on the residual stream, not on attention, so
+  it stays a forward pre-hook on the decoder layers (no attention hook point sees hidden states);
 * :class:`ACT` (I31)              -- attention calibration: keys other than the first that receive more than
   ``alpha / kv_len`` average attention (hidden sinks) get their weight scaled by ``beta`` (renormalized);
-  an attention callback for :func:`attnlab.models.hf.install`;
+  a ``weights`` intervention;
 * :func:`decore_logits` / :func:`decore_generate` (I234) -- contrast the model with its retrieval heads
-  masked: ``(1 + a) log p - a log p_masked``, ``a`` scaled by the base entropy;
+  masked (a ``z`` ablation): ``(1 + a) log p - a log p_masked``, ``a`` scaled by the base entropy;
 * :func:`lookback_ratios` / :func:`lookback_guided_generate` (A169) -- per head, attention on the context
-  over attention on context + generated tokens; guided decoding picks, among sampled candidate chunks,
-  the one a (linear) lookback classifier scores highest;
+  over attention on context + generated tokens (a ``weights`` observer); guided decoding picks, among sampled
+  candidate chunks, the one a (linear) lookback classifier scores highest;
 * :func:`agcd_logits` (I242)      -- attention-guided context decoding: add to the next-token distribution
   the attention the last query puts on context tokens (mapped to their vocabulary ids), weighted by the
   model's uncertainty (entropy);
 * :func:`pause_prompt` (I34)      -- PAUSE-token prompting baseline: insert pause markers into a prompt.
+
+:func:`score_mod_hook` turns any per-layer :class:`~attnlab.core.score_mods.ScoreMod` source into a
+``scores`` intervention (the score modifiers here are plain ScoreMods, also usable with
+:func:`attnlab.attention`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +46,48 @@ import torch
 from torch import Tensor, nn
 
 from ..core.score_mods import ScoreMod
-from ..models.hf import attnlab_attention, default_attention, head_gates
+from ..inspect.capture import observe_rows
+from ..models import hf
+
+HookFn = Callable[[Tensor, Any], "Tensor | None"]
+
+
+def _point(kind: str, layers: Sequence[int] | None = None) -> list[str]:
+    """Hook names for ``kind`` (scores, weights, z) in ``layers`` (None: every layer)."""
+    if layers is None:
+        return [f"blocks.*.attn.{kind}"]
+    return [f"blocks.{int(layer)}.attn.{kind}" for layer in layers]
+
+
+class Intervention:
+    """Base of the calibrations: ``hooks()`` -> ``{hook point: fn}``; ``attach(model)`` applies them."""
+
+    def hooks(self) -> dict[str, HookFn]:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> AbstractContextManager:
+        """``with calibration.attach(model): model(...)`` -- the hooks are removed when the block ends."""
+        return hf.hooks(model, self.hooks())
+
+
+def score_mod_hook(per_layer: Callable[[int, int], ScoreMod | None]) -> HookFn:
+    """A ``scores`` intervention applying ``per_layer(layer, heads)`` (a ScoreMod or None) to each chunk of
+    score rows ``(B, H, r, Tk)``; query positions are absolute (``ctx.q_offset + row``), keys ``0..Tk-1``."""
+
+    def fn(scores: Tensor, ctx: Any) -> Tensor | None:
+        B, H, r, Tk = scores.shape
+        mod = per_layer(ctx.layer, H)
+        if mod is None:
+            return None
+        dev = scores.device
+        start, end = ctx.rows
+        b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        h = torch.arange(H, device=dev).view(1, H, 1, 1)
+        q_idx = torch.arange(start, end, device=dev).view(1, 1, r, 1) + int(ctx.q_offset or 0)
+        kv_idx = torch.arange(Tk, device=dev).view(1, 1, 1, Tk)
+        return mod.score_mod(scores, b, h, q_idx, kv_idx)
+
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,7 +105,7 @@ class InitialTokenBias(ScoreMod):
 
 
 @dataclass(frozen=True, eq=False)
-class ZeroTuning:
+class ZeroTuning(Intervention):
     """ZeroTuning: ``gamma[layer, head]`` scales the attention weight of the initial token (before the
     renormalization of the rest). ``gamma > 1`` flattens the other tokens' attention, ``< 1`` sharpens it."""
 
@@ -76,9 +125,12 @@ class ZeroTuning:
             return None
         return InitialTokenBias(torch.log(g.float()))
 
+    def hooks(self) -> dict[str, HookFn]:
+        return {"blocks.*.attn.scores": score_mod_hook(self.score_mod)}
+
 
 @dataclass(frozen=True, eq=False)
-class HeadMask:
+class HeadMask(Intervention):
     """Output factor per (layer, query head): 0 ablates a head, 1 keeps it."""
 
     factors: Tensor  # (layers, heads)
@@ -93,6 +145,13 @@ class HeadMask:
     def head_scale(self, layer: int, heads: int) -> Tensor | None:
         f = self.factors[layer]
         return None if torch.all(f == 1) else f
+
+    def hooks(self) -> dict[str, HookFn]:
+        def fn(z: Tensor, ctx: Any) -> Tensor | None:  # z (B, H, Tq, Dv)
+            f = self.head_scale(ctx.layer, z.shape[1])
+            return None if f is None else z * f.to(device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+
+        return {"blocks.*.attn.z": fn}
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +168,7 @@ class PositionBias(ScoreMod):
 
 
 @dataclass(frozen=True, eq=False)
-class PositionalCalibration:
+class PositionalCalibration(Intervention):
     """Found-in-the-middle: remove a per-(layer, head, key position) log-attention bias from the scores."""
 
     bias: Tensor  # (layers, heads, max_len) log attention on neutral text, centred per head
@@ -121,27 +180,20 @@ class PositionalCalibration:
             return None
         return PositionBias(self.bias[layer], self.strength)
 
+    def hooks(self) -> dict[str, HookFn]:
+        return {name: score_mod_hook(self.score_mod) for name in _point("scores", self.layers)}
+
 
 @torch.no_grad()
 def estimate_position_bias(model: nn.Module, ids: Tensor, rows: int = 16) -> Tensor:
     """``(layers, heads, T)``: log of the mean attention the last ``rows`` queries of neutral ``ids`` (1, T)
     put on each key position, centred per head (the positional part of attention, I201)."""
+    T = ids.shape[1]
+    r = min(rows, T)
     out: list[Tensor] = []
-
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        Tq, Tk = q.shape[2], k.shape[2]
-        r = min(rows, Tq)
-        kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        s = (q[:, :, Tq - r:] @ kk.transpose(-1, -2)) * scaling
-        qpos = torch.arange(Tk - r, Tk).view(r, 1)
-        s = s.masked_fill(torch.arange(Tk).view(1, Tk) > qpos, float("-inf"))
-        w = torch.softmax(s.float(), -1)[0, :, :, : Tk - r + 1].mean(1)  # keys every row sees
-        lw = torch.log(w + 1e-6)
+    for w in observe_rows(model, ids, last=r):  # (H, r, T) per layer
+        lw = torch.log(w[:, :, : T - r + 1].mean(1) + 1e-6)  # keys every row sees
         out.append(lw - lw.mean(-1, keepdim=True))
-        return default_attention(module, q, k, v, mask, scaling)
-
-    with attnlab_attention(model, fn):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return torch.stack(out)
 
 
@@ -190,11 +242,16 @@ class ScaleDimension:
 # ---------------------------------------------------------------------------------------------------------
 # ACT: calibrating hidden attention sinks (I31)
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class ACT:
-    """Attention callback: in ``layers`` (None: all), keys j > 0 whose mean attention over the queries
-    exceeds ``alpha / kv_len`` are hidden sinks; their weights are multiplied by ``beta`` and every row is
-    renormalized. Records how many sinks were calibrated per layer in ``found``."""
+@dataclass(eq=False)
+class ACT(Intervention):
+    """A ``weights`` intervention: in ``layers`` (None: all), keys j > 0 whose mean attention over the query
+    rows exceeds ``alpha / kv_len`` are hidden sinks; their weights are multiplied by ``beta`` and every row is
+    renormalized. Records how many sinks were calibrated per layer in ``found``.
+
+    The mean runs over the rows the seam hands over together (``ctx.rows``: the whole prompt when it fits in
+    one chunk of rows, 256 by default; the new token's row when decoding): a weights hook sees one chunk of
+    rows at a time, never the whole square.
+    """
 
     alpha: float = 5.0
     beta: float = 0.4
@@ -207,20 +264,18 @@ class ACT:
         sink = w.mean(dim=2, keepdim=True) > self.alpha / Tk
         sink[..., 0] = False  # the initial sink is kept: ACT calibrates the hidden ones
         w2 = torch.where(sink, w * self.beta, w)
-        return w2 / w2.sum(-1, keepdim=True), sink
+        # rows that see no key stay zero (never NaN)
+        return w2 / w2.sum(-1, keepdim=True).clamp_min(torch.finfo(w2.dtype).tiny), sink
 
-    def __call__(self, module, q, k, v, mask, scaling, layer_idx):
-        if self.layers is not None and layer_idx not in self.layers:
-            return default_attention(module, q, k, v, mask, scaling)
-        Tq, Tk = q.shape[2], k.shape[2]
-        g = q.shape[1] // k.shape[1]
-        s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scaling
-        allowed = mask if mask is not None else (
-            torch.arange(Tk).view(1, Tk) <= torch.arange(Tk - Tq, Tk).view(Tq, 1))
-        s = s.masked_fill(~allowed, float("-inf"))
-        w, sink = self.calibrate(torch.softmax(s, -1))
-        self.found[layer_idx] = int(sink.sum())
-        return w @ v.repeat_interleave(g, 1)
+    def _weights(self, w: Tensor, ctx: Any) -> Tensor:
+        w2, sink = self.calibrate(w)
+        if ctx.rows[0] == 0:
+            self.found[ctx.layer] = 0
+        self.found[ctx.layer] = self.found.get(ctx.layer, 0) + int(sink.sum())
+        return w2
+
+    def hooks(self) -> dict[str, HookFn]:
+        return {name: self._weights for name in _point("weights", self.layers)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,15 +301,13 @@ def decore_generate(model: nn.Module, ids: Tensor, retrieval_heads: Sequence[tup
                     max_new_tokens: int = 8, alpha: float = 0.5, entropy_guided: bool = True) -> Tensor:
     """Greedy DeCoRe decoding; ``retrieval_heads`` are (layer, query head) pairs masked in the contrast
     model. Returns the new tokens ``(B, max_new_tokens)``."""
-    cfg = model.config
-    gates = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads)
-    for layer, h in retrieval_heads:
-        gates[layer, h] = 0.0
+    geo = hf.geometry(model)
+    mask = HeadMask.ablate(geo.num_layers, geo.num_heads, retrieval_heads)
     cur = ids
     out = []
     for _ in range(max_new_tokens):
         base = model(input_ids=cur, use_cache=False, logits_to_keep=1).logits[:, -1]
-        with attnlab_attention(model, head_gates(gates)):
+        with mask.attach(model):
             masked = model(input_ids=cur, use_cache=False, logits_to_keep=1).logits[:, -1]
         nxt = decore_logits(base, masked, alpha, entropy_guided).argmax(-1, keepdim=True)
         out.append(nxt)
@@ -265,22 +318,13 @@ def decore_generate(model: nn.Module, ids: Tensor, retrieval_heads: Sequence[tup
 @torch.no_grad()
 def lookback_ratios(model: nn.Module, ids: Tensor, n_context: int) -> Tensor:
     """Lookback Lens features ``(layers, heads, T - n_context)``: for each generated position, the mean
-    attention on the ``n_context`` context tokens over that mean plus the mean on generated tokens."""
+    attention on the ``n_context`` context tokens over that mean plus the mean on generated tokens (a weights
+    observer on the generated rows of whatever attention runs in ``model``)."""
     feats: list[Tensor] = []
-
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        Tk = k.shape[2]
-        g = q.shape[1] // k.shape[1]
-        s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scaling
-        s = s.masked_fill(torch.arange(Tk).view(1, Tk) > torch.arange(Tk).view(Tk, 1), float("-inf"))
-        w = torch.softmax(s, -1)[0, :, n_context:]  # rows of generated positions (H, Tg, Tk)
+    for w in observe_rows(model, ids, start=n_context):  # (H, Tg, T): rows of generated positions
         ctx = w[..., :n_context].mean(-1)
         gen = torch.stack([w[:, i, n_context: n_context + i + 1].mean(-1) for i in range(w.shape[1])], -1)
         feats.append(ctx / (ctx + gen))
-        return default_attention(module, q, k, v, mask, scaling)
-
-    with attnlab_attention(model, fn):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return torch.stack(feats)
 
 
@@ -336,6 +380,6 @@ def pause_prompt(ids: Sequence[int], tok: Any, every: int = 64, marker: str = " 
     return out
 
 
-__all__ = ["ACT", "HeadMask", "InitialTokenBias", "PositionBias", "PositionalCalibration", "ScaleDimension",
-           "ZeroTuning", "agcd_logits", "decore_generate", "decore_logits", "estimate_position_bias",
+__all__ = ["ACT", "HeadMask", "InitialTokenBias", "Intervention", "PositionBias", "PositionalCalibration",
+           "ScaleDimension", "ZeroTuning", "score_mod_hook", "agcd_logits", "decore_generate", "decore_logits", "estimate_position_bias",
            "find_positional_dimension", "lookback_guided_generate", "lookback_ratios", "pause_prompt"]

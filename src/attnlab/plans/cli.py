@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", default="smollm2")
     e.add_argument("--tasks", default="passkey", help="comma list of " + ",".join(_tasks()))
     e.add_argument("--lengths", default=None, help="comma list of prompt lengths in tokens (default 1024,2048,4096)")
-    e.add_argument("--n", type=int, default=10, help="samples per task and length")
+    e.add_argument("--n", type=int, default=None, help="samples per task and length (default 10; --quick: 20)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--chunk", type=int, default=None, help="chunked prefill: tokens per chunk")
     e.add_argument("--full", action="store_true", help="also 8k tokens")
@@ -146,7 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model)
     if args.quick:
-        figures = quick_check(model, tok, n=args.n if args.n != 10 else 20, length=args.quick_length,
+        figures = quick_check(model, tok, n=args.n or 20, length=args.quick_length,
                               out_root=args.out_root)
         print(json.dumps(figures, indent=1))
         return 0 if all(figures["targets"].values()) else 1
@@ -162,9 +162,10 @@ def run_eval(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(source="probe", samples=2, profile_length=1024, sinks=4, window=256,
                                 full_fraction=0.44)
         plans = [build_plan(ns, model, tok)]
-    total = len(tasks) * len(lengths) * args.n * (len(plans) + (0 if args.no_dense else 1))
+    n = args.n or 10
+    total = len(tasks) * len(lengths) * n * (len(plans) + (0 if args.no_dense else 1))
     with progress(total, "evaluating") as advance:
-        report = evaluate(model, tok, plans, tasks, lengths, n=args.n, seed=args.seed,
+        report = evaluate(model, tok, plans, tasks, lengths, n=n, seed=args.seed,
                           include_dense=not args.no_dense, chunk=args.chunk, progress=advance)
     run_dir = write(report, args.out_root)
     report.print()

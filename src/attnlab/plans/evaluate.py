@@ -2,8 +2,9 @@
 
 For every sample the plans run back to back (interleaved), so timing ratios compare runs made under the
 same machine load. ``dense`` is the model's own SDPA attention with a ``DynamicCache`` (the baseline the
-savings are measured against); every other row is a :class:`HeadPlan` run by
-:mod:`attnlab.plans.runtime` with a :class:`PlanCache`. KV bytes are the storage the caches actually hold
+savings are measured against); every other row is a :class:`HeadPlan` installed with
+:func:`attnlab.models.hf.use` (its :class:`~attnlab.plans.runtime.PlanRunner`) and decoded with its
+:class:`~attnlab.plans.cache.PlanCache` (:func:`attnlab.plans.runtime.greedy_generate`). KV bytes are the storage the caches actually hold
 at the end of decoding.
 """
 
@@ -32,11 +33,11 @@ def dense_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     """Greedy decoding with the model's own attention and a DynamicCache (the dense path)."""
     cache = DynamicCache()
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
     toks = [out.logits[:, -1].argmax(-1)]
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True)
+        out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
         toks.append(out.logits[:, -1].argmax(-1))
     t2 = time.perf_counter()
     held = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()

@@ -1,6 +1,7 @@
 """Per-head attention plans for pretrained models: which attention each (layer, key/value head) gets.
 
-A :class:`HeadPlan` is a frozen ``(layers, kv_heads)`` grid of :class:`HeadPolicy` values:
+A :class:`HeadPlan` is a frozen ``(layers, kv_heads)`` grid of policies. A policy is a class, one file each
+under :mod:`attnlab.plans.policies` (what the prompt computes, what the cache keeps, the decode step):
 
 * ``full``   -- the head attends to every past key and the cache keeps every position (retrieval heads);
 * ``stream`` -- ``sinks`` first tokens plus a causal window of ``window`` keys (streaming heads,
@@ -8,8 +9,11 @@ A :class:`HeadPlan` is a frozen ``(layers, kv_heads)`` grid of :class:`HeadPolic
 * ``snap``   -- SnapKV-like prompt eviction: after the prompt, keep the ``budget`` prompt keys the last
   ``window`` queries attend to most (pooled over ``kernel`` neighbours) plus those last ``window`` keys;
 * ``topk``   -- Quest-like query-aware pages for decoding: the cache keeps everything, each decode step
-  reads the ``k`` pages of ``page`` keys whose upper-bound score is highest (prefill is causal);
+  reads the ``pages`` pages of ``block`` keys whose upper-bound score is highest (prefill is causal);
 * ``drop``   -- the head is ablated: its query heads output zero and the cache holds nothing for it.
+
+``HeadPolicy`` is the policy base class: ``HeadPolicy.stream(4, 256)`` or ``HeadPolicy("stream", sinks=4,
+window=256)`` build the registered class of that kind.
 
 Plans are keyed by *key/value* heads because that is the unit a KV cache stores (grouped-query attention
 shares one key/value head between ``q_per_kv`` query heads, which therefore share its policy).
@@ -23,94 +27,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.patterns import Causal, Pattern, PerHead, Sinks, SlidingWindow
+from ..core.patterns import Causal, Pattern, PerHead, SlidingWindow
+from .policies import Policy, kinds, policy_class
 
-KINDS = ("full", "stream", "snap", "topk", "drop")
-#: one character per kind in the printed grid (``stream`` shows its window class separately)
-SYMBOL = {"full": "F", "stream": "s", "snap": "k", "topk": "q", "drop": "."}
-
-
-@dataclass(frozen=True)
-class HeadPolicy:
-    """What one key/value head does. See the module docstring for the kinds and their parameters."""
-
-    kind: str = "full"
-    sinks: int = 0
-    window: int = 0
-    budget: int = 0
-    kernel: int = 7
-    k: int = 0
-    page: int = 16
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"policy kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "stream" and (self.window < 1 or self.sinks < 0):
-            raise ValueError(f"stream policy needs window >= 1 and sinks >= 0, got {self}")
-        if self.kind == "snap" and (self.budget < 1 or self.window < 1 or self.kernel < 1):
-            raise ValueError(f"snap policy needs budget, window, kernel >= 1, got {self}")
-        if self.kind == "topk" and (self.k < 1 or self.page < 1):
-            raise ValueError(f"topk policy needs k >= 1 and page >= 1, got {self}")
-
-    # constructors that read like the paper's vocabulary
-    @classmethod
-    def full(cls) -> HeadPolicy:
-        return cls("full")
-
-    @classmethod
-    def stream(cls, sinks: int = 4, window: int = 256) -> HeadPolicy:
-        return cls("stream", sinks=sinks, window=window)
-
-    @classmethod
-    def snap(cls, budget: int = 256, window: int = 32, kernel: int = 7) -> HeadPolicy:
-        return cls("snap", budget=budget, window=window, kernel=kernel)
-
-    @classmethod
-    def topk(cls, k: int = 16, page: int = 16) -> HeadPolicy:
-        return cls("topk", k=k, page=page)
-
-    @classmethod
-    def drop(cls) -> HeadPolicy:
-        return cls("drop")
-
-    def kept(self, seq_len: int) -> int:
-        """Positions the cache holds for this head after ``seq_len`` tokens (prompt + generated)."""
-        if self.kind in ("full", "topk"):
-            return seq_len
-        if self.kind == "stream":
-            return min(seq_len, self.sinks + self.window - 1)
-        if self.kind == "snap":
-            return min(seq_len, self.budget + self.window)
-        return 0
-
-    def pattern(self) -> Pattern | None:
-        """The static pattern of this head during prefill (None: no attention at all)."""
-        if self.kind == "stream":
-            local = SlidingWindow(self.window)
-            return Causal() & (Sinks(self.sinks) | local) if self.sinks else local
-        if self.kind == "drop":
-            return None
-        return Causal()  # full, topk and snap see every past key during the prompt
-
-    def label(self) -> str:
-        if self.kind == "stream":
-            return f"stream({self.sinks}+{self.window})"
-        if self.kind == "snap":
-            return f"snap({self.budget}/{self.window})"
-        if self.kind == "topk":
-            return f"topk({self.k}x{self.page})"
-        return self.kind
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": self.kind}
-        keys = {"stream": ("sinks", "window"), "snap": ("budget", "window", "kernel"), "topk": ("k", "page")}
-        for key in keys.get(self.kind, ()):
-            d[key] = getattr(self, key)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeadPolicy:
-        return cls(**d)
+#: the policy base class under its historical name
+HeadPolicy = Policy
 
 
 @dataclass(frozen=True)
@@ -135,8 +56,8 @@ class HeadPlan:
             raise ValueError(f"every layer must list the same number of key/value heads, got {sorted(widths)}")
         for row in pol:
             for p in row:
-                if not isinstance(p, HeadPolicy):
-                    raise TypeError(f"plan entries must be HeadPolicy, got {type(p).__name__}")
+                if not isinstance(p, Policy) or type(p) is Policy:
+                    raise TypeError(f"plan entries must be policies (HeadPolicy), got {type(p).__name__}")
         if self.q_per_kv < 1:
             raise ValueError(f"q_per_kv must be >= 1, got {self.q_per_kv}")
         object.__setattr__(self, "policies", pol)
@@ -216,16 +137,18 @@ class HeadPlan:
         return PerHead(tuple(pats))
 
     def grid(self) -> str:
-        """A printable ``layer x kv_head`` grid: F full, s stream, k snap, q topk, . dropped."""
+        """A printable ``layer x kv_head`` grid: F full, s stream, k snap, q topk, . dropped (each policy
+        class has its ``symbol``)."""
         w = len(str(self.num_layers - 1))
         head = " " * (w + 2) + " ".join(str(h % 10) for h in range(self.num_kv_heads))
         lines = [f"{self.name}: {self.num_layers} layers x {self.num_kv_heads} kv heads ({self.q_per_kv} q/kv)",
                  head]
         for i, row in enumerate(self.policies):
-            lines.append(f"L{i:<{w}} " + " ".join(SYMBOL[p.kind] for p in row))
+            lines.append(f"L{i:<{w}} " + " ".join(p.symbol for p in row))
         labels = sorted({p.label() for row in self.policies for p in row})
         counts = self.counts()
-        lines.append("legend: F full, s stream, k snap, q topk, . drop | " + ", ".join(labels))
+        legend = ", ".join(f"{policy_class(k).symbol} {k}" for k in kinds())
+        lines.append(f"legend: {legend} | " + ", ".join(labels))
         lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         return "\n".join(lines)
 
@@ -282,4 +205,4 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-__all__ = ["HeadPlan", "HeadPolicy", "KINDS"]
+__all__ = ["HeadPlan", "HeadPolicy", "kinds"]

@@ -1,20 +1,18 @@
 """Run a Hugging Face model under a :class:`HeadPlan`: per-head attention in prefill and decoding.
 
-:class:`PlanRunner` is the per-model callback of :func:`attnlab.models.hf.install`. For each layer it
-splits the heads into policy groups and computes each group with the cheapest engine that is exact for it:
+:class:`PlanRunner` implements the runner protocol of :mod:`attnlab.models.hf` (``attend``, ``weights_mask``,
+``new_cache``). It is generic over policies: for each layer it splits the key/value heads into policy slots
+and asks each policy (:mod:`attnlab.plans.policies`) for its output over what the slot's buffer holds --
+the same call for a whole prompt, a prefill chunk or one decode step. Dropped heads output zero.
 
-* full / snap / topk heads in the prompt: SDPA causal (``is_causal`` fast path);
-* streaming heads in the prompt: ``attnlab.attention(..., pattern=Causal() & (Sinks(s) | SlidingWindow(w)),
-  backend="blocksparse")``, so the blocks outside sinks + window are never computed;
-* decoding (one query): plain SDPA over what the group's cache holds (streaming caches hold exactly what
-  the query may see, so no mask is needed); Quest ``topk`` heads gather their top pages through the
-  block-sparse engine (``plan_from_blocks`` / ``run_plan``);
-* dropped heads output zero.
+With a :class:`~attnlab.plans.cache.PlanCache` the caches really shrink and the runner receives
+:class:`~attnlab.plans.cache.LayerKV` objects in place of k and v; without one (``use_cache=False`` or a
+plain ``DynamicCache``) the same policies run over the full key tensors.
 
-With a :class:`~attnlab.plans.cache.PlanCache` the caches really shrink; without one (``use_cache=False``
-or a plain ``DynamicCache``) the same patterns run over the full key tensor.
-
-Score modifiers and output gates of :mod:`attnlab.plans.calibrate` ride along (``interventions=``).
+Calibrations and other interventions are hooks (:mod:`attnlab.models.hooks`, :mod:`attnlab.plans.calibrate`)
+that compose with the plan: a layer with ``scores``/``weights`` hooks is computed from chunked weights over
+:meth:`PlanRunner.weights_mask` and :meth:`PlanRunner.dense_kv` (:meth:`PlanRunner.attend_weights` is the same
+computation inside the runner).
 
 Shapes: q ``(batch, heads, q_len, head_dim)``; k, v ``(batch, kv_heads, kv_len, head_dim)``.
 """
@@ -22,38 +20,22 @@ Shapes: q ``(batch, heads, q_len, head_dim)``; k, v ``(batch, kv_heads, kv_len, 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.attention import attention
-from ..core.blocksparse import DEFAULT_GROUP, plan_from_blocks, run_plan
-from ..core.patterns import Causal
 from ..core.score_mods import ScoreMod
-from ..models.hf import geometry, install
-from .cache import GroupKV, LayerKV, PlanCache, PlanLayer
-from .plan import HeadPlan, HeadPolicy
+from ..core.softmax import weights_chunks
+from ..models.hf import geometry, use
+from .cache import LayerKV, PlanCache, PlanLayer
+from .plan import HeadPlan
+from .policies.stream import SPARSE_MIN_Q, stream_q_block
 
-#: query rows below which streaming prefill uses one dense masked call instead of gathered tiles
-BLOCKSPARSE_MIN_Q = 128
-
-
-class HeadSubset(ScoreMod):
-    """A score modifier restricted to a subset of query heads: head ``i`` of the call is ``heads[i]``."""
-
-    def __init__(self, mod: ScoreMod, heads: Tensor, total_heads: int) -> None:
-        self.mod, self.heads, self.total = mod, heads, total_heads
-        self.kind = mod.kind
-
-    def score_mod(self, score, b, h, q_idx, kv_idx):
-        return self.mod.score_mod(score, b, self.heads.to(h.device)[h], q_idx, kv_idx)
-
-    def factor(self, heads, device, dtype):
-        return self.mod.factor(self.total, device, dtype)[self.heads.to(device)]
+#: kept under its old name: query rows below which streaming prefill uses one dense masked call
+BLOCKSPARSE_MIN_Q = SPARSE_MIN_Q
+stream_group = stream_q_block
 
 
 def _q_index(kv: Tensor, q_per_kv: int) -> Tensor:
@@ -61,74 +43,9 @@ def _q_index(kv: Tensor, q_per_kv: int) -> Tensor:
     return (kv.view(-1, 1) * q_per_kv + torch.arange(q_per_kv, device=kv.device)).flatten()
 
 
-def _visible_all(policy: HeadPolicy, buffer_len: int) -> bool:
-    """True when a single (last) query may see every entry of the buffer."""
-    if policy.kind == "stream":
-        return buffer_len <= policy.sinks + policy.window
-    return True
-
-
-def _dense_group(q, k, v, policy: HeadPolicy, scaling, mask, mod) -> Tensor:
-    """Exact masked attention over a buffer (padding masks, score modifiers)."""
-    Tq, Tb = q.shape[2], k.shape[2]
-    pat = policy.pattern() or Causal()
-    if mask is None:
-        backend = "auto" if mod is not None else ("blocksparse" if Tq >= BLOCKSPARSE_MIN_Q else "dense_mask")
-        if type(pat) is Causal and mod is None:
-            backend = "sdpa"
-        return attention(q, k, v, pattern=pat, score_mod=mod, scale=scaling, backend=backend)
-    allowed = pat.dense(Tq, Tb, Tb - Tq).to(q.device).unsqueeze(0) & mask  # (B or 1, 1, Tq, Tb)
-    if mod is not None:
-        from ..core.reference import index_grids
-
-        q_pos, kv_pos = index_grids(Tq, Tb, Tb - Tq, q.device)
-        b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
-        h = torch.arange(q.shape[1], device=q.device).view(1, -1, 1, 1)
-        s = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * scaling
-        s = mod.score_mod(s, b, h, q_pos, kv_pos).masked_fill(~allowed, float("-inf"))
-        w = torch.softmax(s, -1).nan_to_num(0.0)
-        return w @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    empty = ~allowed.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scaling,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.masked_fill(empty, 0.0)
-
-
-def _quest(q: Tensor, g: GroupKV, scaling: float) -> Tensor:
-    """One decode query per head over the top-k pages (Quest's upper bound q.max(kmax, kmin))."""
-    grp = g.group
-    p = grp.policy
-    B, H, _, D = q.shape
-    n = len(grp.kv_heads)
-    qpk = H // n
-    Tb = g.keys.shape[2]
-    pages = grp.kmax.shape[2]
-    qh = q[:, :, 0].view(B, n, qpk, 1, D)
-    bound = torch.maximum(qh * grp.kmax.unsqueeze(2), qh * grp.kmin.unsqueeze(2)).sum(-1)  # (B, n, qpk, P)
-    bound = bound.amax(dim=2)
-    bound[..., -1] = float("inf")  # the page of the current token is always read
-    nsel = min(p.k, pages)
-    sel = bound.topk(nsel, dim=-1).indices.sort(dim=-1).values.unsqueeze(2)  # (B, n, 1, nsel)
-    gp = plan_from_blocks(sel, torch.ones_like(sel, dtype=torch.bool), 1, Tb, p.page, q_offset=Tb - 1)
-    return run_plan(q, g.keys, g.values, gp, scaling)
-
-
-def _record_snap(q: Tensor, g: GroupKV, scaling: float) -> None:
-    """SnapKV observation: attention of the last ``window`` queries, summed per key/value head."""
-    p = g.group.policy
-    Tq, Tb = q.shape[2], g.keys.shape[2]
-    obs = min(p.window, Tq)
-    n = g.keys.shape[1]
-    qo = q[:, :, Tq - obs:]
-    s = (qo.view(q.shape[0], n, -1, obs, q.shape[-1]) @ g.keys.unsqueeze(2).transpose(-1, -2)) * scaling
-    qpos = torch.arange(Tb - obs, Tb, device=q.device).view(obs, 1)
-    s = s.masked_fill(torch.arange(Tb, device=q.device).view(1, Tb) > qpos, float("-inf"))
-    g.group.pending_scores = torch.softmax(s, dim=-1).sum(dim=(2, 3))  # (B, n, Tb)
-
-
 @dataclass
 class Timer:
-    """Wall time spent inside attention, per engine (filled when ``PlanRunner.timing`` is on)."""
+    """Wall time spent inside attention, per policy and phase (filled when ``PlanRunner.timing`` is on)."""
 
     seconds: dict[str, float]
 
@@ -137,140 +54,149 @@ class Timer:
 
 
 class PlanRunner:
-    """Per-model attention callback that follows a plan (see the module docstring).
+    """The runner of a plan (see the module docstring).
 
     Args:
         plan: the per-(layer, kv head) policies; must match the model's geometry.
-        interventions: objects with ``score_mod(layer, num_heads) -> ScoreMod | None`` and/or
-            ``head_scale(layer, num_heads) -> Tensor | None`` (``(heads,)`` output gates), applied in order.
     """
 
-    def __init__(self, plan: HeadPlan, interventions: Sequence[Any] = (), q_per_kv: int | None = None) -> None:
+    def __init__(self, plan: HeadPlan, **removed: Any) -> None:
+        _removed(removed)
         self.plan = plan
-        self.interventions = list(interventions)
-        self.q_per_kv = q_per_kv or plan.q_per_kv
+        self.q_per_kv = plan.q_per_kv
         self.timer = Timer({})
         self.timing = False
         self._views: dict[int, PlanLayer] = {}
+        # layer -> (LayerKV, its dense keys): weights_mask called with keys from dense_kv reads the cache
+        self._dense: dict[int, tuple[LayerKV, Tensor]] = {}
 
-    # ---- intervention plumbing -------------------------------------------------------------------
-    def _mod(self, layer: int, heads: int) -> ScoreMod | None:
-        mods = [m for iv in self.interventions if hasattr(iv, "score_mod")
-                if (m := iv.score_mod(layer, heads)) is not None]
-        if not mods:
-            return None
-        if len(mods) == 1:
-            return mods[0]
-        from ..core.score_mods import Compose
+    # ---- the runner protocol ---------------------------------------------------------------------
+    def new_cache(self, model: nn.Module | None = None) -> PlanCache:
+        """A :class:`PlanCache` for this plan (checked against ``model``'s geometry when given)."""
+        if model is not None:
+            plan_for_model(model, self.plan)
+        return PlanCache(self.plan)
 
-        return Compose(tuple(mods))
-
-    def _scale(self, layer: int, heads: int, device, dtype) -> Tensor | None:
-        out = None
-        for iv in self.interventions:
-            if hasattr(iv, "head_scale"):
-                s = iv.head_scale(layer, heads)
-                if s is not None:
-                    s = s.to(device=device, dtype=dtype)
-                    out = s if out is None else out * s
-        return out
-
-    # ---- the callback ----------------------------------------------------------------------------
-    def __call__(self, module: nn.Module, q: Tensor, k: Tensor | LayerKV, v: Tensor | None,
-                 mask: Tensor | None, scaling: float, layer_idx: int) -> Tensor:
+    def layer_kv(self, layer: int, q: Tensor, k: Tensor | LayerKV, v: Tensor | LayerKV | None) -> LayerKV:
+        """``k`` itself when the PlanCache sent a :class:`LayerKV`; else slots over the plain tensors."""
         if isinstance(k, LayerKV):
-            lkv = k
-        else:
-            layer = self._views.get(layer_idx)
-            if layer is None:
-                layer = self._views[layer_idx] = PlanLayer(self.plan.policies[layer_idx])
-            lkv = layer.view(k, v)
-        H = q.shape[1]
-        mod = self._mod(layer_idx, H)
-        out = self._layer(q, lkv, scaling, mask, mod)
-        scale = self._scale(layer_idx, H, q.device, q.dtype)
-        if scale is not None:
-            out = out * scale.view(1, -1, 1, 1)
+            return k
+        held = self._dense.get(layer)
+        if held is not None and held[1] is k:
+            return held[0]
+        view = self._views.get(layer)
+        if view is None:
+            view = self._views[layer] = PlanLayer(self.plan.policies[layer])
+        return view.view(k, v, q.shape[2])
+
+    def attend(self, layer: int, module: nn.Module | None, q: Tensor, k: Tensor | LayerKV, v: Tensor | LayerKV,
+               *, mask: Tensor | None = None, scale: float, q_offset: int | None = None) -> Tensor:
+        """Output ``(B, H, Tq, Dv)`` of layer ``layer``; ``mask``: bool ``(B or 1, 1, Tq, kv_len)`` over absolute
+        keys (padding) or None (the causal rule). ``q_offset`` is implied by the cache (checked when given)."""
+        lkv = self.layer_kv(layer, q, k, v)
+        if q_offset is not None and q_offset != lkv.past:
+            raise ValueError(f"layer {layer}: q_offset {q_offset} but the cache has seen {lkv.past} positions")
+        self.observe(q, lkv, scale=scale)
+        return self._attend(q, lkv, scale, mask)
+
+    def dense_kv(self, layer: int, k: Tensor | LayerKV, *, q: Tensor | None = None,
+                 scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(B, Hkv, kv_len, D)`` at absolute positions (zeros where the cache holds nothing)
+        for code that computes the layer itself from weights (hooks); :meth:`weights_mask` given these keys
+        reads the cache. With the call's ``q`` and ``scale`` the policies observe the call (as :meth:`attend`
+        does: SnapKV's window is recorded even when hooks compute the output)."""
+        if not isinstance(k, LayerKV):
+            raise TypeError(f"dense_kv takes the LayerKV a PlanCache returned, got {type(k).__name__}")
+        if q is not None and scale is not None:
+            self.observe(q, k, scale=scale)
+        dk, dv = k.dense()
+        self._dense = {layer: (k, dk)}
+        return dk, dv
+
+    def weights_mask(self, layer: int, q: Tensor, k: Tensor | LayerKV, *, q_offset: int | None = None,
+                     v: Tensor | None = None) -> Tensor:
+        """Bool ``(B or 1, H, Tq, kv_len)``: the absolute keys each query head attends to in this call (``k``: the
+        call's LayerKV, keys from :meth:`dense_kv`, or plain keys of a cache-free forward)."""
+        lkv = self.layer_kv(layer, q, k, v if v is not None else k)
+        B, H, Tq, _ = q.shape
+        qpk = H // lkv.num_kv_heads
+        parts = []
+        for g in lkv.groups:
+            qg = q.index_select(1, _q_index(g.index, qpk)) if len(lkv.groups) > 1 else q
+            m = g.policy.weights_mask(qg, g, kv_len=lkv.kv_len)
+            parts.append((g, m.expand(m.shape[0], qg.shape[1], Tq, lkv.kv_len)))
+        if len(parts) == 1:
+            return parts[0][1]
+        Bm = max(m.shape[0] for _, m in parts)
+        out = torch.zeros(Bm, H, Tq, lkv.kv_len, dtype=torch.bool, device=q.device)
+        for g, m in parts:
+            out.index_copy_(1, _q_index(g.index, qpk), m.expand(Bm, *m.shape[1:]))
         return out
 
-    def _layer(self, q: Tensor, lkv: LayerKV, scaling: float, mask: Tensor | None, mod: ScoreMod | None) -> Tensor:
+    # ---- computing -------------------------------------------------------------------------------
+    def observe(self, q: Tensor, lkv: LayerKV, *, scale: float) -> None:
+        """Let each policy see the call before its output is computed (SnapKV records the prompt here)."""
+        qpk = q.shape[1] // lkv.num_kv_heads
+        for g in lkv.groups:
+            if g.keys is not None:
+                qg = q if len(lkv.groups) == 1 else q.index_select(1, _q_index(g.index, qpk))
+                g.policy.observe(qg, g, scale=scale)
+
+    def _attend(self, q: Tensor, lkv: LayerKV, scale: float, mask: Tensor | None) -> Tensor:
         B, H, Tq, D = q.shape
         qpk = H // lkv.num_kv_heads
         single = len(lkv.groups) == 1
-        out = None if single else q.new_zeros(B, H, Tq, lkv.groups[0].keys.shape[-1] if lkv.groups[0].keys
-                                              is not None else D)
+        out = None
         for g in lkv.groups:
-            qidx = None if single else _q_index(g.index, qpk)
-            if g.keys is None:  # dropped heads
-                if single:
-                    return q.new_zeros(B, H, Tq, D)
+            if g.keys is None and single:
+                return q.new_zeros(B, H, Tq, D)
+            if g.keys is None:  # dropped heads stay zero
                 continue
+            qidx = _q_index(g.index, qpk)
             qg = q if single else q.index_select(1, qidx)
-            mg = None if mask is None else _buffer_mask(mask, g, lkv)
-            modg = None if mod is None else (mod if single else HeadSubset(mod, qidx, H))
+            mg = None if mask is None else g.buffer_mask(mask, qg.shape[1])
             t0 = time.perf_counter() if self.timing else 0.0
-            og = self._group(qg, g, scaling, mg, modg, lkv)
+            og = g.policy.attend(qg, g, scale=scale, mask=mg)
             if self.timing:
-                self.timer.add(f"{g.group.policy.kind}/{'decode' if Tq == 1 else 'prefill'}",
-                               time.perf_counter() - t0)
+                self.timer.add(f"{g.policy.kind}/{'decode' if Tq == 1 else 'prefill'}", time.perf_counter() - t0)
             if single:
                 return og
+            if out is None:
+                out = q.new_zeros(B, H, Tq, og.shape[-1])
             out.index_copy_(1, qidx, og)
+        return out if out is not None else q.new_zeros(B, H, Tq, D)
+
+    def attend_weights(self, layer: int, q: Tensor, lkv: LayerKV, *, mask: Tensor | None, scale: float,
+                       score_mod: ScoreMod | None = None) -> Tensor:
+        """The layer's output from chunked softmax weights over :meth:`weights_mask` (and ``mask``), with an
+        optional score modifier over every query head: ``(B, H, Tq, Dv)``."""
+        B, H, Tq, _ = q.shape
+        if all(g.keys is None for g in lkv.groups):
+            return q.new_zeros(q.shape)
+        k, v = lkv.dense()
+        allowed = self.weights_mask(layer, q, lkv)
+        if mask is not None:
+            allowed = allowed & mask
+        Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        out = q.new_empty(B, H, Tq, Dv)
+        for s, w in weights_chunks(q, k, scale=scale, q_offset=lkv.past, mask=allowed, score_mod=score_mod):
+            r = w.shape[2]
+            o = w.to(v.dtype).reshape(B, Hkv, H // Hkv, r, T) @ v.unsqueeze(2)
+            out[:, :, s: s + r] = o.reshape(B, H, r, Dv)
         return out
-
-    def _group(self, q: Tensor, g: GroupKV, scaling: float, mask: Tensor | None, mod: ScoreMod | None,
-               lkv: LayerKV) -> Tensor:
-        p = g.group.policy
-        k, v = g.keys, g.values
-        Tq, Tb = q.shape[2], k.shape[2]
-        gqa = q.shape[1] != k.shape[1]
-        if p.kind == "snap" and Tq > 1 and lkv.extras.get("cached", False):
-            _record_snap(q, g, scaling)
-        if mask is not None or mod is not None:
-            return _dense_group(q, k, v, p, scaling, mask, mod)
-        if Tq == 1 and p.kind == "topk" and g.group.kmax is not None and g.group.kmax.shape[2] > p.k:
-            return _quest(q, g, scaling)
-        if Tq == 1 and _visible_all(p, Tb):
-            return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
-        if p.kind == "stream":
-            if Tq < BLOCKSPARSE_MIN_Q:
-                return attention(q, k, v, pattern=p.pattern(), scale=scaling, backend="dense_mask")
-            return attention(q, k, v, pattern=p.pattern(), scale=scaling, backend="blocksparse",
-                             group=stream_group(p.window, q.device))
-        if Tq == Tb:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        return attention(q, k, v, pattern=Causal(), scale=scaling, backend="sdpa")
-
-
-def stream_group(window: int, device: torch.device) -> int:
-    """Query rows per tile for a sinks + window head: a tile reads ``window + rows - 1`` keys, so rows
-    beyond about a quarter of the window mostly add masked work (window 256: 64 rows beat the tuned 128
-    by about 15% on CPU in the same run)."""
-    tuned = DEFAULT_GROUP.get(device.type, 128)
-    return max(32, min(tuned, 1 << max(5, (window // 4).bit_length() - 1)))
-
-
-def _buffer_mask(mask: Tensor, g: GroupKV, lkv: LayerKV) -> Tensor:
-    """Columns of an absolute ``(B or 1, 1, Tq, kv_len)`` mask that this group's buffer holds."""
-    Tb = g.keys.shape[2]
-    if mask.shape[-1] == Tb:
-        return mask
-    return mask.index_select(-1, _stream_positions(g, lkv).to(mask.device))
-
-
-def _stream_positions(g: GroupKV, lkv: LayerKV) -> Tensor:
-    p = g.group.policy
-    Tb = g.keys.shape[2]
-    end = lkv.past + lkv.q_len
-    if p.kind != "stream":
-        raise NotImplementedError(f"a padding mask with a compressed {p.kind} cache is not supported")
-    tail = Tb - p.sinks
-    return torch.cat([torch.arange(p.sinks), torch.arange(end - tail, end)])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # model-level helpers
 # ---------------------------------------------------------------------------------------------------------
+def _removed(kwargs: dict[str, Any]) -> None:
+    if "interventions" in kwargs:
+        raise ValueError("option 'interventions' was removed: calibrations are hooks now -- "
+                         "`with hf.use(model, plan), calibration.attach(model): ...`")
+    if kwargs:
+        raise TypeError(f"unexpected options {sorted(kwargs)}")
+
+
 def plan_for_model(model: nn.Module, plan: HeadPlan) -> HeadPlan:
     geo = geometry(model)
     plan.check_model(geo.num_layers, geo.num_kv_heads, geo.group)
@@ -278,16 +204,18 @@ def plan_for_model(model: nn.Module, plan: HeadPlan) -> HeadPlan:
 
 
 class use_plan:
-    """``with use_plan(model, plan) as runner:`` -- the model's attention follows ``plan`` in the block."""
+    """``with use_plan(model, plan) as runner:`` -- the model's attention follows ``plan`` in the block
+    (:func:`attnlab.models.hf.use` with a :class:`PlanRunner`; hooks compose with it)."""
 
-    def __init__(self, model: nn.Module, plan: HeadPlan, interventions: Sequence[Any] = ()) -> None:
+    def __init__(self, model: nn.Module, plan: HeadPlan, **removed: Any) -> None:
+        _removed(removed)
         plan_for_model(model, plan)
         self.model = model
-        self.runner = PlanRunner(plan, interventions)
+        self.runner = PlanRunner(plan)
         self.handle = None
 
     def __enter__(self) -> PlanRunner:
-        self.handle = install(self.model, self.runner)
+        self.handle = use(self.model, self.runner)
         return self.runner
 
     def __exit__(self, *exc) -> None:
@@ -308,7 +236,7 @@ def prefill(model: nn.Module, input_ids: Tensor, cache: PlanCache | None, chunk:
     logits = None
     for s in range(0, T, step):
         ids = input_ids[:, s: s + step]
-        out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        out = model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=1)
         logits = out.logits[:, -1]
     return logits
 
@@ -316,15 +244,17 @@ def prefill(model: nn.Module, input_ids: Tensor, cache: PlanCache | None, chunk:
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module, input_ids: Tensor, plan: HeadPlan, max_new_tokens: int = 8, chunk: int | None = None,
-    interventions: Sequence[Any] = (), eos_token_id: int | None = None,
+    eos_token_id: int | None = None, **removed: Any,
 ) -> dict[str, Any]:
-    """Greedy decoding under ``plan`` with a :class:`PlanCache`.
+    """Greedy decoding under ``plan`` (installed by :func:`attnlab.models.hf.use`) with its :class:`PlanCache`.
 
     Returns ``{"tokens": (batch, new) LongTensor, "prefill_s", "decode_s", "decode_tok_s", "kv_bytes",
     "kv_positions"}``; ``kv_bytes`` is the storage the cache holds after decoding.
     """
-    cache = new_cache(model, plan)
-    with use_plan(model, plan, interventions):
+    _removed(removed)
+    plan_for_model(model, plan)
+    with use(model, PlanRunner(plan)) as handle:
+        cache = handle.new_cache()
         t0 = time.perf_counter()
         logits = prefill(model, input_ids, cache, chunk)
         t1 = time.perf_counter()
@@ -332,7 +262,7 @@ def greedy_generate(
         for _ in range(max_new_tokens - 1):
             if eos_token_id is not None and bool((toks[-1] == eos_token_id).all()):
                 break
-            out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
             toks.append(out.logits[:, -1].argmax(-1))
         t2 = time.perf_counter()
     steps = len(toks) - 1
@@ -346,5 +276,5 @@ def greedy_generate(
     }
 
 
-__all__ = ["BLOCKSPARSE_MIN_Q", "HeadSubset", "PlanRunner", "greedy_generate", "new_cache", "plan_for_model", "stream_group",
-           "prefill", "use_plan"]
+__all__ = ["BLOCKSPARSE_MIN_Q", "PlanRunner", "greedy_generate", "new_cache", "plan_for_model", "prefill",
+           "stream_group", "use_plan"]

@@ -7,7 +7,9 @@
   (max over the query heads sharing it);
 * :func:`from_atlas` -- scores from :mod:`attnlab.inspect`'s ``HeadAtlas`` when it is available;
 * :func:`duo_gates` -- DuoAttention (I30): a gate per kv head mixes full and streaming attention,
-  ``out = a * full + (1 - a) * stream``; gates are optimized on generated passkey prompts to keep the
+  ``out = a * full + (1 - a) * stream`` (a differentiable intervention on each head's output ``z``; the
+  streaming output is computed from the layer's own q/k/v, read by observers at the same hook seam);
+  gates are optimized on generated passkey prompts to keep the
   final hidden states of the full model (MSE) with an L1 push towards streaming. CPU scale: a handful of
   Adam steps on one or two prompts of a few hundred tokens (see ``steps``, ``length``);
 * :func:`moa_plan` -- MoA (I58)-style: per head, the attention mass each candidate window would lose
@@ -16,18 +18,24 @@
 * :func:`uniform` -- baselines: all full, all streaming, SnapKV-like eviction, Quest-like pages.
 
 Scores are ``torch.Tensor`` of shape ``(layers, kv_heads)``; higher means "needs the whole context".
+Profiling reads attention weights through a ``weights`` observer on the hook seam of
+:mod:`attnlab.models.hf` (only the rows asked for are kept), so it profiles whatever attention runs in the
+model (its own, or a plan installed with ``hf.use``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.hf import attnlab_attention, default_attention, geometry
+from ..core.attention import attention
+from ..core.patterns import Pattern
+from ..inspect.capture import observe_rows
+from ..models import hf
+from ..models.hf import geometry
 from .plan import HeadPlan, HeadPolicy
 from .tasks import passkey
 
@@ -100,22 +108,9 @@ def _prompts(tok: Any, n: int, length: int, seed: int) -> list[tuple[list[int], 
 
 
 def _last_rows_weights(model: nn.Module, ids: list[int], rows: int) -> list[Tensor]:
-    """Per layer, the attention weights ``(Hq, rows, T)`` of the last ``rows`` queries (float32)."""
-    store: list[Tensor] = []
-
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        Tq, Tk = q.shape[2], k.shape[2]
-        r = min(rows, Tq)
-        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        s = (q[:, :, Tq - r:] @ kk.transpose(-1, -2)) * scaling
-        qpos = torch.arange(Tk - r, Tk, device=q.device).view(r, 1)
-        s = s.masked_fill(torch.arange(Tk, device=q.device).view(1, Tk) > qpos, float("-inf"))
-        store.append(torch.softmax(s.float(), -1)[0])
-        return default_attention(module, q, k, v, mask, scaling)
-
-    with torch.no_grad(), attnlab_attention(model, fn):
-        model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
-    return store
+    """Per layer, the attention weights ``(Hq, rows, T)`` of the last ``rows`` queries (float32), read by a
+    weights observer (never the whole square)."""
+    return observe_rows(model, torch.tensor([ids]), last=rows)
 
 
 def probe_scores(model: nn.Module, tok: Any, n: int = 2, length: int = 1024, seed: int = 0,
@@ -206,6 +201,25 @@ def moa_plan(model: nn.Module, tok: Any, kv_budget: float = 0.5, at_length: int 
 # ---------------------------------------------------------------------------------------------------------
 # DuoAttention gates
 # ---------------------------------------------------------------------------------------------------------
+def duo_hooks(gate: Callable[[int], Tensor], stream: Pattern, q_per_kv: int) -> dict[str, Callable]:
+    """DuoAttention's mix as hooks: each head's output ``z`` becomes ``a * z + (1 - a) * stream(q, k, v)``
+    with ``a = gate(layer)`` ``(kv_heads,)`` (differentiable: the gates may need grad) and ``stream`` the
+    ``stream`` pattern's attention over the layer's own q, k, v (read by observers on the same seam, with
+    their autograd graph). ``z`` is whatever the running attention produced (the model's own: full)."""
+    seen: dict[tuple[int, str], Tensor] = {}
+
+    def keep(x: Tensor, ctx: Any) -> None:
+        seen[ctx.layer, ctx.name.rsplit(".", 1)[1]] = x
+
+    def mix(z: Tensor, ctx: Any) -> Tensor:  # z (B, H, T, Dv)
+        q, k, v = (seen.pop((ctx.layer, n)) for n in "qkv")
+        out = attention(q, k, v, pattern=stream, scale=ctx.scale, q_offset=int(ctx.q_offset or 0))
+        a = gate(ctx.layer).repeat_interleave(q_per_kv).view(1, -1, 1, 1).to(z.dtype)
+        return a * z + (1 - a) * out.to(z.dtype)
+
+    return {"blocks.*.attn.q": keep, "blocks.*.attn.k": keep, "blocks.*.attn.v": keep, "blocks.*.attn.z": mix}
+
+
 def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: int = 2, sinks: int = 4,
               window: int = 64, lr: float = 0.1, l1: float = 0.05, seed: int = 0) -> Tensor:
     """Optimize DuoAttention gates ``(layers, kv_heads)`` in [0, 1] (see the module docstring).
@@ -220,6 +234,7 @@ def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: 
     stream_pat = HeadPolicy.stream(sinks, window).pattern()
     prompts = _prompts(tok, n, length, seed)
     targets = []
+    flags = [p.requires_grad for p in model.parameters()]  # restored at the end: only the gates train
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -227,25 +242,22 @@ def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: 
             out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
             targets.append(out.hidden_states[-1][0, -32:].clone())
 
-    def fn(module, q, k, v, mask, scaling, layer_idx):
-        from ..core.attention import attention
-
-        full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        stream = attention(q, k, v, pattern=stream_pat, scale=scaling, backend="blocksparse")
-        a = torch.sigmoid(logits[layer_idx]).repeat_interleave(g).view(1, -1, 1, 1).to(q.dtype)
-        return a * full + (1 - a) * stream
-
-    with attnlab_attention(model, fn):
-        for step in range(steps):
-            ids, _, _ = prompts[step % len(prompts)]
-            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
-            h = out.hidden_states[-1][0, -32:]
-            t = targets[step % len(prompts)]
-            distill = ((h - t) ** 2).mean() / (t ** 2).mean()
-            loss = distill + l1 * torch.sigmoid(logits).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    hooks = duo_hooks(lambda layer: torch.sigmoid(logits[layer]), stream_pat, g)
+    try:
+        with hf.hooks(model, hooks):
+            for step in range(steps):
+                ids, _, _ = prompts[step % len(prompts)]
+                out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+                h = out.hidden_states[-1][0, -32:]
+                t = targets[step % len(prompts)]
+                distill = ((h - t) ** 2).mean() / (t ** 2).mean()
+                loss = distill + l1 * torch.sigmoid(logits).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
     return torch.sigmoid(logits.detach())
 
 
@@ -257,5 +269,5 @@ def duo_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: in
     return plan
 
 
-__all__ = ["duo_gates", "duo_plan", "from_atlas", "from_scores", "moa_plan", "probe_scores",
+__all__ = ["duo_gates", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan", "probe_scores",
            "uniform", "window_loss_profile"]

@@ -11,7 +11,6 @@ From the command line: ``name``, ``name:key=value,key=value`` (values parsed as 
 from __future__ import annotations
 
 import ast
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +52,8 @@ class MechSpec:
 
 
 def config_fields(name: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(registry.get(name).config)}
+    """The options the layer takes."""
+    return set(registry.config_options(registry.get(name).config))
 
 
 def build_layer(spec: LayerSpec, dim: int, heads: int, layer_idx: int = 0, layers: int = 1) -> nn.Module:
@@ -62,7 +62,7 @@ def build_layer(spec: LayerSpec, dim: int, heads: int, layer_idx: int = 0, layer
     opts: dict[str, Any] = {}
     if "layer_idx" in fields and "layers" in fields:
         opts.update(layer_idx=layer_idx, layers=layers)
-    if "causal" in fields:
+    if "causal" in fields and "pattern" not in spec.options:  # a given pattern decides (None: bidirectional)
         opts["causal"] = True
     opts.update(spec.options)
     return registry.build(spec.name, dim=dim, heads=heads, **opts)

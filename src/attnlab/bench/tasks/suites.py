@@ -47,8 +47,8 @@ MECHANISMS: dict[str, MechSpec] = {
     "based+swa": MechSpec("based+swa", (_taylor(16), LayerSpec("mha", {"pattern": SlidingWindow(16)}))),
     "lightning": MechSpec("lightning", (LayerSpec("lightning"),)),
     # RAT with one chunk longer than any sequence: a pure gated recurrence (h = f h + (1 - f) x), O(dim) state
-    "rat-rnn": MechSpec("rat-rnn", (LayerSpec("rat", {"rat_chunk": 1024, "mode": "parallel"}),)),
-    "rat-16": MechSpec("rat-16", (LayerSpec("rat", {"rat_chunk": 16}),)),
+    "rat-rnn": MechSpec("rat-rnn", (LayerSpec("rat", {"block": 1024, "mode": "parallel"}),)),
+    "rat-16": MechSpec("rat-16", (LayerSpec("rat", {"block": 16}),)),
 }
 
 RECALL = ("softmax", "sliding-8", "linear-elu", "based-f4", "based-f8", "based-f16", "based+swa", "lightning")

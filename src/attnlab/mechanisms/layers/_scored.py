@@ -1,46 +1,22 @@
-"""Shared machinery of the layers that are "multi-head attention with a different score or weight function".
+"""Helpers of the ops whose weights are not a softmax of dot products (cog, relu_attn, gaam, neural_attn, mta).
 
-``ProjectedAttention`` holds the q/k/v/output projections, optional RoPE, the causal flag and the key/value
-cache; a subclass only writes how a block of query rows turns into outputs. ``visible`` is the boolean
-mask of keys each query row may see (absolute positions, as everywhere in attnlab), ``by_rows`` runs a
-row function over query chunks so a layer whose weights cannot go through SDPA still never holds more than
-``chunk x kv_len`` scores at once.
+``visible`` is the boolean mask of keys each query row may see (absolute positions, as everywhere in attnlab);
+``allowed`` adds a free mask to it for a block of rows; ``by_rows`` runs a row function over query chunks so an op
+whose weights cannot go through SDPA still never holds more than ``chunk x kv_len`` scores at once;
+``grouped_scores`` / ``grouped_apply`` handle grouped-query heads without repeating keys or values;
+``repeat_kv`` and ``dense_allowed`` serve the plain float64 references.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from attnlab.core.cache import KVCache
 from attnlab.core.patterns import Causal
-
-from ..base import AttentionLayer, check_hidden
-from ..common import apply_rope, merge_heads, positions_for, split_heads
-
-
-def check_config(name: str, dim: int, heads: int, *, even_head_dim: bool = False) -> int:
-    """Validate ``dim``/``heads`` of a config; returns the head dimension."""
-    for field_name, value in (("dim", dim), ("heads", heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {field_name} must be a positive integer, got {value!r}")
-    if dim % heads:
-        raise ValueError(f"{name}: dim={dim} is not divisible by heads={heads}")
-    d = dim // heads
-    if even_head_dim and d % 2:
-        raise ValueError(f"{name}: head dim {d} (dim / heads) must be even")
-    return d
-
-
-def check_positive(name: str, field_name: str, value: Any, *, integer: bool = True) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "integer" if integer else "number"
-        raise ValueError(f"{name}: {field_name} must be a positive {kind}, got {value!r}")
+from attnlab.ops.sparse import check_mask
 
 
 def visible(q_len: int, kv_len: int, q_offset: int, causal: bool, device: torch.device) -> Tensor:
@@ -48,6 +24,19 @@ def visible(q_len: int, kv_len: int, q_offset: int, causal: bool, device: torch.
     if not causal:
         return torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     return Causal().dense(q_len, kv_len, q_offset)[0].to(device)
+
+
+def allowed(a: int, b: int, kv_len: int, q_offset: int, causal: bool, mask: Tensor | None,
+            device: torch.device) -> Tensor:
+    """Rows ``a..b`` of what the queries may see: ``(b - a, kv_len)``, or ``(B|1, H|1, b - a, kv_len)`` with a free
+    ``mask`` (B|1, H|1, Tq, kv_len) ANDed in."""
+    m = visible(b - a, kv_len, q_offset + a, causal, device)
+    return m if mask is None else m & mask[:, :, a:b]
+
+
+def check_free_mask(name: str, mask: Tensor | None, q: Tensor, k: Tensor) -> None:
+    if mask is not None:
+        check_mask(name, mask, q, k)
 
 
 def by_rows(fn: Callable[[int, int], Tensor], q_len: int, chunk: int) -> Tensor:
@@ -63,59 +52,45 @@ def by_rows(fn: Callable[[int, int], Tensor], q_len: int, chunk: int) -> Tensor:
     return torch.cat([fn(a, b) for a, b in spans], dim=2)
 
 
-class ProjectedAttention(AttentionLayer):
-    """q, k, v, o projections of width ``dim`` split into ``heads``; optional RoPE; a ``KVCache`` when causal.
-
-    ``proj`` names the input projections to create ("qkv"; layers that use the input itself as keys or values
-    leave them out, and then provide their own ``project``).
-    """
-
-    def __init__(
-        self, dim: int, heads: int, causal: bool, rope: bool = False, bias: bool = False, proj: str = "qkv"
-    ) -> None:
-        super().__init__()
-        self.dim, self.heads, self.causal, self.rope = dim, heads, causal, rope
-        self.head_dim = dim // heads
-        for p in proj:
-            setattr(self, f"{p}_proj", nn.Linear(dim, dim, bias=bias))
-        self.o_proj = nn.Linear(dim, dim, bias=bias)
-
-    def init_cache(self, batch: int = 1) -> KVCache:
-        if not self.causal:
-            raise TypeError(f"{self.registry_name}: a non-causal layer cannot decode (causal=False)")
-        return KVCache()
-
-    def state_size(self, seq_len: int) -> int:
-        return 2 * self.dim * seq_len
-
-    def check_cache(self, x: Tensor, cache: Any | None) -> int:
-        """Validate the input; returns the number of cached positions (0 without a cache)."""
-        check_hidden(x, self.dim)
-        if cache is None:
-            return 0
-        if not self.causal:
-            raise TypeError(f"{self.registry_name}: a cache needs causal=True")
-        return cache.length
-
-    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, dim) -> q, k, v of shape (B, H, T, d); RoPE at absolute positions ``start ..``."""
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if self.rope:
-            pos = positions_for(x, start)
-            q, k = apply_rope(q, pos), apply_rope(k, pos)
-        return q, k, v
-
-    def qkv(self, x: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Project ``x`` and append to the cache; returns q (new rows), k, v (all rows) and the q offset."""
-        start = self.check_cache(x, cache)
-        q, k, v = self.project(x, start)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        return q, k, v, start
-
-    def out(self, o: Tensor) -> Tensor:
-        """(B, H, T, d) -> (B, T, dim)."""
-        return self.o_proj(merge_heads(o))
+def grouped_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q (B, H, R, D) . k (B, Hkv, Tk, D) -> (B, H, R, Tk), query head h reading kv head ``h // (H // Hkv)``."""
+    B, H, R, D = q.shape
+    Hkv = k.shape[1]
+    s = q.view(B, Hkv, H // Hkv, R, D) @ k.unsqueeze(2).transpose(-1, -2)
+    return s.view(B, H, R, k.shape[2])
 
 
-__all__ = ["ProjectedAttention", "by_rows", "check_config", "check_positive", "visible"]
+def grouped_apply(w: Tensor, v: Tensor) -> Tensor:
+    """Weights (B, H, R, Tk) @ v (B, Hkv, Tk, Dv) -> (B, H, R, Dv), grouped as in :func:`grouped_scores`."""
+    B, H, R, Tk = w.shape
+    Hkv = v.shape[1]
+    return (w.view(B, Hkv, H // Hkv, R, Tk) @ v.unsqueeze(2)).view(B, H, R, v.shape[-1])
+
+
+def repeat_kv(t: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, heads, T, D), each kv head repeated for its query heads (references only)."""
+    return t.repeat_interleave(heads // t.shape[1], 1)
+
+
+def dense_allowed(Tq: int, Tk: int, q_offset: int, causal: bool, mask: Tensor | None, device) -> Tensor:
+    """Plainly, for references: key ``j`` is seen by the query at ``q_offset + i`` iff ``j <= q_offset + i`` (if
+    causal) and the free mask allows it; ``(B|1, H|1, Tq, Tk)`` bool."""
+    i = torch.arange(Tq, device=device).view(-1, 1) + q_offset
+    j = torch.arange(Tk, device=device).view(1, -1)
+    m = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    m = m.view(1, 1, Tq, Tk)
+    return m if mask is None else m & mask
+
+
+def per_head(name: str, value: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    """A per-head tensor option checked against ``shape`` and cast to ``like``'s dtype/device (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
+        got = tuple(value.shape) if isinstance(value, Tensor) else repr(value)
+        raise ValueError(f"option {name} must be a tensor of shape {tuple(shape)}, got {got}")
+    return value.to(dtype=like.dtype, device=like.device)
+
+
+__all__ = ["allowed", "by_rows", "check_free_mask", "dense_allowed", "grouped_apply", "grouped_scores", "per_head",
+           "repeat_kv", "visible"]

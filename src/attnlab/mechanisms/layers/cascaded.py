@@ -23,30 +23,23 @@ from torch import Tensor, nn
 
 from ...core.cache import KVCache
 from ...core.checks import positive_int
-from ...core.patterns import Causal, Pattern
 from ...core.reference import reference_attention
-from ..base import AttentionLayer, check_hidden
-from ..common import apply_rope, positions_for
+from ..common import apply_rope
+from ..heads import LayerCache
 from ..registry import register
-from .mha import cached_attention, check_decodable
+from .mha import PatternHeadsConfig, PatternLayer, cached_attention
 
 
 @dataclass(frozen=True)
-class CascadedConfig:
+class CascadedConfig(PatternHeadsConfig):
     """key_dim: query/key width per head (None: min(16, dim // heads)); values keep dim // heads."""
 
-    dim: int = 512
-    heads: int = 8
-    key_dim: int | None = None
-    pattern: Pattern | None = Causal()
     rope: bool = True
-    rope_base: float = 10000.0
+    key_dim: int | None = None
 
-    def __post_init__(self) -> None:
-        positive_int("dim", self.dim)
-        positive_int("heads", self.heads)
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}): heads split the channels")
+    fixed = ("kv_heads", "head_dim")  # heads split the channels
+
+    def validate(self) -> None:
         if self.key_dim is not None:
             positive_int("key_dim", self.key_dim)
         if self.rope and self.kd % 2:
@@ -55,6 +48,11 @@ class CascadedConfig:
     @property
     def split(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def d(self) -> int:
+        """Per-head query/key width (what RoPE rotates)."""
+        return self.kd
 
     @property
     def kd(self) -> int:
@@ -69,12 +67,12 @@ class CascadedConfig:
     summary="cascaded group attention: each head sees a channel split plus the previous head's output",
     config=CascadedConfig,
 )
-class CascadedGroupAttention(AttentionLayer):
-    """(B, T, dim) -> (B, T, dim); the decoding cache is one KVCache per head."""
+class CascadedGroupAttention(PatternLayer):
+    """(B, T, dim) -> (B, T, dim); the heads run one after another, each its own projections and attention
+    (``cached_attention``: the op's engine); the decoding cache holds one KVCache per head (``state["kv"]``)."""
 
     def __init__(self, cfg: CascadedConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, proj="")
         c, kd = cfg.split, cfg.kd
         self.qkv = nn.ModuleList(nn.Linear(c, 2 * kd + c, bias=False) for _ in range(cfg.heads))
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -87,14 +85,17 @@ class CascadedGroupAttention(AttentionLayer):
             q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
         return q, k, v
 
-    def forward(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        pos = positions_for(x, 0 if cache is None else cache[0].length)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        per_head = None if cache is None else cache.state["kv"]
         ys: list[Tensor] = []
         for j, xj in enumerate(x.split(self.cfg.split, dim=-1)):
             xt = xj if j == 0 else xj + ys[-1]
             q, k, v = self._head_qkv(j, xt, pos)
-            ys.append(cached_attention(q, k, v, None if cache is None else cache[j], self.cfg.pattern)[:, 0])
+            ys.append(cached_attention(q, k, v, None if cache is None else per_head[j], self.cfg.pattern)[:, 0])
+        if cache is not None:
+            cache.length = start + x.shape[1]
         return self.proj(torch.cat(ys, dim=-1))
 
     def reference(self, x: Tensor) -> Tensor:
@@ -111,9 +112,11 @@ class CascadedGroupAttention(AttentionLayer):
             ys.append(reference_attention(q, k, v, cfg.pattern, dtype=None)[:, 0])
         return torch.cat(ys, dim=-1) @ self.proj.weight.T
 
-    def init_cache(self, batch: int = 1) -> list[KVCache]:
-        check_decodable(self.cfg.pattern, "cascaded")
-        return [KVCache() for _ in range(self.cfg.heads)]
+    def init_cache(self, batch: int = 1) -> LayerCache:
+        super().init_cache(batch)  # refuses non-causal patterns
+        cache = LayerCache(kv=False)
+        cache.state["kv"] = [KVCache() for _ in range(self.cfg.heads)]
+        return cache
 
     def state_size(self, seq_len: int) -> int:
         return self.cfg.heads * (self.cfg.kd + self.cfg.split) * seq_len

@@ -20,38 +20,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
-
 from ..common import positions_for
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config, check_positive
 
 
 @dataclass(frozen=True)
-class ComplexFormerConfig:
+class ComplexFormerConfig(HeadsConfig):
+    """rope_base: frequency base of omega_f, as in RoPE (the layer's own rotation replaces ``rope``)."""
+
     dim: int = 64
     heads: int = 4
-    causal: bool = True
-    base: float = 10000.0  # frequency base of omega_f, as in RoPE
 
-    def __post_init__(self) -> None:
-        check_config("complexformer", self.dim, self.heads, even_head_dim=True)
-        check_positive("complexformer", "base", self.base, integer=False)
+    fixed = ("kv_heads", "head_dim", "rope")
+    renamed = {"base": "rope_base"}
+
+    def validate(self) -> None:
+        if self.d % 2:
+            raise ValueError(f"complexformer: head dim {self.d} (dim / heads) must be even (complex pairs)")
 
 
 @register("complexformer", family="layers", papers=("L78",), year=2025, config=ComplexFormerConfig,
           summary="polar complex q/k; per-head adaptive angle difference plus per-head relative rotation")
-class ComplexFormerAttention(ProjectedAttention):
+class ComplexFormerAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): q and k mapped to their polar form once, then op ``sdpa``."""
+
     def __init__(self, cfg: ComplexFormerConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.gamma = nn.Parameter(torch.ones(cfg.heads))  # semantic angle adaptation
         self.lam = nn.Parameter(torch.ones(cfg.heads))  # relative-position rotation rate
 
     def _omega(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         F_ = self.head_dim // 2
-        return self.cfg.base ** (-torch.arange(F_, dtype=dtype, device=device) * 2 / self.head_dim)
+        return self.cfg.rope_base ** (-torch.arange(F_, dtype=dtype, device=device) * 2 / self.head_dim)
 
     def _euler(self, t: Tensor, pos: Tensor) -> Tensor:
         """(B, H, T, d) real -> (B, H, T, d) = r (cos phi, sin phi), phi = gamma theta + lambda omega pos."""
@@ -70,8 +71,8 @@ class ComplexFormerAttention(ProjectedAttention):
         pos = positions_for(x, start)
         q, k = self._euler(q, pos), self._euler(k, pos)
         if cache is not None:
-            k, v = cache.append(k, v)
-        return self.out(attention(q, k, v, Causal() if self.causal else None))
+            k, v = cache.kv.append(k, v)
+        return self.out(self.attend(q, k, v, start, None if cache is None else cache.state))
 
     def reference(self, x: Tensor) -> Tensor:
         """Complex pairs (m, n): S = Re sum_f r_q r_k exp(i(gamma dtheta + lambda omega (m - n)))."""

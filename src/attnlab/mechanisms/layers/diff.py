@@ -26,40 +26,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...core.cache import KVCache
 from ...core.checks import positive_int
-from ...core.patterns import Causal, Pattern
 from ...core.reference import reference_attention
-from ..base import AttentionLayer, check_hidden
-from ..common import RMSNorm, apply_rope, merge_heads, positions_for, split_heads
+from ..common import RMSNorm, apply_rope, merge_heads, split_heads
+from ..heads import LayerCache
 from ..registry import register
-from .mha import cached_attention, check_decodable
+from .mha import PatternHeadsConfig, PatternLayer, cached_attention
 
 
 @dataclass(frozen=True)
-class DiffConfig:
+class DiffConfig(PatternHeadsConfig):
     """heads: differential heads; head_dim: q/k width d of one map (None: dim // heads // 2; values use 2d);
     depth: the layer's 1-based index, for lambda_init (or set lambda_init)."""
 
-    dim: int = 512
     heads: int = 4
-    head_dim: int | None = None
+    rope: bool = True
     depth: int = 1
     lambda_init: float | None = None
-    pattern: Pattern | None = Causal()
-    rope: bool = True
-    rope_base: float = 10000.0
 
-    def __post_init__(self) -> None:
-        positive_int("dim", self.dim)
-        positive_int("heads", self.heads)
+    fixed = ("kv_heads",)  # every map has its own keys
+
+    def validate(self) -> None:
         positive_int("depth", self.depth)
         if self.head_dim is None and self.dim % (2 * self.heads):
             raise ValueError(f"dim ({self.dim}) must be divisible by 2 * heads ({2 * self.heads}); set head_dim")
-        if self.head_dim is not None:
-            positive_int("head_dim", self.head_dim)
-        if self.rope and self.d % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.d}")
 
     @property
     def d(self) -> int:
@@ -80,12 +70,11 @@ class DiffConfig:
     summary="differential attention (DIFF Transformer): difference of two softmax maps, per-head RMSNorm",
     config=DiffConfig,
 )
-class DiffAttention(AttentionLayer):
-    """(B, T, dim) -> (B, T, dim)."""
+class DiffAttention(PatternLayer):
+    """(B, T, dim) -> (B, T, dim); both maps in one call of the op (2h query heads)."""
 
     def __init__(self, cfg: DiffConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, proj="")
         h, d = cfg.heads, cfg.d
         self._make_qk(cfg)
         self.v_proj = nn.Linear(cfg.dim, h * 2 * d, bias=False)
@@ -111,17 +100,19 @@ class DiffAttention(AttentionLayer):
         lq1, lk1, lq2, lk2 = self.lam
         return torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + self.cfg.lam_init
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (B, 2h, T, d): map 1's heads, then map 2's; v (B, h, T, 2d)."""
         h = self.cfg.heads
         qa, ka = self.qk_maps(x)
-        q, k = split_heads(qa, 2 * h), split_heads(ka, 2 * h)  # (B, 2h, T, d)
-        v = split_heads(self.v_proj(x), h)  # (B, h, T, 2d)
+        q, k = split_heads(qa, 2 * h), split_heads(ka, 2 * h)
+        v = split_heads(self.v_proj(x), h)
         if self.cfg.rope:
-            pos = positions_for(x, 0 if cache is None else cache.length)
-            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
-        if cache is not None:
-            k, v = cache.append(k, v)
+            q, k = self.rotate(q, start), self.rotate(k, start)
+        return q, k, v
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        h = self.cfg.heads
+        q, k, v, _ = self.qkv_cached(x, cache)
         o = self._both_maps(q, k, v)
         o = o[:, :h] - self.lambda_() * o[:, h:]
         return self.o_proj(merge_heads(self.subln(o) * (1.0 - self.cfg.lam_init)))
@@ -159,10 +150,6 @@ class DiffAttention(AttentionLayer):
         o = torch.stack(heads, dim=1)  # (B, h, T, 2d)
         return self.o_proj(merge_heads(self.subln(o) * (1.0 - cfg.lam_init)))
 
-    def init_cache(self, batch: int = 1) -> KVCache:
-        check_decodable(self.cfg.pattern, self.registry_name)
-        return KVCache()
-
     def state_size(self, seq_len: int) -> int:
         return (2 * self.cfg.heads * self.cfg.d + self.cfg.heads * 2 * self.cfg.d) * seq_len
 
@@ -173,8 +160,8 @@ class SharedDiffConfig(DiffConfig):
 
     rank: int = 8
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         positive_int("rank", self.rank)
 
 

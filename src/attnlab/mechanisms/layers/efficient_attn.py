@@ -18,45 +18,41 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
-
 from ..common import split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config
 
 
 @dataclass(frozen=True)
-class EfficientAttnConfig:
+class EfficientAttnConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
 
-    def __post_init__(self) -> None:
-        check_config("efficient_attn", self.dim, self.heads)
+    fixed = ("kv_heads", "head_dim", "rope", "rope_base")
 
 
 @register("efficient_attn", family="layers", papers=("L156",), year=2024, config=EfficientAttnConfig,
           summary="no key or value projection: queries meet input slices (1/2 of MHA's parameters)")
-class EfficientAttention(ProjectedAttention):
-    def __init__(self, cfg: EfficientAttnConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, proj="q")
-        self.cfg = cfg
+class EfficientAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): a query projection against input slices, then op ``sdpa``."""
 
-    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    def __init__(self, cfg: EfficientAttnConfig) -> None:
+        super().__init__(cfg, proj="qo")
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         xh = split_heads(x, self.heads)
         return split_heads(self.q_proj(x), self.heads), xh, xh
 
     def state_size(self, seq_len: int) -> int:
         return self.dim * seq_len  # keys and values are the same input slices
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
         start = self.check_cache(x, cache)
         q, k, _ = self.project(x, start)
         if cache is not None:  # keys and values are the same numbers: cache them once (empty value slot)
-            k, _ = cache.append(k, k[..., :0])
-        return self.out(attention(q, k, k, Causal() if self.causal else None))
+            k, _ = cache.kv.append(k, k[..., :0])
+        return self.out(self.attend(q, k, k, start, None if cache is None else cache.state))
 
     def reference(self, x: Tensor) -> Tensor:
         """Head by head: softmax(X W_Q^i X_i^T / sqrt(d)) X_i, then W_O."""

@@ -20,33 +20,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ...core.checks import positive_int
+from ..heads import HeadsConfig, OpLayer, positive_number
 from ..registry import register
-from ._scored import ProjectedAttention, by_rows, check_config, check_positive, visible
+from ._scored import by_rows, visible
 
 
 @dataclass(frozen=True)
-class GAAMConfig:
+class GAAMConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
     gaussians: int = 1  # densities multiplied per head
     eps: float = 1e-5  # added to the row variance
     chunk: int = 128  # query rows per block of the fast path
 
-    def __post_init__(self) -> None:
-        check_config("gaam", self.dim, self.heads, even_head_dim=self.rope)
-        check_positive("gaam", "gaussians", self.gaussians)
-        check_positive("gaam", "eps", self.eps, integer=False)
-        check_positive("gaam", "chunk", self.chunk)
+    fixed = ("kv_heads", "head_dim")
+
+    def validate(self) -> None:
+        positive_int("gaussians", self.gaussians)
+        positive_number("eps", self.eps)
+        positive_int("chunk", self.chunk)
 
 
 @register("gaam", family="layers", papers=("L47",), year=2024, config=GAAMConfig,
           summary="Gaussian weights over normalized scores with learnable mean offset and variance per head")
-class GAAMAttention(ProjectedAttention):
+class GAAMAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); the Gaussian weights are the layer's own (``attend``), ``chunk`` rows at a time."""
+
     def __init__(self, cfg: GAAMConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=cfg.rope)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.delta = nn.Parameter(torch.zeros(cfg.heads, cfg.gaussians))  # mean offsets
         self.log_xi = nn.Parameter(torch.zeros(cfg.heads, cfg.gaussians))  # log variance scales
 
@@ -60,17 +63,16 @@ class GAAMAttention(ProjectedAttention):
         xi = self.log_xi.exp().view(1, -1, 1, 1, self.cfg.gaussians)
         return -(z.pow(2) / (2 * xi)).sum(-1) / (var + self.cfg.eps)
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, start = self.qkv(x, cache)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, state=None) -> Tensor:
+        """q (B, H, T, d) at positions start.. over k, v (B, H, Tk, d) -> (B, H, T, d)."""
         scale = self.head_dim ** -0.5
 
         def rows(a: int, b: int) -> Tensor:
             s = q[:, :, a:b] @ k.transpose(-1, -2) * scale
-            m = visible(b - a, k.shape[2], start + a, self.causal, x.device)
+            m = visible(b - a, k.shape[2], start + a, self.causal, q.device)
             return torch.softmax(self._log_density(s, m).masked_fill(~m, float("-inf")), dim=-1) @ v
 
-        return self.out(by_rows(rows, q.shape[2], self.cfg.chunk))
+        return by_rows(rows, q.shape[2], self.cfg.chunk)
 
     def reference(self, x: Tensor) -> Tensor:
         """Dense, one Gaussian density at a time, normalized over each row's visible keys."""

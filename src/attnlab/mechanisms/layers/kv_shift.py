@@ -19,46 +19,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.attention import attention
-from attnlab.core.cache import KVCache
 from attnlab.core.patterns import Causal
 from attnlab.core.reference import reference_attention
 
-from ..common import apply_rope, positions_for, split_heads
+from ..common import apply_rope, split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config
 
 
 @dataclass(frozen=True)
-class KVShiftConfig:
+class KVShiftConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
 
-    def __post_init__(self) -> None:
-        check_config("kv_shift", self.dim, self.heads, even_head_dim=self.rope)
-
-
-class ShiftCache:
-    """Mixed keys/values seen so far plus the last raw key and value (for the next position's shift)."""
-
-    def __init__(self) -> None:
-        self.kv = KVCache()
-        self.last_k: Tensor | None = None
-        self.last_v: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.kv.length
+    fixed = ("kv_heads", "head_dim")
 
 
 @register("kv_shift", family="layers", papers=("L121",), year=2024, config=KVShiftConfig,
           summary="keys and values mixed with the previous position's by learned per-head weights")
-class KVShiftAttention(ProjectedAttention):
+class KVShiftAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): the shift, RoPE on the mixed keys, then op ``sdpa``. The decoding cache holds
+    the mixed keys/values plus the last raw key and value (``state["last_k"]``, ``state["last_v"]``)."""
+
     def __init__(self, cfg: KVShiftConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=False)  # RoPE goes after the shift
-        self.cfg = cfg
+        super().__init__(cfg)
         init = torch.tensor([1.0, 0.0]).repeat(cfg.heads, 1)  # (H, 2): starts as plain attention
         self.alpha = nn.Parameter(init.clone())  # key mix (current, previous)
         self.beta = nn.Parameter(init.clone())  # value mix
@@ -66,30 +51,29 @@ class KVShiftAttention(ProjectedAttention):
     def state_size(self, seq_len: int) -> int:
         return 2 * self.dim * (seq_len + 1)  # mixed keys/values plus the last raw key and value
 
-    def init_cache(self, batch: int = 1) -> ShiftCache:
-        super().init_cache(batch)
-        return ShiftCache()
-
     def _mix(self, w: Tensor, cur: Tensor, prev: Tensor) -> Tensor:
         return w[:, 0].view(1, -1, 1, 1) * cur + w[:, 1].view(1, -1, 1, 1) * prev
 
-    def forward(self, x: Tensor, cache: ShiftCache | None = None) -> Tensor:
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Unrotated q, k, v: RoPE goes after the shift."""
+        return tuple(split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
         start = self.check_cache(x, cache)
         q, k, v = self.project(x, start)
-        carried = cache is not None and cache.last_k is not None
-        first_k = cache.last_k if carried else torch.zeros_like(k[:, :, :1])
-        first_v = cache.last_v if carried else torch.zeros_like(v[:, :, :1])
+        carried = cache is not None and "last_k" in cache.state
+        first_k = cache.state["last_k"] if carried else torch.zeros_like(k[:, :, :1])
+        first_v = cache.state["last_v"] if carried else torch.zeros_like(v[:, :, :1])
         k_prev = torch.cat([first_k, k[:, :, :-1]], dim=2)
         v_prev = torch.cat([first_v, v[:, :, :-1]], dim=2)
         k2, v2 = self._mix(self.alpha, k, k_prev), self._mix(self.beta, v, v_prev)
         if self.cfg.rope:
-            pos = positions_for(x, start)
-            q, k2 = apply_rope(q, pos), apply_rope(k2, pos)
+            q, k2 = self.rotate(q, start), self.rotate(k2, start)
         if cache is not None:
-            cache.last_k, cache.last_v = k[:, :, -1:], v[:, :, -1:]
+            cache.state["last_k"], cache.state["last_v"] = k[:, :, -1:], v[:, :, -1:]
             k2, v2 = cache.kv.append(k2, v2)
-        return self.out(attention(q, k2, v2, Causal() if self.causal else None))
+        return self.out(self.attend(q, k2, v2, start, None if cache is None else cache.state))
 
     def reference(self, x: Tensor) -> Tensor:
         """Shift by zero-padding one step in time, then the dense oracle."""

@@ -24,40 +24,44 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.attention import attention
-from attnlab.core.cache import KVCache
 from attnlab.core.patterns import Causal
 
-from ..base import AttentionLayer, check_hidden
+from ...core.checks import positive_int
+from ..base import check_hidden
 from ..common import merge_heads, split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer, one_of
 from ..registry import register
-from ._scored import by_rows, check_config, check_positive, visible
+from ._scored import by_rows, visible
 
 SCORES = ("dot", "general", "concat")
 
 
 @dataclass(frozen=True)
-class LuongConfig:
+class LuongConfig(HeadsConfig):
+    """score: dot | general | concat; causal: self-attention only (cross-attention sees the whole context);
+    chunk: query rows per block of the concat fast path."""
+
     dim: int = 64
     heads: int = 1
-    score: str = "general"  # dot | general | concat
-    causal: bool = True  # self-attention only; cross-attention sees the whole context
-    chunk: int = 128  # query rows per block of the concat fast path
+    score: str = "general"
+    chunk: int = 128
 
-    def __post_init__(self) -> None:
-        check_config("luong", self.dim, self.heads)
-        check_positive("luong", "chunk", self.chunk)
-        if self.score not in SCORES:
-            raise ValueError(f"luong: score must be one of {SCORES}, got {self.score!r}")
+    fixed = ("kv_heads", "head_dim", "rope", "rope_base")  # keys are the source states themselves
+
+    def validate(self) -> None:
+        positive_int("chunk", self.chunk)
+        one_of("score", self.score, SCORES)
 
 
 @register("luong", family="layers", papers=("L249",), year=2015, config=LuongConfig,
           summary="global attention with dot / general / concat scores; self- or cross-attention")
-class LuongAttention(AttentionLayer):
+class LuongAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); no q/k/v projections (the states are their own keys and values), the decoding
+    cache keeps the source states once."""
+
     def __init__(self, cfg: LuongConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.dim, self.heads, self.causal = cfg.dim, cfg.heads, cfg.causal
-        d = cfg.dim // cfg.heads
+        super().__init__(cfg, proj="")
+        d = cfg.d
         if cfg.score == "general":
             self.wa = nn.Linear(cfg.dim, cfg.dim, bias=False)  # per head: rows of W_a^T
         if cfg.score == "concat":
@@ -65,15 +69,10 @@ class LuongAttention(AttentionLayer):
             self.va = nn.Parameter(torch.randn(cfg.heads, d) * d ** -0.5)
         self.wc = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
 
-    def init_cache(self, batch: int = 1) -> KVCache:
-        if not self.causal:
-            raise TypeError("luong: a non-causal layer cannot decode incrementally (causal=False)")
-        return KVCache()
-
     def state_size(self, seq_len: int) -> int:
         return self.dim * seq_len  # the source states themselves
 
-    def _source(self, x: Tensor, context: Tensor | None, cache: KVCache | None) -> tuple[Tensor, bool]:
+    def _source(self, x: Tensor, context: Tensor | None, cache: LayerCache | None) -> tuple[Tensor, bool]:
         check_hidden(x, self.dim)
         if context is None:
             return x, self.causal
@@ -84,7 +83,7 @@ class LuongAttention(AttentionLayer):
             raise ValueError(f"luong: context batch {context.shape[0]} differs from x batch {x.shape[0]}")
         return context, False
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None, context: Tensor | None = None) -> Tensor:
         """x: (B, T, dim); context: (B, S, dim) source states or None (self-attention) -> (B, T, dim)."""
         src, masked = self._source(x, context, cache)
         if cache is not None and not self.causal:
@@ -92,7 +91,7 @@ class LuongAttention(AttentionLayer):
         h, hs = split_heads(x, self.heads), split_heads(src, self.heads)
         start = 0 if cache is None else cache.length
         if cache is not None:
-            hs, _ = cache.append(hs, hs[..., :0])  # keys are the values: store them once
+            hs, _ = cache.kv.append(hs, hs[..., :0])  # keys are the values: store them once
         if self.cfg.score == "concat":
             d = h.shape[-1]
             ht = torch.einsum("bhtd,hed->bhte", h, self.wa[..., :d])  # target half of W_a, once per token

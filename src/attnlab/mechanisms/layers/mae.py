@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...core.cache import KVCache
-from ..base import check_hidden
 from ..common import merge_heads
 from ..registry import register
 from .mha import MHAConfig, MultiHeadAttention
@@ -34,8 +32,8 @@ class MAEConfig(MHAConfig):
 
     gate_hidden: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.heads < 2:
             raise ValueError(f"MAE drops one head per expert and needs heads >= 2, got {self.heads}")
         if self.gate_hidden < 0:
@@ -65,12 +63,10 @@ class MAEAttention(MultiHeadAttention):
         """(B, T, dim) -> (B, T, h), each row sums to 1."""
         return torch.softmax(self.gate(x), dim=-1)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
+    def finish(self, o: Tensor, x: Tensor) -> Tensor:
+        """o (B, h, T, d): each head weighted by its weight summed over the experts keeping it."""
         h = self.cfg.heads
-        q, k, v = self.project(x, 0 if cache is None else cache.length)
-        o = self.attend(q, k, v, cache)  # (B, h, T, d)
-        w = (1.0 - self.responsibilities(x)) * (h / (h - 1))  # head j's weight summed over the experts keeping it
+        w = (1.0 - self.responsibilities(x)) * (h / (h - 1))
         return self.o_proj(merge_heads(o * w.transpose(1, 2).unsqueeze(-1)))
 
     def reference(self, x: Tensor) -> Tensor:

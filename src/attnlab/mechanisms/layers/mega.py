@@ -26,52 +26,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.attention import attention
-from attnlab.core.cache import KVCache
 from attnlab.core.linear import ema
-from attnlab.core.patterns import Causal
 
-from ..base import AttentionLayer, check_hidden
+from ...core.checks import positive_int
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import check_positive
 
 
 @dataclass(frozen=True)
-class MegaConfig:
+class MegaConfig(HeadsConfig):
+    """One head of width z_dim over the EMA-smoothed input; z_dim, v_dim, ema_dim: see the module docstring."""
+
     dim: int = 64
+    heads: int = 1
     z_dim: int = 32  # width of the shared query/key representation
     v_dim: int | None = None  # value width (None: 2 * dim, as in the paper)
     ema_dim: int = 4  # N: EMA dimensions per channel
-    causal: bool = True
 
-    def __post_init__(self) -> None:
-        for f in ("dim", "z_dim", "ema_dim"):
-            check_positive("mega", f, getattr(self, f))
+    fixed = ("heads", "kv_heads", "head_dim", "rope", "rope_base")  # a single head; positions from the EMA
+
+    def validate(self) -> None:
+        for f in ("z_dim", "ema_dim"):
+            positive_int(f, getattr(self, f))
         if self.v_dim is not None:
-            check_positive("mega", "v_dim", self.v_dim)
-
-
-class MegaCache:
-    """Single-head keys/values so far plus the EMA state ``(B, dim, N)``."""
-
-    def __init__(self) -> None:
-        self.kv = KVCache()
-        self.ema_state: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.kv.length
+            positive_int("v_dim", self.v_dim)
 
 
 @register("mega", family="layers", papers=("L190",), year=2022, config=MegaConfig,
           summary="damped multi-dimensional EMA feeding single-head gated attention")
-class MegaAttention(AttentionLayer):
+class MegaAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): its own projections (EMA, gates) and op ``sdpa`` on one head. The decoding
+    cache holds the head's keys/values plus the EMA state ``(B, dim, N)`` (``state["ema"]``)."""
+
     def __init__(self, cfg: MegaConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, proj="")
         D, N, z = cfg.dim, cfg.ema_dim, cfg.z_dim
         v = cfg.v_dim or 2 * D
-        self.dim, self.causal = D, cfg.causal
         self.alpha = nn.Parameter(torch.randn(D, N) * 0.5)
         self.delta = nn.Parameter(torch.randn(D, N) * 0.5)
         self.beta = nn.Parameter(torch.randn(D, N) * 0.5)
@@ -84,11 +74,6 @@ class MegaAttention(AttentionLayer):
         self.f_proj = nn.Linear(D, D)  # phi (update gate)
         self.h_proj = nn.Linear(D, D)  # W_h, b_h
         self.u_proj = nn.Linear(v, D, bias=False)  # U_h
-
-    def init_cache(self, batch: int = 1) -> MegaCache:
-        if not self.causal:
-            raise TypeError("mega: a non-causal layer cannot decode incrementally (causal=False)")
-        return MegaCache()
 
     def state_size(self, seq_len: int) -> int:
         return (self.cfg.z_dim + (self.cfg.v_dim or 2 * self.dim)) * seq_len + self.dim * self.cfg.ema_dim
@@ -104,20 +89,18 @@ class MegaAttention(AttentionLayer):
         h = F.silu(self.h_proj(xp) + self.u_proj(gamma * o))
         return phi * h + (1 - phi) * x
 
-    def forward(self, x: Tensor, cache: MegaCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
-        check_hidden(x, self.dim)
-        if cache is not None and not self.causal:
-            raise TypeError("mega: a cache needs causal=True")
-        state = None if cache is None else cache.ema_state
+        start = self.check_cache(x, cache)
+        state = None if cache is None else cache.state.get("ema")
         a, d = torch.sigmoid(self.alpha), torch.sigmoid(self.delta)
         x_ema, new_state = ema(x, a, d, self.eta * self.beta, state=state)  # beta folds into eta (linear)
         xp, q, k, v = self._qkv(x, x_ema)
         q, k, v = q[:, None], k[:, None], v[:, None]  # one head
         if cache is not None:
-            cache.ema_state = new_state
+            cache.state["ema"] = new_state
             k, v = cache.kv.append(k, v)
-        o = attention(q, k, v, Causal() if self.causal else None)[:, 0]
+        o = self.spec(q, k, v, scale=self.cfg.z_dim**-0.5, q_offset=start, causal=self.causal)[:, 0]
         return self._gate(x, xp, o)
 
     def reference(self, x: Tensor) -> Tensor:

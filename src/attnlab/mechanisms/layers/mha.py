@@ -13,18 +13,18 @@ The helpers here (``cached_attention``, ``check_decodable``, ``head_slices``) ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...core.attention import BACKENDS, attention
 from ...core.cache import KVCache
-from ...core.checks import positive_int
-from ...core.patterns import Causal, Pattern
+from ...core.patterns import Causal, Full, Pattern
 from ...core.reference import reference_attention
 from ...core.score_mods import ScoreMod
-from ..base import AttentionLayer, check_hidden
-from ..common import RMSNorm, apply_rope, merge_heads, positions_for, split_heads
+from ..common import apply_rope
+from ..heads import HeadsConfig, LayerCache, OpLayer, one_of
 from ..registry import preset, register
 
 
@@ -42,7 +42,7 @@ def cached_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cache: KVCache | None,
+    cache: KVCache | LayerCache | None,
     pattern: Pattern | None,
     score_mod: ScoreMod | tuple | None = None,
     scale: float | None = None,
@@ -55,6 +55,8 @@ def cached_attention(
     and the queries are the last T positions. Returns (B, H, T, dv).
     """
     q_offset = None if cache is None else cache.length
+    if isinstance(cache, LayerCache):
+        cache = cache.kv
     if cache is not None:
         k, v = cache.append(k, v)
     return attention(q, k, v, pattern=pattern, score_mod=score_mod, scale=scale, backend=backend, q_offset=q_offset)
@@ -67,48 +69,62 @@ def head_slices(weight: Tensor, heads: int) -> list[Tensor]:
 
 # ---- the layer ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MHAConfig:
+class PatternHeadsConfig(HeadsConfig):
+    """Heads options plus pattern: which keys a query sees (any static pattern of ``attnlab.core.patterns``;
+    None: all). ``causal`` follows the pattern unless given: ``causal=True`` with a non-causal pattern keeps its
+    causal part (``pattern & Causal()``), ``causal=False`` with the default causal pattern means no pattern."""
+
+    pattern: Pattern | None = Causal()
+    causal: bool | None = None  # type: ignore[assignment]  (None: from the pattern)
+
+    def prepare(self) -> None:
+        p = self.pattern
+        if p is not None and not isinstance(p, Pattern):
+            raise TypeError(f"pattern must be an attnlab Pattern or None, got {type(p).__name__}")
+        if self.causal is None:
+            self.set("causal", p is not None and p.is_causal)
+        elif self.causal is False and p == Causal():
+            self.set("pattern", None)
+        elif self.causal is True and (p is None or not p.is_causal):
+            self.set("pattern", Causal() if p is None else p & Causal())
+
+
+@dataclass(frozen=True)
+class MHAConfig(PatternHeadsConfig):
     """dim: model width; heads: query heads; kv_heads: key/value heads (None: heads; 1: multi-query);
     head_dim: per-head width (None: dim // heads); pattern: which keys a query sees (None: all);
-    score_mod: ALiBi / SoftCap / ...; rope: rotary positions; qk_norm: RMSNorm of q and k per head."""
+    score_mod: ALiBi / SoftCap / ...; rope: rotary positions; qk_norm: RMSNorm of q and k per head;
+    backend: the engine (see ``attnlab.attention``)."""
 
-    dim: int = 512
-    heads: int = 8
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    pattern: Pattern | None = Causal()
-    score_mod: ScoreMod | tuple[ScoreMod, ...] | None = None
     rope: bool = True
-    rope_base: float = 10000.0
+    score_mod: ScoreMod | tuple[ScoreMod, ...] | None = None
     qk_norm: bool = False
     bias: bool = False
     backend: str = "auto"
 
-    def __post_init__(self) -> None:
-        positive_int("dim", self.dim)
-        positive_int("heads", self.heads)
-        if self.kv_heads is not None:
-            positive_int("kv_heads", self.kv_heads)
-            if self.heads % self.kv_heads:
-                raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.head_dim is None and self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) is not divisible by heads ({self.heads}); set head_dim")
-        if self.head_dim is not None:
-            positive_int("head_dim", self.head_dim)
-        if self.rope and self.d % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.d}")
-        if self.pattern is not None and not isinstance(self.pattern, Pattern):
-            raise TypeError(f"pattern must be an attnlab Pattern or None, got {type(self.pattern).__name__}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+    def validate(self) -> None:
+        one_of("backend", self.backend, BACKENDS)
+
+
+class PatternLayer(OpLayer):
+    """An :class:`OpLayer` whose rule is its config's ``pattern`` (and ``score_mod`` where it has one): op ``sdpa``
+    for plain causal or full attention, op ``pattern`` (the sparse engine) otherwise; decodes when causal."""
 
     @property
-    def d(self) -> int:
-        return self.head_dim or self.dim // self.heads
+    def op(self) -> str:  # type: ignore[override]
+        c = self.cfg
+        plain = getattr(c, "score_mod", None) is None and (c.pattern is None or c.pattern == Causal())
+        return "sdpa" if plain else "pattern"
 
-    @property
-    def kvh(self) -> int:
-        return self.kv_heads or self.heads
+    def op_options(self) -> dict[str, Any]:
+        c = self.cfg
+        if self.op == "sdpa":
+            return {"causal": c.pattern is not None}
+        return {"pattern": c.pattern if c.pattern is not None else Full(), "score_mod": getattr(c, "score_mod", None)}
+
+    def init_cache(self, batch: int = 1) -> LayerCache:
+        check_decodable(self.cfg.pattern, self.registry_name or type(self).__name__)
+        return super().init_cache(batch)
 
 
 @register(
@@ -119,45 +135,19 @@ class MHAConfig:
     summary="multi-head attention; grouped-/multi-query KV heads, RoPE, QK-norm, any pattern, KV cache",
     config=MHAConfig,
 )
-class MultiHeadAttention(AttentionLayer):
+class MultiHeadAttention(PatternLayer):
     """(B, T, dim) -> (B, T, dim). Cost: 2·T·dim·(2·H + 2·Hkv)·d projection FLOPs plus attention over the
-    pattern's allowed pairs; KV cache 2·Hkv·d numbers per token (Hkv/H of MHA's)."""
+    pattern's allowed pairs; KV cache 2·Hkv·d numbers per token (Hkv/H of MHA's). Op ``pattern`` (``sdpa``
+    without a pattern or modifier); a ``backend`` other than auto calls ``attnlab.attention`` with it."""
 
     def __init__(self, cfg: MHAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        H, Hkv, d = cfg.heads, cfg.kvh, cfg.d
-        self.q_proj = nn.Linear(cfg.dim, H * d, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.dim, Hkv * d, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.dim, Hkv * d, bias=cfg.bias)
-        self.o_proj = nn.Linear(H * d, cfg.dim, bias=cfg.bias)
-        self.q_norm = RMSNorm(d) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d) if cfg.qk_norm else None
+        super().__init__(cfg, bias=cfg.bias, qk_norm=cfg.qk_norm)
 
-    # the three steps, reusable by layers that change one of them
-    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, dim) at absolute positions start.. -> q (B, H, T, d), k, v (B, Hkv, T, d)."""
-        q = split_heads(self.q_proj(x), self.cfg.heads)
-        k = split_heads(self.k_proj(x), self.cfg.kvh)
-        v = split_heads(self.v_proj(x), self.cfg.kvh)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.cfg.rope:
-            pos = positions_for(x, start)
-            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
-        return q, k, v
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None = None) -> Tensor:
-        """(B, H, T, d) queries over (B, Hkv, T, d) new keys/values (plus the cache) -> (B, H, T, d)."""
-        return cached_attention(q, k, v, cache, self.cfg.pattern, self.cfg.score_mod, backend=self.cfg.backend)
-
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        q, k, v = self.project(x, 0 if cache is None else cache.length)
-        return self.o_proj(merge_heads(self.attend(q, k, v, cache)))
-
-    def forward_with_aux(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.forward(x, cache), {}
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: Any = None) -> Tensor:
+        if self.cfg.backend != "auto":
+            return attention(q, k, v, pattern=self.cfg.pattern, score_mod=self.cfg.score_mod,
+                             backend=self.cfg.backend, q_offset=q_offset)
+        return super().attend(q, k, v, q_offset, state)
 
     def reference(self, x: Tensor) -> Tensor:
         """The formula head by head: O = sum_i softmax(Q_i K_g^T / sqrt(d)) V_g W_O^i (dense scores)."""
@@ -182,10 +172,6 @@ class MultiHeadAttention(AttentionLayer):
             o = reference_attention(q[:, None], k[:, None], v[:, None], _head_pattern(cfg.pattern, i), mod, dtype=None)
             out = out + o[:, 0] @ Wo[i]
         return out
-
-    def init_cache(self, batch: int = 1) -> KVCache:
-        check_decodable(self.cfg.pattern, "mha")
-        return KVCache()
 
     def state_size(self, seq_len: int) -> int:
         """Keys and values the next query reads after ``seq_len`` tokens: ``2 Hkv d`` per visible key

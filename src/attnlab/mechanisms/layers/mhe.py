@@ -19,42 +19,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...core.cache import KVCache
-from ...core.checks import positive_int
-from ...core.patterns import Causal, Pattern
 from ...core.reference import reference_attention
-from ..base import AttentionLayer, check_hidden
-from ..common import apply_rope, merge_heads, positions_for
+from ..common import apply_rope
+from ..heads import one_of
 from ..registry import register
-from .mha import cached_attention, check_decodable
+from .mha import PatternHeadsConfig, PatternLayer
 
 
 @dataclass(frozen=True)
-class MHEConfig:
+class MHEConfig(PatternHeadsConfig):
     """mode: "mul" or "add" (how head embeddings combine with the shared projection); head_dim: d
     (None: dim // heads)."""
 
-    dim: int = 512
-    heads: int = 8
-    head_dim: int | None = None
-    mode: str = "mul"
-    pattern: Pattern | None = Causal()
     rope: bool = True
-    rope_base: float = 10000.0
+    mode: str = "mul"
 
-    def __post_init__(self) -> None:
-        positive_int("dim", self.dim)
-        positive_int("heads", self.heads)
-        if self.head_dim is None and self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) is not divisible by heads ({self.heads}); set head_dim")
-        if self.mode not in ("mul", "add"):
-            raise ValueError(f"mode must be 'mul' or 'add', got {self.mode!r}")
-        if self.rope and self.d % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.d}")
+    fixed = ("kv_heads",)  # one shared key/value projection, per-head embeddings
 
-    @property
-    def d(self) -> int:
-        return self.head_dim or self.dim // self.heads
+    def validate(self) -> None:
+        one_of("mode", self.mode, ("mul", "add"))
 
 
 @register(
@@ -65,12 +48,11 @@ class MHEConfig:
     summary="multiple head embeddings: one shared q/k/v projection plus a small embedding per head",
     config=MHEConfig,
 )
-class MHEAttention(AttentionLayer):
+class MHEAttention(PatternLayer):
     """(B, T, dim) -> (B, T, dim). Projection cost 3·T·dim·d (one head's) instead of 3·T·dim·h·d."""
 
     def __init__(self, cfg: MHEConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, proj="")
         h, d = cfg.heads, cfg.d
         self.q_proj = nn.Linear(cfg.dim, d, bias=False)
         self.k_proj = nn.Linear(cfg.dim, d, bias=False)
@@ -85,14 +67,12 @@ class MHEAttention(AttentionLayer):
         base, e = base.unsqueeze(1), e.view(1, *e.shape[:1], 1, e.shape[-1])
         return base * e if self.cfg.mode == "mul" else base + e
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        start = 0 if cache is None else cache.length
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """The shared projections once, each head's embedding broadcast: (B, h, T, d) each."""
         q, k, v = (self._combine(p(x), e) for p, e in zip((self.q_proj, self.k_proj, self.v_proj), self.emb))
         if self.cfg.rope:
-            pos = positions_for(x, start)
-            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
-        return self.o_proj(merge_heads(cached_attention(q, k, v, cache, self.cfg.pattern)))
+            q, k = self.rotate(q, start), self.rotate(k, start)
+        return q, k, v
 
     def reference(self, x: Tensor) -> Tensor:
         """Head by head: Q_i = X W_Q (+|*) e_i^Q, etc.; O = concat_i softmax(Q_i K_i^T / sqrt d) V_i W_O."""
@@ -110,10 +90,6 @@ class MHEAttention(AttentionLayer):
                 q, k = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
             outs.append(reference_attention(q, k, v, cfg.pattern, dtype=None)[:, 0])
         return torch.cat(outs, dim=-1) @ self.o_proj.weight.T
-
-    def init_cache(self, batch: int = 1) -> KVCache:
-        check_decodable(self.cfg.pattern, "mhe")
-        return KVCache()
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.cfg.heads * self.cfg.d * seq_len

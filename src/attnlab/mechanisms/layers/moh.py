@@ -12,7 +12,7 @@ select head i, P_i: mean router probability of head i), returned by ``forward_wi
 ``aux["moh_balance"] = balance_coef * L_b``.
 
 Fast path: a routed head computes its queries and output only for the tokens that chose it. Keys and values
-stay all tokens (every token is a key for every head). Queries are processed in chunks of ``query_chunk``
+stay all tokens (every token is a key for every head). Queries are processed in chunks of ``chunk``
 positions; per chunk and head the selected queries are gathered (padded to the chunk's largest count) and
 attend to the keys up to the chunk's last position with a mask built from their original positions. With
 top-k of ``n_routed`` the attention work of the routed heads drops to about ``k / n_routed`` of dense.
@@ -26,51 +26,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.cache import KVCache
 from ...core.checks import positive_int
-from ...core.patterns import Causal, Full
+from ...core.patterns import Causal
 from ...core.reference import reference_attention
-from ..base import AttentionLayer, check_hidden
-from ..common import RMSNorm, apply_rope, merge_heads, positions_for, split_heads
+from ...core.softmax import lse_merge
+from ..common import apply_rope
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from .mha import cached_attention, head_slices
+from .mha import head_slices
 
 
 @dataclass(frozen=True)
-class MoHConfig:
+class MoHConfig(HeadsConfig):
     """heads: all heads; shared_heads: always active (None: heads // 4, at least 1); active_heads: heads each
     token uses, shared included (None: heads // 2); balance_coef: weight of the load-balance loss;
-    query_chunk: positions per chunk of the routed fast path."""
+    chunk: positions per chunk of the routed fast path."""
 
-    dim: int = 512
-    heads: int = 8
+    rope: bool = True
     shared_heads: int | None = None
     active_heads: int | None = None
-    head_dim: int | None = None
-    causal: bool = True
-    rope: bool = True
-    rope_base: float = 10000.0
     qk_norm: bool = False
     balance_coef: float = 0.01
-    query_chunk: int = 1024
+    chunk: int = 1024
 
-    def __post_init__(self) -> None:
-        for name in ("dim", "heads", "query_chunk"):
-            positive_int(name, getattr(self, name))
-        if self.head_dim is None and self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) is not divisible by heads ({self.heads}); set head_dim")
+    fixed = ("kv_heads",)  # every head has its own keys: a routed head is a whole head
+    renamed = {"query_chunk": "chunk"}
+
+    def validate(self) -> None:
+        positive_int("chunk", self.chunk)
         if not 0 <= self.hs < self.heads:
             raise ValueError(f"shared_heads must be in [0, heads), got {self.hs} with heads={self.heads}")
         if not self.hs < self.active <= self.heads:
             raise ValueError(
                 f"active_heads must be in (shared_heads, heads] = ({self.hs}, {self.heads}], got {self.active}"
             )
-        if self.rope and self.d % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.d}")
-
-    @property
-    def d(self) -> int:
-        return self.head_dim or self.dim // self.heads
 
     @property
     def hs(self) -> int:
@@ -93,22 +82,16 @@ class MoHConfig:
     summary="mixture-of-head attention: shared heads + per-token top-k routed heads, weighted sum",
     config=MoHConfig,
 )
-class MoHAttention(AttentionLayer):
-    """(B, T, dim) -> (B, T, dim); ``forward_with_aux`` also returns ``{"moh_balance": loss}``."""
+class MoHAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); ``forward_with_aux`` also returns ``{"moh_balance": loss}``. The shared heads
+    run op ``sdpa``; the routed heads attend only for the tokens that chose them."""
 
     def __init__(self, cfg: MoHConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        H, d = cfg.heads, cfg.d
-        self.q_proj = nn.Linear(cfg.dim, H * d, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, H * d, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, H * d, bias=False)
-        self.o_proj = nn.Linear(H * d, cfg.dim, bias=False)
+        super().__init__(cfg, qk_norm=cfg.qk_norm)
+        H = cfg.heads
         self.router_shared = nn.Linear(cfg.dim, cfg.hs, bias=False) if cfg.hs else None  # W_s
         self.router = nn.Linear(cfg.dim, H - cfg.hs, bias=False)  # W_r
         self.balance = nn.Linear(cfg.dim, 2, bias=False)  # W_h: shared vs routed
-        self.q_norm = RMSNorm(d) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d) if cfg.qk_norm else None
 
     # ---- routing ---------------------------------------------------------------------------------------
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,36 +115,22 @@ class MoHAttention(AttentionLayer):
         return (f * P).sum()
 
     # ---- attention -------------------------------------------------------------------------------------
-    def _project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        H = self.cfg.heads
-        q, k, v = (split_heads(p(x), H) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.cfg.rope:
-            pos = positions_for(x, start)
-            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
-        return q, k, v
-
-    def forward_with_aux(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        check_hidden(x, self.cfg.dim)
+    def forward_with_aux(self, x: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        start = 0 if cache is None else cache.length
+        q, k, v, start = self.qkv_cached(x, cache)
         g, selected, probs = self.gates(x)
-        q, k, v = self._project(x, start)
-        if cache is not None:
-            k, v = cache.append(k, v)
         hs = cfg.hs
         outs = []
         if hs:
-            pattern = Causal() if cfg.causal else Full()
-            outs.append(cached_attention(q[:, :hs], k[:, :hs], v[:, :hs], None, pattern))
+            outs.append(self.spec(q[:, :hs], k[:, :hs], v[:, :hs], scale=cfg.d**-0.5, q_offset=start,
+                                  causal=cfg.causal))
         sel = selected.transpose(1, 2)  # (B, R, T)
-        outs.append(routed_attention(q[:, hs:], k[:, hs:], v[:, hs:], sel, start, cfg.causal, cfg.query_chunk))
+        outs.append(routed_attention(q[:, hs:], k[:, hs:], v[:, hs:], sel, start, cfg.causal, cfg.chunk))
         o = torch.cat(outs, dim=1) * g.transpose(1, 2).unsqueeze(-1)  # weight each head's output
         aux = {"moh_balance": cfg.balance_coef * self.balance_loss(selected, probs)}
-        return self.o_proj(merge_heads(o)), aux
+        return self.out(o), aux
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         return self.forward_with_aux(x, cache)[0]
 
     def reference(self, x: Tensor) -> Tensor:
@@ -188,11 +157,6 @@ class MoHAttention(AttentionLayer):
             h = reference_attention(q, k, v, Causal() if cfg.causal else None, dtype=None)[:, 0]
             out = out + g[..., i : i + 1] * (h @ Wo[i])
         return out
-
-    def init_cache(self, batch: int = 1) -> KVCache:
-        if not self.cfg.causal:
-            raise TypeError("moh: incremental decoding needs causal=True")
-        return KVCache()
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.cfg.heads * self.cfg.d * seq_len
@@ -264,8 +228,7 @@ class TwoPartAttention(torch.autograd.Function):
     def forward(ctx, q, ka, va, kb, vb, mask, scale):
         oa, la = _flash(q, ka, va, 0.0, False, attn_mask=None, scale=scale)
         ob, lb = _flash(q, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
-        lse = torch.logaddexp(la, lb)
-        out = oa * (la - lse).exp().unsqueeze(-1).to(oa.dtype) + ob * (lb - lse).exp().unsqueeze(-1).to(ob.dtype)
+        out, lse = lse_merge([(oa, la), (ob, lb)])  # the one merge over disjoint key sets
         ctx.save_for_backward(q, ka, va, kb, vb, mask, out, lse)
         ctx.scale = scale
         return out

@@ -23,50 +23,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.cache import KVCache
-
+from ...core.checks import positive_int
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config, check_positive, visible
+from ._scored import visible
 
 
 @dataclass(frozen=True)
-class MTAConfig:
+class MTAConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
     query_kernel: int = 3  # cq: this and the cq - 1 previous queries
     key_kernel: int = 3  # ck (odd): keys j - ck//2 .. j + ck//2
     head_kernel: int = 2  # heads mixed per group (1: no mixing)
 
-    def __post_init__(self) -> None:
-        check_config("mta", self.dim, self.heads, even_head_dim=self.rope)
+    fixed = ("kv_heads", "head_dim")
+
+    def validate(self) -> None:
         for f in ("query_kernel", "key_kernel", "head_kernel"):
-            check_positive("mta", f, getattr(self, f))
+            positive_int(f, getattr(self, f))
         if self.key_kernel % 2 == 0:
             raise ValueError(f"mta: key_kernel must be odd (centred on the key), got {self.key_kernel}")
         if self.heads % self.head_kernel:
             raise ValueError(f"mta: heads={self.heads} is not divisible by head_kernel={self.head_kernel}")
 
 
-class MTACache:
-    """Keys/values so far plus the last ``query_kernel - 1`` queries (the query taps of the next rows)."""
-
-    def __init__(self) -> None:
-        self.kv = KVCache()
-        self.q_hist: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.kv.length
-
-
 @register("mta", family="layers", papers=("L154",), year=2025, config=MTAConfig,
           summary="key-query convolution over the score map and head-mixing convolution")
-class MultiTokenAttention(ProjectedAttention):
+class MultiTokenAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); the decoding cache holds keys/values plus the last ``query_kernel - 1``
+    queries (``state["q_hist"]``, the query taps of the next rows)."""
+
     def __init__(self, cfg: MTAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=cfg.rope)
-        self.cfg = cfg
+        super().__init__(cfg)
         cq, ck, g = cfg.query_kernel, cfg.key_kernel, cfg.head_kernel
         theta = torch.zeros(cfg.heads, cq, ck)
         theta[:, 0, ck // 2] = 1.0  # identity tap: the query itself, the key itself
@@ -76,26 +66,22 @@ class MultiTokenAttention(ProjectedAttention):
     def state_size(self, seq_len: int) -> int:
         return 2 * self.dim * seq_len + self.dim * min(seq_len, self.cfg.query_kernel - 1)
 
-    def init_cache(self, batch: int = 1) -> MTACache:
-        super().init_cache(batch)
-        return MTACache()
-
     def _mix_heads(self, a: Tensor) -> Tensor:
         B, H, T, Tk = a.shape
         g = self.cfg.head_kernel
         mixed = torch.einsum("nij,bnjqk->bniqk", self.head_mix, a.view(B, H // g, g, T, Tk))
         return mixed.reshape(B, H, T, Tk)
 
-    def forward(self, x: Tensor, cache: MTACache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
         start = self.check_cache(x, cache)
         q, k, v = self.project(x, start)
         B, H, T, _ = q.shape
         cq, ck = self.cfg.query_kernel, self.cfg.key_kernel
-        prev = q[:, :, :0] if cache is None or cache.q_hist is None else cache.q_hist
+        prev = q[:, :, :0] if cache is None or "q_hist" not in cache.state else cache.state["q_hist"]
         if cache is not None:
             k, v = cache.kv.append(k, v)
-            cache.q_hist = torch.cat([prev, q], dim=2)[:, :, max(0, prev.shape[2] + T - (cq - 1)):]
+            cache.state["q_hist"] = torch.cat([prev, q], dim=2)[:, :, max(0, prev.shape[2] + T - (cq - 1)):]
         P, Tk = prev.shape[2], k.shape[2]
         qe = torch.cat([prev, q], dim=2)  # queries at positions start - P .. start + T - 1
         s = (qe @ k.transpose(-1, -2)) * self.head_dim ** -0.5

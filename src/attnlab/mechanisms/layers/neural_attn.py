@@ -18,39 +18,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.checks import positive_int
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, by_rows, check_config, check_positive, visible
+from ._scored import by_rows, visible
 
 
 @dataclass(frozen=True)
-class NeuralAttnConfig:
+class NeuralAttnConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
     hidden: int = 16  # width of the score MLP
     chunk: int = 64  # query rows per block of the fast path
 
-    def __post_init__(self) -> None:
-        check_config("neural_attn", self.dim, self.heads, even_head_dim=self.rope)
-        check_positive("neural_attn", "hidden", self.hidden)
-        check_positive("neural_attn", "chunk", self.chunk)
+    fixed = ("kv_heads", "head_dim")
+
+    def validate(self) -> None:
+        positive_int("hidden", self.hidden)
+        positive_int("chunk", self.chunk)
 
 
 @register("neural_attn", family="layers", papers=("L215",), year=2025, config=NeuralAttnConfig,
           summary="scores from a per-head MLP over concatenated query-key pairs")
-class NeuralAttention(ProjectedAttention):
+class NeuralAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); the MLP scores are the layer's own (``attend``), ``chunk`` rows at a time."""
+
     def __init__(self, cfg: NeuralAttnConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=cfg.rope)
-        self.cfg = cfg
-        d, n = self.head_dim, cfg.hidden
+        super().__init__(cfg)
+        d, n = cfg.d, cfg.hidden
         self.w1 = nn.Parameter(torch.randn(cfg.heads, n, 2 * d) * (2 * d) ** -0.5)  # on [q ; k]
         self.b1 = nn.Parameter(torch.zeros(cfg.heads, n))
         self.w2 = nn.Parameter(torch.randn(cfg.heads, n) * n ** -0.5)
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, start = self.qkv(x, cache)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, state=None) -> Tensor:
+        """q (B, H, T, d) at positions start.. over k, v (B, H, Tk, d) -> (B, H, T, d)."""
         d = self.head_dim
         hq = torch.einsum("bhid,hnd->bhin", q, self.w1[..., :d]) + self.b1[None, :, None]  # (B, H, T, n)
         hk = torch.einsum("bhjd,hnd->bhjn", k, self.w1[..., d:])  # (B, H, Tk, n)
@@ -58,10 +60,10 @@ class NeuralAttention(ProjectedAttention):
         def rows(a: int, b: int) -> Tensor:
             h = F.gelu(hq[:, :, a:b, None, :] + hk[:, :, None, :, :])  # (B, H, rows, Tk, n)
             s = torch.einsum("bhijn,hn->bhij", h, self.w2)
-            m = visible(b - a, k.shape[2], start + a, self.causal, x.device)
+            m = visible(b - a, k.shape[2], start + a, self.causal, q.device)
             return torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1) @ v
 
-        return self.out(by_rows(rows, q.shape[2], self.cfg.chunk))
+        return by_rows(rows, q.shape[2], self.cfg.chunk)
 
     def reference(self, x: Tensor) -> Tensor:
         """The MLP applied to the explicit concatenation of every (query, key) pair."""

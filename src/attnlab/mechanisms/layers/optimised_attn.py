@@ -17,39 +17,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
-
 from ..common import split_heads
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config
 
 
 @dataclass(frozen=True)
-class OptimisedAttnConfig:
+class OptimisedAttnConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
 
-    def __post_init__(self) -> None:
-        check_config("optimised_attn", self.dim, self.heads)
+    fixed = ("kv_heads", "head_dim", "rope", "rope_base")
 
 
 @register("optimised_attn", family="layers", papers=("L156",), year=2024, config=OptimisedAttnConfig,
           summary="no value projection: heads carry input slices (3/4 of MHA's parameters)")
-class OptimisedAttention(ProjectedAttention):
-    def __init__(self, cfg: OptimisedAttnConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, proj="qk")
-        self.cfg = cfg
+class OptimisedAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): projections q, k (values: input slices), then op ``sdpa``."""
 
-    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    def __init__(self, cfg: OptimisedAttnConfig) -> None:
+        super().__init__(cfg, proj="qko")
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         q, k = split_heads(self.q_proj(x), self.heads), split_heads(self.k_proj(x), self.heads)
         return q, k, split_heads(x, self.heads)
-
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, _ = self.qkv(x, cache)
-        return self.out(attention(q, k, v, Causal() if self.causal else None))
 
     def reference(self, x: Tensor) -> Tensor:
         """Head by head with the weight matrices sliced explicitly."""

@@ -24,27 +24,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.core.attention import attention
-from attnlab.core.cache import KVCache
 from attnlab.core.patterns import Causal
 from attnlab.core.score_mods import Bias
 
+from ...core.checks import positive_int
 from ..common import split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config, check_positive
 
 
 @dataclass(frozen=True)
-class RCMHAConfig:
+class RCMHAConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     conv_kernel: int = 3  # taps of the depth-wise convolution (this position and conv_kernel - 1 before it)
 
-    def __post_init__(self) -> None:
-        check_config("rcmha", self.dim, self.heads)
+    fixed = ("kv_heads", "head_dim", "rope", "rope_base")  # positions: the relative term
+
+    def validate(self) -> None:
         if self.dim % 2:
             raise ValueError(f"rcmha: dim must be even (sinusoid pairs), got {self.dim}")
-        check_positive("rcmha", "conv_kernel", self.conv_kernel)
+        positive_int("conv_kernel", self.conv_kernel)
 
 
 def sinusoid(delta: Tensor, dim: int) -> Tensor:
@@ -54,24 +54,14 @@ def sinusoid(delta: Tensor, dim: int) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
-class ConvCache:
-    """Keys/values so far plus the last ``conv_kernel - 1`` unconvolved q/k/v projections."""
-
-    def __init__(self) -> None:
-        self.kv = KVCache()
-        self.tail: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.kv.length
-
-
 @register("rcmha", family="layers", papers=("L68",), year=2023, config=RCMHAConfig,
           summary="depth-wise conv on q/k/v plus Transformer-XL relative position scores")
-class RCMHAttention(ProjectedAttention):
+class RCMHAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); its attention adds the relative position term as a score bias. The decoding
+    cache holds keys/values plus the last ``conv_kernel - 1`` unconvolved projections (``state["tail"]``)."""
+
     def __init__(self, cfg: RCMHAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal)
-        self.cfg = cfg
+        super().__init__(cfg)
         conv = torch.zeros(3 * cfg.dim, cfg.conv_kernel)
         conv[:, -1] = 1.0  # identity: the last tap is the current position
         self.conv = nn.Parameter(conv)  # (3 dim, K) over [q | k | v] channels, taps oldest first
@@ -82,24 +72,20 @@ class RCMHAttention(ProjectedAttention):
     def state_size(self, seq_len: int) -> int:
         return 2 * self.dim * seq_len + 3 * self.dim * (self.cfg.conv_kernel - 1)
 
-    def init_cache(self, batch: int = 1) -> ConvCache:
-        super().init_cache(batch)
-        return ConvCache()
-
     def _raw(self, x: Tensor) -> Tensor:
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 3 dim)
 
-    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
         start = self.check_cache(x, cache)
         K = self.cfg.conv_kernel
         raw = self._raw(x)
         left = raw.new_zeros(raw.shape[0], K - 1, raw.shape[2])
-        if cache is not None and cache.tail is not None:
-            left = torch.cat([left, cache.tail], dim=1)[:, -(K - 1):] if K > 1 else left
+        if cache is not None and "tail" in cache.state:
+            left = torch.cat([left, cache.state["tail"]], dim=1)[:, -(K - 1):] if K > 1 else left
         ext = torch.cat([left, raw], dim=1)  # (B, K - 1 + T, 3 dim)
         if cache is not None:
-            cache.tail = ext[:, ext.shape[1] - (K - 1):]
+            cache.state["tail"] = ext[:, ext.shape[1] - (K - 1):]
         conv = F.conv1d(ext.transpose(1, 2), self.conv.unsqueeze(1), groups=ext.shape[2]).transpose(1, 2)
         q, k, v = (split_heads(t, self.heads) for t in conv.split(self.dim, dim=-1))
         if cache is not None:

@@ -17,42 +17,74 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab.ops.registry import register_op
+
+from ...core.checks import positive_int
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, by_rows, check_config, check_positive, visible
+from ._scored import (
+    allowed,
+    by_rows,
+    check_free_mask,
+    dense_allowed,
+    grouped_apply,
+    grouped_scores,
+    repeat_kv,
+)
+
+
+def _relu_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                    causal: bool = True, chunk: int = 128) -> Tensor:
+    """Float64, dense: W_ij = max(0, S_ij) / n_i over the n_i keys query i may see (zero rows when n_i = 0)."""
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), repeat_kv(k.double(), H)) * scale
+    ok = dense_allowed(Tq, Tk, q_offset, causal, mask, q.device).expand_as(s).double()
+    n = ok.sum(-1, keepdim=True)
+    w = torch.clamp(s, min=0.0) * ok / torch.where(n > 0, n, torch.ones_like(n))
+    return w @ repeat_kv(v.double(), H)
+
+
+@register_op("relu_attn", family="dense", papers=("L271",), summary="softmax replaced by relu(qk)/L, L = keys each "
+             "query sees", options={"causal": True, "chunk": 128}, reference=_relu_reference, example={"chunk": 7})
+def relu_attn_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                 state: dict | None = None, causal: bool = True, chunk: int = 128) -> Tensor | tuple[Tensor, dict]:
+    """q (B, H, Tq, D) at positions q_offset.. over k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv), ``chunk`` query rows
+    at a time; ``L`` counts the keys a row may see (causal rule and free ``mask``). Stateless."""
+    positive_int("chunk", chunk)
+    check_free_mask("relu_attn", mask, q, k)
+
+    def rows(a: int, b: int) -> Tensor:
+        m = allowed(a, b, k.shape[2], q_offset, causal, mask, q.device)
+        s = torch.relu(grouped_scores(q[:, :, a:b], k) * scale).masked_fill(~m, 0.0)
+        n = m.sum(-1, keepdim=True).clamp(min=1).to(v.dtype)
+        return grouped_apply(s / n, v)
+
+    out = by_rows(rows, q.shape[2], chunk)
+    return out if state is None else (out, state)
 
 
 @dataclass(frozen=True)
-class ReLUAttnConfig:
+class ReLUAttnConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
     chunk: int = 128  # query rows per block of the fast path
 
-    def __post_init__(self) -> None:
-        check_config("relu_attn", self.dim, self.heads, even_head_dim=self.rope)
-        check_positive("relu_attn", "chunk", self.chunk)
+    fixed = ("kv_heads", "head_dim")
+
+    def validate(self) -> None:
+        positive_int("chunk", self.chunk)
 
 
 @register("relu_attn", family="layers", papers=("L271",), year=2023, config=ReLUAttnConfig,
           summary="softmax replaced by relu(qk)/L, L = keys each query sees")
-class ReLUAttention(ProjectedAttention):
+class ReLUAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): projections + the op ``relu_attn`` (no parameters of its own)."""
+
+    op = "relu_attn"
+
     def __init__(self, cfg: ReLUAttnConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=cfg.rope)
-        self.cfg = cfg
-
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, start = self.qkv(x, cache)
-        scale = self.head_dim ** -0.5
-        Tk = k.shape[2]
-
-        def rows(a: int, b: int) -> Tensor:
-            m = visible(b - a, Tk, start + a, self.causal, x.device)
-            s = torch.relu(q[:, :, a:b] @ k.transpose(-1, -2) * scale).masked_fill(~m, 0.0)
-            return (s @ v) / m.sum(-1, keepdim=True).to(v.dtype)
-
-        return self.out(by_rows(rows, q.shape[2], self.cfg.chunk))
+        super().__init__(cfg)
 
     def reference(self, x: Tensor) -> Tensor:
         """Dense: W_ij = max(0, S_ij) / n_i with n_i = L (full) or i + 1 (causal)."""

@@ -26,8 +26,8 @@ from attnlab.core.attention import attention
 from attnlab.core.patterns import Causal
 
 from ..common import split_heads
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config
 
 
 class Sentinel(nn.Module):
@@ -71,27 +71,26 @@ class Sentinel(nn.Module):
 
 
 @dataclass(frozen=True)
-class SentinelConfig:
+class SentinelConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     rope: bool = True
 
-    def __post_init__(self) -> None:
-        check_config("sentinel", self.dim, self.heads, even_head_dim=self.rope)
+    fixed = ("kv_heads", "head_dim")
 
 
 @register("sentinel", family="layers", papers=("L246",), year=2017, config=SentinelConfig,
           summary="learned gated sentinel key/value every query may attend to instead of the context")
-class SentinelAttention(ProjectedAttention):
+class SentinelAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); the sentinel's attention (keys with the learned sink prepended) is its own."""
+
     def __init__(self, cfg: SentinelConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, rope=cfg.rope)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.sentinel = Sentinel(cfg.dim, cfg.heads)
 
     def forward(self, x: Tensor, cache=None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, _ = self.qkv(x, cache)
+        q, k, v, _ = self.qkv_cached(x, cache)
         return self.out(self.sentinel.attend(q, k, v, x, self.causal))
 
     def reference(self, x: Tensor) -> Tensor:

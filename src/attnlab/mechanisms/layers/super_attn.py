@@ -19,50 +19,33 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.attention import attention
-from attnlab.core.cache import KVCache
-from attnlab.core.patterns import Causal
-
+from ...core.checks import positive_int
 from ..common import split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
-from ._scored import ProjectedAttention, check_config, check_positive
 
 
 @dataclass(frozen=True)
-class SuperAttnConfig:
+class SuperAttnConfig(HeadsConfig):
     dim: int = 64
     heads: int = 4
-    causal: bool = True
     max_len: int = 1024  # size of the alignment kernel: the longest sequence the layer accepts
 
-    def __post_init__(self) -> None:
-        check_config("super_attn", self.dim, self.heads)
-        check_positive("super_attn", "max_len", self.max_len)
+    fixed = ("kv_heads", "head_dim", "rope", "rope_base")
 
-
-class SuperCache:
-    """Input slices (the keys) and mixed values so far; ``keys`` is a view of the cached inputs."""
-
-    def __init__(self) -> None:
-        self.kv = KVCache()
-        self.keys: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.kv.length
+    def validate(self) -> None:
+        positive_int("max_len", self.max_len)
 
 
 @register("super_attn", family="layers", papers=("L156",), year=2024, config=SuperAttnConfig,
           summary="efficient attention plus a learned max_len x max_len kernel mixing the values")
-class SuperAttention(ProjectedAttention):
-    def __init__(self, cfg: SuperAttnConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.causal, proj="q")
-        self.cfg = cfg
-        self.align = nn.Parameter(torch.eye(cfg.max_len))  # W_A
+class SuperAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): the aligned values, then op ``sdpa``. The decoding cache holds the input slices
+    (the keys) and the mixed values."""
 
-    def init_cache(self, batch: int = 1) -> SuperCache:
-        super().init_cache(batch)
-        return SuperCache()
+    def __init__(self, cfg: SuperAttnConfig) -> None:
+        super().__init__(cfg, proj="qo")
+        self.align = nn.Parameter(torch.eye(cfg.max_len))  # W_A
 
     def _kernel(self, rows: slice, cols: int) -> Tensor:
         w = self.align[rows, :cols]
@@ -71,7 +54,7 @@ class SuperAttention(ProjectedAttention):
             w = w * (torch.arange(cols, device=w.device)[None, :] <= r).to(w.dtype)
         return w
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); T (plus cached positions) at most max_len."""
         start = self.check_cache(x, cache)
         T = x.shape[1]
@@ -83,11 +66,11 @@ class SuperAttention(ProjectedAttention):
         else:  # new value rows mix the cached inputs (the keys) and the new ones
             w = self._kernel(slice(start, start + T), start + T)
             v_new = w[:, start:] @ xh
-            if cache.keys is not None:
-                v_new = v_new + w[:, :start] @ cache.keys
+            if start:
+                v_new = v_new + w[:, :start] @ cache.state["keys"]
             k, v = cache.kv.append(xh, v_new)
-            cache.keys = k
-        return self.out(attention(q, k, v, Causal() if self.causal else None))
+            cache.state["keys"] = k  # a view of the cached inputs
+        return self.out(self.attend(q, k, v, start, None if cache is None else cache.state))
 
     def reference(self, x: Tensor) -> Tensor:
         """Head by head, with W_A applied to each head's input slice as a (T, T) matrix product."""

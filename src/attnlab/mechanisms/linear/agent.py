@@ -18,24 +18,19 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ...core.linear import cumulative_softmax_attention
-from ..base import check_hidden
+from ..heads import OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_mask
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(LinearHeadsConfig):
     """agents: agent tokens per head (the feature dimension of the equivalent linear attention)."""
 
-    dim: int = 256
-    heads: int = 4
     agents: int = 16
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
+    def validate(self) -> None:
+        super().validate()
         positive_int("agents", self.agents)
 
 
@@ -47,28 +42,31 @@ class AgentConfig:
     summary="Agent attention: softmax from n agent tokens to keys, then from queries to agents; causal, O(n d) state",
     config=AgentConfig,
 )
-class AgentAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H * n * (d + 2)`` numbers at any length."""
+class AgentAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H * n * (d + 2)`` numbers at any length. Op
+    ``cumulative_softmax`` over the agent logits, read by the softmax of the query logits."""
+
+    op = "cumulative_softmax"
 
     def __init__(self, cfg: AgentConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
-        self.agent_tokens = nn.Parameter(torch.randn(cfg.heads, cfg.agents, self.d) / math.sqrt(self.d))
+        super().__init__(cfg)
+        self.agent_tokens = nn.Parameter(torch.randn(cfg.heads, cfg.agents, cfg.d) / math.sqrt(cfg.d))
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
 
     def _logits(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.qkv(x)
+        q, k, v = super().project(x, 0)
         scale = 1.0 / math.sqrt(self.d)
         a = self.agent_tokens.to(x.dtype)
         return (q @ a.transpose(-1, -2)) * scale, (k @ a.transpose(-1, -2)) * scale, v  # (B, H, T, n) x2
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        qa, ka, v = self._logits(x)
-        o, st = cumulative_softmax_attention(qa.softmax(-1), ka, v, mode=self.cfg.mode, chunk_size=self.cfg.chunk_size,
-                                             state=None if cache is None else cache.state)
-        if cache is not None:
-            cache.state, cache.length = st, cache.length + x.shape[1]
-        return self.out(o)
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        return self._logits(x)
+
+    def op_options(self) -> dict:
+        return {"q_map": "softmax", "mode": self.cfg.mode, "chunk": self.cfg.chunk}
 
     def reference(self, x: Tensor) -> Tensor:
         """Agent step as a masked softmax per agent over (query time, key time), then the query step."""
@@ -79,9 +77,6 @@ class AgentAttention(QKVLayer):
         agent_v = agent_w @ v[:, :, None]  # (B, H, n, T, d): each agent's summary at each time
         o = torch.einsum("bhtm,bhmtd->bhtd", qa.softmax(-1), agent_v)
         return self.out(o)
-
-    def init_cache(self, batch: int = 1) -> RecurrentCache:
-        return RecurrentCache()
 
     def state_size(self, seq_len: int) -> int:
         return self.heads * self.cfg.agents * (self.d + 2)

@@ -17,7 +17,7 @@ A CARE block on ``X (hw x d)`` (tokens of an ``H x W`` grid in raster order) doe
 
 The global branch: ``o_i = phi(q_i) S / (phi(q_i) z + eps)`` with ``S = sum_j phi(k_j)^T v_j``, ``z = sum_j
 phi(k_j)`` over *all* tokens (non-causal), per head; the state can be accumulated chunk by chunk
-(``chunk_size``) or streamed (:meth:`CareAttention.accumulate`) with the same result. ``reference`` writes the
+(``chunk``) or streamed (:meth:`CareAttention.accumulate`) with the same result. ``reference`` writes the
 dense ``hw x hw`` weights, the convolutions tap by tap and the norm from its definition.
 
 Choices where the paper's text leaves it open (each stated again in ``docs/mechanisms/linear.md``):
@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.checks import int_tuple, positive_int
-from ..base import AttentionLayer, check_hidden
+from ..base import check_hidden
 from ..common import merge_heads, split_heads
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
 from ._common import feature_map
 
@@ -59,14 +60,15 @@ CARE_FEATURE_MAPS = ("elu1", "relu", "sigmoid")  # non-negative, so the normaliz
 
 
 @dataclass(frozen=True)
-class CareConfig:
+class CareConfig(HeadsConfig):
     """grid: (H, W) of the tokens (seq = H * W, raster order); global_ratio: share of channels for linear attention
     (rounded to whole heads); local_kernels: depthwise kernels sharing the local channels; expansion and
-    inter_kernel: the interaction blocks' width factor and depthwise kernel; chunk_size: tokens per step when
-    accumulating the global state (None: one shot; the result is the same)."""
+    inter_kernel: the interaction blocks' width factor and depthwise kernel; chunk: tokens per step when
+    accumulating the global state (None: one shot; the result is the same). Bidirectional (no ``causal``)."""
 
     dim: int = 256
     heads: int = 4
+    causal: bool = False
     grid: tuple[int, int] = (8, 8)
     global_ratio: float = 1 / 3
     local_kernels: tuple[int, ...] = (3, 7)
@@ -75,11 +77,12 @@ class CareConfig:
     feature_map: str = "elu1"
     eps: float = 1e-6
     norm_eps: float = 1e-5
-    chunk_size: int | None = None
+    chunk: int | None = None
 
-    def __post_init__(self) -> None:
-        positive_int("dim", self.dim)
-        positive_int("heads", self.heads)
+    fixed = ("kv_heads", "head_dim", "causal", "rope", "rope_base")
+    renamed = {"chunk_size": "chunk"}
+
+    def validate(self) -> None:
         int_tuple("grid", self.grid, 2)
         if isinstance(self.global_ratio, bool) or not isinstance(self.global_ratio, (int, float)) or not (
             0.0 < self.global_ratio < 1.0
@@ -96,8 +99,8 @@ class CareConfig:
             raise ValueError(f"inter_kernel must be odd, got {self.inter_kernel}")
         if self.feature_map not in CARE_FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {CARE_FEATURE_MAPS}, got {self.feature_map!r}")
-        if self.chunk_size is not None:
-            positive_int("chunk_size", self.chunk_size)
+        if self.chunk is not None:
+            positive_int("chunk", self.chunk)
         care_split(self)  # the split must leave both branches channels
 
     @property
@@ -190,13 +193,14 @@ class Interaction(nn.Module):
     config=CareConfig,
     decodes=False,
 )
-class CareAttention(AttentionLayer):
-    """(B, H*W, dim) -> (B, H*W, dim); with :meth:`forward_with_memory` also memory (B, H*W, d1) in and out."""
+class CareAttention(OpLayer):
+    """(B, H*W, dim) -> (B, H*W, dim); with :meth:`forward_with_memory` also memory (B, H*W, d1) in and out.
+    The global branch is op ``linear`` (bidirectional) on its own ``d1``-channel projections."""
+
+    op = "linear"
 
     def __init__(self, cfg: CareConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.dim, self.heads = cfg.dim, cfg.heads
+        super().__init__(cfg, proj="")
         self.d1, self.d2 = care_split(cfg)
         d1 = self.d1
         self.q_proj = nn.Linear(d1, d1, bias=False)
@@ -244,8 +248,8 @@ class CareAttention(AttentionLayer):
         return S, z
 
     def global_state(self, fk: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The state over all tokens, ``chunk_size`` tokens at a time (None: one shot)."""
-        c = self.cfg.chunk_size
+        """The state over all tokens, ``chunk`` tokens at a time (None: one shot)."""
+        c = self.cfg.chunk
         if c is None:
             return self.accumulate(fk, v)
         state = None
@@ -255,8 +259,11 @@ class CareAttention(AttentionLayer):
 
     def _global(self, xg: Tensor) -> Tensor:
         fq, fk, v = self._features(xg)
-        S, z = self.global_state(fk, v)
-        o = (fq @ S) / ((fq @ z[..., None]) + self.cfg.eps)  # (B, H, hw, Dv)
+        if self.cfg.chunk is None:  # the op: every token sees every token
+            o = self.spec(fq, fk, v, feature_map="identity", normalize=True, eps=self.cfg.eps, causal=False)
+        else:
+            S, z = self.global_state(fk, v)
+            o = (fq @ S) / ((fq @ z[..., None]) + self.cfg.eps)  # (B, H, hw, Dv)
         return merge_heads(o)
 
     # ---- local branch: depthwise convolutions on channel groups ------------------------------------------------------

@@ -18,22 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...core.linear import linear_attention
-from ..base import check_hidden
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_mask
 
 
 @dataclass(frozen=True)
-class FlowformerConfig:
-    dim: int = 256
-    heads: int = 4
+class FlowformerConfig(LinearHeadsConfig):
     eps: float = 1e-6
-    mode: str = "chunked"
-    chunk_size: int = 64
-
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
 
 
 def _prefix(x: Tensor, past: Tensor | None) -> Tensor:
@@ -50,20 +42,28 @@ def _prefix(x: Tensor, past: Tensor | None) -> Tensor:
     summary="Flow-Attention: flow-conservation normalization (source competition, sink allocation), causal",
     config=FlowformerConfig,
 )
-class FlowAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H * (d^2 + 4 d + 1)`` numbers at any length."""
+class FlowAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H * (d^2 + 4 d + 1)`` numbers at any length. The aggregation
+    is op ``linear`` (identity features, no denominator); the flow sums are running sums kept in the state."""
+
+    op = "linear"
 
     def __init__(self, cfg: FlowformerConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
         eps = self.cfg.eps
         q, k, v = self.qkv(x)
         q, k = torch.sigmoid(q), torch.sigmoid(k)
-        st = cache.extra if cache is not None else {}
-        start = cache.length if cache is not None else 0
+        st = cache.state if cache is not None else {}
         sum_k, sum_q = _prefix(k, st.get("sum_k")), _prefix(q, st.get("sum_q"))
         inc = (q * sum_k).sum(-1, keepdim=True) + eps  # I_i   (B, H, T, 1)
         out = (k * sum_q).sum(-1, keepdim=True) + eps  # O_j
@@ -75,12 +75,13 @@ class FlowAttention(QKVLayer):
             lse = torch.logaddexp(lse, st["lse"][:, :, None])
         count = torch.arange(start + 1, start + x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
         w = count * (out_hat - lse).exp()  # competition
-        agg, S = linear_attention(q / inc, k, w * v, mode=self.cfg.mode, chunk_size=self.cfg.chunk_size,
-                                  state=None if cache is None else cache.state)
+        res = self.spec(q / inc, k, w * v, q_offset=start, state=None if cache is None else cache.state,
+                        feature_map="identity", normalize=False, mode=self.cfg.mode, chunk=self.cfg.chunk)
+        agg = res if cache is None else res[0]
         if cache is not None:
-            cache.state, cache.length = S, start + x.shape[1]
-            cache.extra.update(sum_k=sum_k[:, :, -1], sum_q=sum_q[:, :, -1], sum_k_o=sum_k_o[:, :, -1],
-                               sum_q_i=sum_q_i[:, :, -1], lse=lse[:, :, -1])
+            cache.length = start + x.shape[1]
+            st.update(sum_k=sum_k[:, :, -1], sum_q=sum_q[:, :, -1], sum_k_o=sum_k_o[:, :, -1],
+                      sum_q_i=sum_q_i[:, :, -1], lse=lse[:, :, -1])
         return self.out(torch.sigmoid(inc_hat) * agg)
 
     def reference(self, x: Tensor) -> Tensor:

@@ -19,28 +19,25 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checks import nonneg_int
-from ...core.linear import linear_attention
-from ..base import check_hidden
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import FEATURE_MAPS, QKVLayer, RecurrentCache, causal_mask, check_common, feature_map
+from ._common import FEATURE_MAPS, LinearHeadsConfig, causal_mask, feature_map
+
+INLINE_MAPS = tuple(f for f in FEATURE_MAPS if f != "taylor")
 
 
 @dataclass(frozen=True)
-class InLineConfig:
+class InLineConfig(LinearHeadsConfig):
     """feature_map: any kernel (the subtraction keeps rows summing to 1 regardless); window: local-term width
     (0: none)."""
 
-    dim: int = 256
-    heads: int = 4
     feature_map: str = "identity"
     window: int = 3
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
-        if self.feature_map not in FEATURE_MAPS or self.feature_map == "taylor":
-            raise ValueError(f"feature_map must be one of {[f for f in FEATURE_MAPS if f != 'taylor']}")
+    def validate(self) -> None:
+        super().validate()
+        if self.feature_map not in INLINE_MAPS:
+            raise ValueError(f"feature_map must be one of {list(INLINE_MAPS)}, got {self.feature_map!r}")
         nonneg_int("window", self.window)
 
 
@@ -52,13 +49,22 @@ class InLineConfig:
     summary="InLine: injective linear attention (subtractive normalization) plus a learned local window term",
     config=InLineConfig,
 )
-class InLineAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H * (d (d + 1) + d + (window - 1) d)`` numbers."""
+class InLineAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H * (d (d + 1) + d + (window - 1) d)`` numbers. Op ``linear``
+    (no denominator) on values with a column of ones, so one state holds ``S`` and ``z``."""
+
+    op = "linear"
 
     def __init__(self, cfg: InLineConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.r_proj = nn.Linear(cfg.dim, cfg.heads * cfg.window) if cfg.window else None
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
 
     def _local(self, x: Tensor, v: Tensor, past_v: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """sum_{o < w} r_{i,o} v_{i-o}; v (B, H, T, d), past_v (B, H, w - 1, d)."""
@@ -73,27 +79,28 @@ class InLineAttention(QKVLayer):
         local = sum(r[..., o, None] * vv[:, :, w - 1 - o : w - 1 - o + T] for o in range(w))
         return local, vv[:, :, vv.shape[2] - (w - 1) :]
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
         q, k, v = self.qkv(x)
         fq, fk = feature_map(q, self.cfg.feature_map), feature_map(k, self.cfg.feature_map)
         T, d = x.shape[1], self.d
-        start = 0 if cache is None else cache.length
+        st = None if cache is None else cache.state
         aug = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [S | z] in one state
-        o, S = linear_attention(fq, fk, aug, mode=self.cfg.mode, chunk_size=self.cfg.chunk_size,
-                                state=None if cache is None else cache.state)
+        res = self.spec(fq, fk, aug, q_offset=start, state=st, feature_map="identity", normalize=False,
+                        mode=self.cfg.mode, chunk=self.cfg.chunk)
+        o = res if st is None else res[0]
         sum_v = v.cumsum(2)
-        if cache is not None and "sum_v" in cache.extra:
-            sum_v = sum_v + cache.extra["sum_v"][:, :, None]
+        if st is not None and "sum_v" in st:
+            sum_v = sum_v + st["sum_v"][:, :, None]
         n = torch.arange(start + 1, start + T + 1, device=x.device, dtype=x.dtype)[:, None]
         vbar = sum_v / n
         out = o[..., :d] - o[..., d:] * vbar + vbar
-        local, past_v = self._local(x, v, None if cache is None else cache.extra.get("past_v"))
+        local, past_v = self._local(x, v, None if st is None else st.get("past_v"))
         if cache is not None:
-            cache.state, cache.length = S, start + T
-            cache.extra["sum_v"] = sum_v[:, :, -1]
+            cache.length = start + T
+            st["sum_v"] = sum_v[:, :, -1]
             if past_v is not None and self.cfg.window > 1:
-                cache.extra["past_v"] = past_v
+                st["past_v"] = past_v
         return self.out(out + local)
 
     def reference(self, x: Tensor) -> Tensor:

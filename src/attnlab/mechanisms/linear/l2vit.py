@@ -17,24 +17,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ...core.linear import linear_attention
-from ..base import check_hidden
 from ..common import merge_heads
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_depthwise_conv, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_depthwise_conv, causal_mask
 
 
 @dataclass(frozen=True)
-class L2ViTConfig:
-    dim: int = 256
-    heads: int = 4
+class L2ViTConfig(LinearHeadsConfig):
     lcm_kernel: int = 7
     eps: float = 1e-6
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
+    def validate(self) -> None:
+        super().validate()
         positive_int("lcm_kernel", self.lcm_kernel)
 
 
@@ -46,32 +41,40 @@ class L2ViTConfig:
     summary="L2ViT linear global attention (ReLU kernel) + local concentration module (two causal depthwise convs)",
     config=L2ViTConfig,
 )
-class L2ViTAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H d (d + 1) + 2 (lcm_kernel - 1) dim`` numbers."""
+class L2ViTAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H d (d + 1) + 2 (lcm_kernel - 1) dim`` numbers. Op ``linear``
+    (ReLU features, row-normalized), then the local concentration module."""
+
+    op = "linear"
 
     def __init__(self, cfg: L2ViTConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.conv1 = nn.Parameter(torch.randn(cfg.dim, cfg.lcm_kernel) / cfg.lcm_kernel)
         self.conv2 = nn.Parameter(torch.randn(cfg.dim, cfg.lcm_kernel) / cfg.lcm_kernel)
 
-    def _lcm(self, a: Tensor, cache: RecurrentCache | None) -> Tensor:
-        ex = cache.extra if cache is not None else {}
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
+
+    def op_options(self) -> dict:
+        c = self.cfg
+        return {"feature_map": "relu", "normalize": True, "eps": c.eps, "mode": c.mode, "chunk": c.chunk}
+
+    def _lcm(self, a: Tensor, cache: LayerCache | None) -> Tensor:
+        ex = cache.state if cache is not None else {}
         h, p1 = causal_depthwise_conv(a, self.conv1, ex.get("conv1"))
         h, p2 = causal_depthwise_conv(F.gelu(h), self.conv2, ex.get("conv2"))
         if cache is not None and self.cfg.lcm_kernel > 1:
             ex["conv1"], ex["conv2"] = p1, p2
         return a + h
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        q, k, v = self.qkv(x)
-        o, S = linear_attention(F.relu(q), F.relu(k), v, normalize=True, eps=self.cfg.eps, mode=self.cfg.mode,
-                                chunk_size=self.cfg.chunk_size, state=None if cache is None else cache.state)
-        a = self._lcm(merge_heads(o), cache)
-        if cache is not None:
-            cache.state, cache.length = S, cache.length + x.shape[1]
-        return self.o_proj(a)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        q, k, v, start = self.qkv_cached(x, cache)
+        o = self.attend(q, k, v, start, None if cache is None else cache.state)
+        return self.o_proj(self._lcm(merge_heads(o), cache))
 
     def reference(self, x: Tensor) -> Tensor:
         """Dense ReLU-kernel weights, row-normalized; the convolutions written tap by tap."""

@@ -16,23 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...core.linear import cumulative_softmax_attention
-from ..base import check_hidden
 from ..common import merge_heads
+from ..heads import OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_mask
 
 
 @dataclass(frozen=True)
-class LightNetConfig:
-    dim: int = 256
-    heads: int = 4
+class LightNetConfig(LinearHeadsConfig):
     norm_eps: float = 1e-6
-    mode: str = "chunked"
-    chunk_size: int = 64
-
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
 
 
 @register(
@@ -43,26 +35,29 @@ class LightNetConfig:
     summary="LightNet additive linear recurrence: per-feature softmax of keys over the prefix, one scan",
     config=LightNetConfig,
 )
-class LightNetAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H * d * (d + 2)`` numbers at any length."""
+class LightNetAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H * d * (d + 2)`` numbers at any length. Op
+    ``cumulative_softmax`` with silu query features, then the RMS norm and the output gate."""
+
+    op = "cumulative_softmax"
 
     def __init__(self, cfg: LightNetConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.g_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def _finish(self, x: Tensor, o: Tensor) -> Tensor:
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
+
+    def op_options(self) -> dict:
+        return {"q_map": "silu", "mode": self.cfg.mode, "chunk": self.cfg.chunk}
+
+    def finish(self, o: Tensor, x: Tensor) -> Tensor:
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
         return self.o_proj(merge_heads(o) * torch.sigmoid(self.g_proj(x)))
-
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        q, k, v = self.qkv(x)
-        o, st = cumulative_softmax_attention(torch.nn.functional.silu(q), k, v, mode=self.cfg.mode,
-                                             chunk_size=self.cfg.chunk_size, state=None if cache is None else cache.state)
-        if cache is not None:
-            cache.state, cache.length = st, cache.length + x.shape[1]
-        return self._finish(x, o)
 
     def reference(self, x: Tensor) -> Tensor:
         """The additive recurrence written as the plain sums: exp(k) accumulated, divided per feature."""
@@ -74,7 +69,7 @@ class LightNetAttention(QKVLayer):
         z = m @ e  # (B, H, T, d): running sum of exp(k)
         # o_t = sum_i q_ti / z_ti sum_{j<=t} e_ji v_j  ->  ((q / z) e^T masked) v
         o = (((q / z) @ e.transpose(-1, -2)) * m) @ v
-        return self._finish(x, o)
+        return self.finish(o, x)
 
     def state_size(self, seq_len: int) -> int:
         return self.heads * self.d * (self.d + 2)

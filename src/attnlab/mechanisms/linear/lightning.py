@@ -5,7 +5,8 @@ Per head ``h`` with decay ``lambda_h``: ``O = Norm([(Q K^T) * M] V)``, ``M[t, s]
 RMS norm of the output replaces the normalizer). Lightning Attention splits the sequence into blocks: inside a
 block the masked product is computed directly ("conventional attention"), across blocks a carried ``d x d``
 state ``S`` does the rest ("linear attention kernel trick"), so cost is linear and constant per token.
-``attnlab.core.linear.linear_attention(mode="chunked")`` is that algorithm; the block size is ``chunk_size``.
+The op ``lightning`` (``attnlab.ops.linear``, on ``attnlab.core.linear.linear_attention(mode="chunked")``) is that
+algorithm; the block size is ``chunk``.
 
 Decay (TransNormerLLM): ``lambda_h = exp(-(decay_scale * h / H) * (1 - layer_idx / layers))``.
 """
@@ -18,28 +19,25 @@ import torch
 from torch import Tensor
 
 from ...core.checks import nonneg_int, positive_int
-from ...core.linear import linear_attention, state_numbers
-from ..base import check_hidden
+from ...core.linear import state_numbers
+from ...ops.linear import lightning_log_decay
+from ..heads import OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_mask
 
 
 @dataclass(frozen=True)
-class LightningConfig:
+class LightningConfig(LinearHeadsConfig):
     """decay_scale: 8 in TransNormerLLM (head h decays by exp(-8h/H) per token at layer 0); layer_idx / layers:
     the layer's place (decay weakens with depth); norm_eps: the output RMS norm's epsilon."""
 
-    dim: int = 256
-    heads: int = 4
     decay_scale: float = 8.0
     layer_idx: int = 0
     layers: int = 1
     norm_eps: float = 1e-6
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
+    def validate(self) -> None:
+        super().validate()
         nonneg_int("layer_idx", self.layer_idx)
         positive_int("layers", self.layers)
         if self.layer_idx >= self.layers:
@@ -56,38 +54,37 @@ class LightningConfig:
     summary="Lightning Attention-2: per-head decayed linear attention, intra-block quadratic + inter-block state",
     config=LightningConfig,
 )
-class LightningAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); decoding state ``H * d * d`` numbers at any length."""
+class LightningAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); decoding state ``H * d * d`` numbers at any length. Op ``lightning`` (silu
+    features and the decays inside), then the output RMS norm."""
+
+    op = "lightning"
 
     def __init__(self, cfg: LightningConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
 
     def log_decay(self) -> Tensor:
         """(H,) log lambda_h <= 0."""
         c = self.cfg
-        h = torch.arange(c.heads, dtype=torch.float64)
-        return -(c.decay_scale * h / c.heads) * (1.0 - c.layer_idx / c.layers)
+        return lightning_log_decay(c.heads, c.decay_scale, c.layer_idx, c.layers)
 
     def _norm(self, o: Tensor) -> Tensor:
         return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)
         return torch.nn.functional.silu(q), torch.nn.functional.silu(k), v
 
-    def finish(self, x: Tensor, o: Tensor) -> Tensor:
+    def finish(self, o: Tensor, x: Tensor) -> Tensor:
         """(B, H, T, d) attention output -> (B, T, dim)."""
         return self.out(self._norm(o))
-
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        q, k, v = self.features(x)
-        o, S = linear_attention(q, k, v, self.log_decay(), mode=self.cfg.mode, chunk_size=self.cfg.chunk_size,
-                                state=None if cache is None else cache.state)
-        if cache is not None:
-            cache.state, cache.length = S, cache.length + x.shape[1]
-        return self.finish(x, o)
 
     def reference(self, x: Tensor) -> Tensor:
         """O = Norm([(Q K^T) * M] V) with the decay mask M[t, s] = lambda^(t - s) written out."""
@@ -96,7 +93,7 @@ class LightningAttention(QKVLayer):
         t = torch.arange(T, device=x.device, dtype=x.dtype)
         lam = self.log_decay().to(x.dtype).exp().view(-1, 1, 1)
         M = lam ** (t[:, None] - t[None, :]).clamp_min(0) * causal_mask(T, x.device)
-        return self.finish(x, ((q @ k.transpose(-1, -2)) * M) @ v)
+        return self.finish(((q @ k.transpose(-1, -2)) * M) @ v, x)
 
     def state_size(self, seq_len: int) -> int:
         return state_numbers(self.heads, self.d, self.d, normalize=False)

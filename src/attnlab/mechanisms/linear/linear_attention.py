@@ -23,40 +23,27 @@ import torch
 from torch import Tensor
 
 from ...core.checks import positive_int
-from ...core.linear import linear_attention, state_numbers
-from ..base import check_hidden
+from ...core.linear import state_numbers
+from ..heads import OpLayer, one_of
 from ..registry import preset, register
-from ._common import (
-    QKVLayer,
-    RecurrentCache,
-    causal_mask,
-    check_common,
-    feature_dim,
-    feature_map,
-    kernel_scores,
-)
+from ._common import LinearHeadsConfig, causal_mask, feature_dim, feature_map, kernel_scores
 
 MAPS = ("elu1", "relu", "taylor", "cosformer")
 
 
 @dataclass(frozen=True)
-class LinearAttentionConfig:
+class LinearAttentionConfig(LinearHeadsConfig):
     """feature_map: elu1 | relu | taylor | cosformer; feature_dim: per-head query/key width for ``taylor``
-    (None: head_dim); max_len: cosFormer's re-weighting horizon; mode: parallel | chunked | recurrent."""
+    (None: head_dim); max_len: cosFormer's re-weighting horizon; eps: the denominator's epsilon."""
 
-    dim: int = 256
-    heads: int = 4
     feature_map: str = "elu1"
     feature_dim: int | None = 16
     max_len: int = 65536
     eps: float = 1e-6
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
-        if self.feature_map not in MAPS:
-            raise ValueError(f"feature_map must be one of {MAPS}, got {self.feature_map!r}")
+    def validate(self) -> None:
+        super().validate()
+        one_of("feature_map", self.feature_map, MAPS)
         positive_int("max_len", self.max_len)
         if self.feature_dim is not None:
             positive_int("feature_dim", self.feature_dim)
@@ -70,13 +57,20 @@ class LinearAttentionConfig:
     summary="causal linear attention, feature maps elu+1 / ReLU / Taylor (Based) / cosFormer; O(1) decoding state",
     config=LinearAttentionConfig,
 )
-class LinearAttention(QKVLayer):
-    """(B, T, dim) -> (B, T, dim); state ``H * F * (d + 1)`` numbers at any length."""
+class LinearAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim); state ``H * F * (d + 1)`` numbers at any length. Op ``linear`` on the layer's
+    own features (cosFormer's depend on absolute positions)."""
+
+    op = "linear"
 
     def __init__(self, cfg: LinearAttentionConfig) -> None:
-        qk = cfg.feature_dim if cfg.feature_map == "taylor" else None
-        super().__init__(cfg.dim, cfg.heads, qk_dim=qk)
-        self.cfg = cfg
+        qk = cfg.feature_dim if cfg.feature_map == "taylor" else cfg.d
+        super().__init__(cfg, qk_dim=qk)
+        self.qk_dim = qk
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
 
     @property
     def F(self) -> int:
@@ -98,16 +92,18 @@ class LinearAttention(QKVLayer):
         q, k = torch.relu(q), torch.relu(k)
         return torch.cat([q * a.cos(), q * a.sin()], -1), torch.cat([k * a.cos(), k * a.sin()], -1)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        start = 0 if cache is None else cache.length
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Plain projections (B, H, T, qk_dim), (B, H, T, qk_dim), (B, H, T, d)."""
+        return super().project(x, 0)
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)
         fq, fk = self.features(q, k, start)
-        o, S = linear_attention(fq, fk, v, normalize=True, eps=self.cfg.eps, mode=self.cfg.mode,
-                                chunk_size=self.cfg.chunk_size, state=None if cache is None else cache.state)
-        if cache is not None:
-            cache.state, cache.length = S, cache.length + x.shape[1]
-        return self.out(o)
+        return fq, fk, v
+
+    def op_options(self) -> dict:
+        c = self.cfg
+        return {"feature_map": "identity", "normalize": True, "eps": c.eps, "mode": c.mode, "chunk": c.chunk}
 
     def reference(self, x: Tensor) -> Tensor:
         """The quadratic form: A = phi(Q) phi(K)^T (cosFormer: times cos(pi/2 (i-j)/M)), causal, row-normalized."""

@@ -13,7 +13,7 @@ In closed form, with weighted means ``mu_i = sum p k``, ``vbar_i = sum p v``, co
 
 (``ridge -> inf`` gives softmax attention back). Cost ``O(T^2 d^2 + T d^3)`` and a growing key/value cache: LLA
 is in this family as the "interpolation" end, not for constant memory. FlashLLA's blockwise kernel is not
-reproduced; the chunked form processes ``chunk_size`` queries at a time.
+reproduced; the chunked form processes ``chunk`` queries at a time.
 """
 
 from __future__ import annotations
@@ -24,24 +24,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..base import check_hidden
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, causal_mask, check_common
+from ._common import LinearHeadsConfig, causal_mask
 
 
 @dataclass(frozen=True)
-class LLAConfig:
-    """ridge: the slope's L2 penalty (> 0); mode: parallel (all queries) | chunked (chunk_size queries at a time) |
+class LLAConfig(LinearHeadsConfig):
+    """ridge: the slope's L2 penalty (> 0); mode: parallel (all queries) | chunked (chunk queries at a time) |
     recurrent (one query at a time)."""
 
-    dim: int = 256
-    heads: int = 4
     ridge: float = 1.0
-    mode: str = "chunked"
-    chunk_size: int = 64
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode, self.chunk_size)
+    def validate(self) -> None:
+        super().validate()
         if not self.ridge > 0:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
 
@@ -54,12 +50,21 @@ class LLAConfig:
     summary="Local Linear Attention: local linear (ridge) regression of values on keys around each query",
     config=LLAConfig,
 )
-class LocalLinearAttention(QKVLayer):
+class LocalLinearAttention(OpLayer):
     """(B, T, dim) -> (B, T, dim); decoding keeps all keys and values: ``2 H d T`` numbers."""
 
+    op = None  # the local regression is the layer's own code; it keeps every key and value
+    kv_cache = True
+
     def __init__(self, cfg: LLAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
 
     def _rows(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
         """Queries (B, H, Tq, d) at positions start.. over keys (B, H, n, d) at 0..n-1 -> (B, H, Tq, d)."""
@@ -73,18 +78,10 @@ class LocalLinearAttention(QKVLayer):
         slope = torch.linalg.solve(sigma + self.cfg.ridge * eye, (q - mu)[..., None])  # (B, H, Tq, d, 1)
         return vbar + (cross.transpose(-1, -2) @ slope)[..., 0]
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        q, k, v = self.qkv(x)
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            if "k" in cache.extra:
-                k = torch.cat([cache.extra["k"], k], dim=2)
-                v = torch.cat([cache.extra["v"], v], dim=2)
-            cache.extra["k"], cache.extra["v"] = k, v
-            cache.length += x.shape[1]
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        q, k, v, start = self.qkv_cached(x, cache)
         T = q.shape[2]
-        step = {"parallel": T, "chunked": self.cfg.chunk_size, "recurrent": 1}[self.cfg.mode]
+        step = {"parallel": T, "chunked": self.cfg.chunk, "recurrent": 1}[self.cfg.mode]
         outs = []
         for i in range(0, T, step):
             hi = min(T, i + step)
@@ -105,9 +102,6 @@ class LocalLinearAttention(QKVLayer):
             beta = torch.linalg.solve(X.transpose(-1, -2) @ (W * X) + pen, X.transpose(-1, -2) @ (W * v[:, :, : i + 1]))
             out[:, :, i] = beta[:, :, 0]
         return self.out(out)
-
-    def init_cache(self, batch: int = 1) -> RecurrentCache:
-        return RecurrentCache()
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.heads * self.d * seq_len

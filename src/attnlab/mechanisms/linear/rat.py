@@ -20,25 +20,25 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ..base import check_hidden
 from ..common import split_heads
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, check_common
+from ._common import LINEAR_FIXED, LinearHeadsConfig
 
 
 @dataclass(frozen=True)
-class RATConfig:
-    """rat_chunk: the chunk length L (16 in the paper). mode: chunked (vectorized) | recurrent (token by token) |
+class RATConfig(LinearHeadsConfig):
+    """block: the chunk length L (16 in the paper). mode: chunked (vectorized) | recurrent (token by token) |
     parallel (the dense masked form)."""
 
-    dim: int = 256
-    heads: int = 4
-    rat_chunk: int = 16
-    mode: str = "chunked"
+    block: int = 16
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode)
-        positive_int("rat_chunk", self.rat_chunk)
+    fixed = (*LINEAR_FIXED, "chunk")
+    renamed = {"rat_chunk": "block", "chunk_size": "chunk"}
+
+    def validate(self) -> None:
+        super().validate()
+        positive_int("block", self.block)
 
 
 @register(
@@ -49,20 +49,29 @@ class RATConfig:
     summary="RAT: gated recurrence inside chunks of L tokens, softmax attention over chunk summaries",
     config=RATConfig,
 )
-class RATAttention(QKVLayer):
+class RATAttention(OpLayer):
     """(B, T, dim) -> (B, T, dim); O(T^2 / L) attention, decoding state ``2 * dim * (T // L + 1)``."""
 
+    op = None  # the recurrence and the chunk-summary softmax are the layer's own code
+    kv_cache = False
+
     def __init__(self, cfg: RATConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.f_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
 
     def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)
         return q, split_heads(torch.sigmoid(self.f_proj(x)), self.heads), k, v
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        self.check_cache(x, cache)
         if self.cfg.mode == "parallel" and cache is None:
             return self.reference(x)
         if self.cfg.mode == "recurrent" and cache is None:
@@ -75,7 +84,7 @@ class RATAttention(QKVLayer):
     def _chunked(self, x: Tensor) -> Tensor:
         q, f, k, v = self._inputs(x)
         B, H, T, d = q.shape
-        L = self.cfg.rat_chunk
+        L = self.cfg.block
         pad = (-T) % L
         N = (T + pad) // L
 
@@ -103,12 +112,12 @@ class RATAttention(QKVLayer):
         o = w[..., :N] @ summ_v + w[..., N:] * vt
         return self.out(o)
 
-    def _step(self, x: Tensor, cache: RecurrentCache) -> Tensor:
+    def _step(self, x: Tensor, cache: LayerCache) -> Tensor:
         """Tokens one at a time after ``cache.length`` (decoding; any number of tokens)."""
         q, f, k, v = self._inputs(x)
         B, H, T, d = q.shape
-        L = self.cfg.rat_chunk
-        ex = cache.extra
+        L = self.cfg.block
+        ex = cache.state
         if "hk" not in ex:
             ex["hk"], ex["hv"] = q.new_zeros(B, H, d), q.new_zeros(B, H, d)
             ex["sum_k"], ex["sum_v"] = q.new_zeros(B, H, 0, d), q.new_zeros(B, H, 0, d)
@@ -135,7 +144,7 @@ class RATAttention(QKVLayer):
         sees position j iff j == t, or j ends a chunk before t's chunk."""
         q, f, k, v = self._inputs(x)
         B, H, T, d = q.shape
-        L = self.cfg.rat_chunk
+        L = self.cfg.block
         hk, hv, kt, vt = 0.0, 0.0, [], []
         for t in range(T):
             if t % L == 0:
@@ -151,4 +160,4 @@ class RATAttention(QKVLayer):
         return self.out(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ vt)
 
     def state_size(self, seq_len: int) -> int:
-        return 2 * self.dim * (seq_len // self.cfg.rat_chunk + 1)
+        return 2 * self.dim * (seq_len // self.cfg.block + 1)

@@ -8,7 +8,7 @@ gradient descent with momentum ("surprise") and weight decay ("forgetting"):
 
 with data-dependent gates ``alpha_t, eta_t, theta_t = sigmoid(x_t W)`` per head and L2-normalized queries and keys.
 As in the paper's parallel training, the gradient is taken at ``M' =`` the memory at the start of the token's chunk
-of ``mem_chunk`` tokens (mini-batch gradient descent; ``mem_chunk = 1`` is plain online SGD) -- a modelling
+of ``block`` tokens (mini-batch gradient descent; ``block = 1`` is plain online SGD) -- a modelling
 choice, not an approximation: decoding follows the same rule. The recurrences are linear in ``M, S`` once the
 gradients are fixed, so inside a chunk everything is parallel and chunks follow one another.
 
@@ -34,7 +34,7 @@ autograd gradients (``create_graph``), so outputs, memory states and parameter g
 
 Decoding: the cache holds ``(M', M, S)`` -- the chunk-start memory, the memory and the momentum (each a tuple of
 per-layer weights for deep memories). A token's update is applied at once with the gradient at ``M'`` and its
-output read from ``M_t``; ``M'`` moves to ``M`` when a token completes an absolute chunk of ``mem_chunk``. This is
+output read from ``M_t``; ``M'`` moves to ``M`` when a token completes an absolute chunk of ``block``. This is
 exactly the full forward's rule, so decoding token by token (or in any split) equals the full forward.
 
 Not included: persistent memory tokens, and the MAC / MAG / MAL combinations with attention (a hybrid stack of
@@ -51,29 +51,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ..base import check_hidden
+from ..heads import LayerCache, OpLayer
 from ..registry import register
-from ._common import QKVLayer, RecurrentCache, check_common
+from ._common import LINEAR_FIXED, LinearHeadsConfig
 
 Weights = tuple[Tensor, ...]  # per-layer memory weights, each (B, H, d_out, d_in)
 
 
 @dataclass(frozen=True)
-class TitansConfig:
-    """mem_chunk: tokens per gradient step of the memory (the paper's mini-batch); mode: chunked and parallel run
-    a chunk at once, recurrent a token at a time (identical results); memory_depth: layers of the memory MLP
+class TitansConfig(LinearHeadsConfig):
+    """block: tokens per gradient step of the memory (the paper's mini-batch); mode: chunked and parallel run
+    a block at once, recurrent a token at a time (identical results); memory_depth: layers of the memory MLP
     (1: the linear memory); memory_hidden: width of its hidden layers (None: the head dim)."""
 
-    dim: int = 256
-    heads: int = 4
-    mem_chunk: int = 16
-    mode: str = "chunked"
+    block: int = 16
     memory_depth: int = 1
     memory_hidden: int | None = None
 
-    def __post_init__(self) -> None:
-        check_common(self.dim, self.heads, self.mode)
-        positive_int("mem_chunk", self.mem_chunk)
+    fixed = (*LINEAR_FIXED, "chunk")
+    renamed = {"mem_chunk": "block", "chunk_size": "chunk"}
+
+    def validate(self) -> None:
+        super().validate()
+        positive_int("block", self.block)
         positive_int("memory_depth", self.memory_depth)
         if self.memory_hidden is not None:
             positive_int("memory_hidden", self.memory_hidden)
@@ -96,13 +96,15 @@ def _dsilu(z: Tensor) -> Tensor:
     "gradients at the chunk start",
     config=TitansConfig,
 )
-class TitansMemory(QKVLayer):
+class TitansMemory(OpLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``3 H P`` numbers (memory, momentum, chunk-start memory), with
     ``P`` the memory's weights per head (``d^2`` at depth 1)."""
 
+    op = None  # test-time training of the memory is the layer's own code
+    kv_cache = False
+
     def __init__(self, cfg: TitansConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.gates = nn.Linear(cfg.dim, 3 * cfg.heads)  # alpha, eta, theta logits per head
         d, L = self.d, cfg.memory_depth
         h = cfg.memory_hidden or d
@@ -119,6 +121,13 @@ class TitansMemory(QKVLayer):
         """log(1 - alpha), log eta, theta: (B, H, T) each."""
         g = self.gates(x).view(x.shape[0], x.shape[1], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
         return F.logsigmoid(-g[0]), F.logsigmoid(g[1]), torch.sigmoid(g[2])
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, 0)
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)
@@ -211,7 +220,7 @@ class TitansMemory(QKVLayer):
             state = self._initial_state(q.shape[0], q)
         Mp, M, S = state
         segment = self._segment if self.cfg.memory_depth == 1 else self._deep_segment
-        b = self.cfg.mem_chunk
+        b = self.cfg.block
         step = 1 if self.cfg.mode == "recurrent" else b
         outs, i = [], 0
         while i < T:
@@ -225,12 +234,11 @@ class TitansMemory(QKVLayer):
                 Mp = M  # a chunk is finished: the next gradients are taken at this memory
         return torch.cat(outs, dim=2), (Mp, M, S)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> Tensor:
-        check_hidden(x, self.cfg.dim)
-        start = 0 if cache is None else cache.length
-        y, state = self._run(x, None if cache is None else cache.state, start)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
+        y, state = self._run(x, None if cache is None else cache.state.get("memory"), start)
         if cache is not None:
-            cache.state, cache.length = state, start + x.shape[1]
+            cache.state["memory"], cache.length = state, start + x.shape[1]
         return self.out(y)
 
     # ---- references: the update rule token by token -------------------------------------------------------------
@@ -245,7 +253,7 @@ class TitansMemory(QKVLayer):
         M = S = Mp = q.new_zeros(B, H, d, d)
         ys = []
         for t in range(T):
-            if t % self.cfg.mem_chunk == 0:
+            if t % self.cfg.block == 0:
                 Mp = M
             kt, vt, qt = k[:, :, t, :, None], v[:, :, t, :, None], q[:, :, t, :, None]
             grad = 2.0 * (Mp @ kt - vt) @ kt.transpose(-1, -2)
@@ -274,7 +282,7 @@ class TitansMemory(QKVLayer):
         ys = []
         with torch.enable_grad():  # the inner loop's gradients exist even when the caller runs without grad
             for t in range(T):
-                if t % self.cfg.mem_chunk == 0:
+                if t % self.cfg.block == 0:
                     Mp = M
                 wp = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in Mp)
                 loss = (self.memory_mlp(wp, k[:, :, t]) - v[:, :, t]).pow(2).sum()  # a sum of per-(B, H) losses
@@ -283,7 +291,7 @@ class TitansMemory(QKVLayer):
                 S = tuple(eta * s - theta * g for s, g in zip(S, grads))
                 M = tuple(keep * m + s for m, s in zip(M, S))
                 ys.append(self.memory_mlp(M, q[:, :, t]))
-                if t % self.cfg.mem_chunk == self.cfg.mem_chunk - 1:
+                if t % self.cfg.block == self.cfg.block - 1:
                     Mp = M
         return torch.stack(ys, dim=2), (Mp, M, S)
 

@@ -28,7 +28,7 @@ class TransNormerAttention(LightningAttention):
         super().__init__(cfg)
         self.u_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def finish(self, x: Tensor, o: Tensor) -> Tensor:
+    def finish(self, o: Tensor, x: Tensor) -> Tensor:
         from ..common import merge_heads
 
         return self.o_proj(merge_heads(self._norm(o)) * self.u_proj(x))

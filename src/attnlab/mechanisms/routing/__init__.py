@@ -1,4 +1,8 @@
-"""Content-based sparse attention (family ``routing``): selections computed cheaply, run as gathered tiles."""
+"""Content-based sparse attention (family ``routing``): selections computed cheaply, run as gathered tiles.
+
+One file per method: its functions, its op (``attnlab.ops.get(name)``, registered there) and its layer
+(``RoutingLayer`` = projections + the op + the layer's own parameters). Importing this package registers both.
+"""
 
 from . import (  # noqa: F401
     biformer,

@@ -13,15 +13,17 @@ blocks. Memory is ``top_k * T * d`` for the gathered tiles -- it grows with the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import masked_reference, tile_attention, tiles_from_blocks
+from attnlab.ops._engine import tile_attention, tiles_from_blocks
+from attnlab.ops.sparse import ALL, sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def region_order(grid: tuple[int, int], regions: tuple[int, int], device=None) -> Tensor:
@@ -96,16 +98,38 @@ def biformer_mask(q: Tensor, k: Tensor, grid: tuple[int, int], regions: tuple[in
     return routed[:, rid][:, :, rid].unsqueeze(1)
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _biformer_weights(q: Tensor, k: Tensor, *, q_offset: int, grid=(8, 8), regions=(4, 4), top_k: int = 4,
+                      **_: Any) -> Tensor:
+    return biformer_mask(q, k, tuple(grid), tuple(regions), top_k)
+
+
+@sparse_op("biformer", papers=("D39",), summary="bi-level routing: top-k key regions per query region by region "
+           "affinity (2-D grid, shared by heads), token attention inside", options={"grid": (8, 8),
+           "regions": (4, 4), "top_k": 4}, weights_mask=_biformer_weights, causal=lambda o: False, decodes=False,
+           dense_options={"top_k": ALL}, example={"grid": (4, 6), "regions": (2, 3), "top_k": 2})
+def biformer_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, grid, regions,
+                top_k: int) -> Tensor:
+    """Bidirectional over the ``grid`` (raster order, T = gh * gw): q (B, H, T, D), k, v (B, Hkv, T, D)."""
+    return biformer_attention(q, k, v, tuple(grid), tuple(regions), top_k, scale)
+
+
 @dataclass(frozen=True)
-class BiFormerConfig:
+class BiFormerConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
+    causal: bool = False  # bidirectional over an image grid
     grid: tuple[int, int] = (8, 8)
     regions: tuple[int, int] = (4, 4)
     top_k: int = 4
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("top_k", self.top_k)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        self.check("top_k")
         region_order(self.grid, self.regions)  # validates divisibility
 
 
@@ -113,21 +137,5 @@ class BiFormerConfig:
     "biformer", family="routing", papers=("D39",), year=2023, config=BiFormerConfig, decodes=False,
     summary="bi-level routing: top-k key regions per query region by region affinity, token attention inside",
 )
-class BiFormerAttention(ProjectedLayer):
-    def __init__(self, cfg: BiFormerConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, None, rope=False)
-        self.cfg = cfg
-
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        if cache is not None:
-            raise TypeError("biformer is bidirectional over an image grid and does not decode with a cache")
-        return super().forward(x)
-
-    def init_cache(self, batch: int = 1):
-        raise TypeError("biformer is bidirectional over an image grid and does not decode with a cache")
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        return biformer_attention(q, k, v, self.cfg.grid, self.cfg.regions, self.cfg.top_k)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return masked_reference(q, k, v, biformer_mask(q, k, self.cfg.grid, self.cfg.regions, self.cfg.top_k))
+class BiFormerAttention(RoutingLayer):
+    op = "biformer"

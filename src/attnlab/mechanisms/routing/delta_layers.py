@@ -8,10 +8,10 @@ memory, so the next selection layer may pick different tokens). ``always`` recen
 keys, including the current ones) are always kept.
 
 Functional: :func:`select_tokens` (in the selection layer) and :func:`token_attention` (in a sparse layer),
-which runs through the tile engine (``core.selection``): one tile per (batch, head) gathers the selected
+which runs through the tile engine (``core.sparse``): one tile per (batch, head) gathers the selected
 keys -- ``top_k + always`` keys instead of the whole cache.
 
-The registered layer ``delta_select`` is one layer playing both roles for each decoding step (each position
+The op (and layer) ``delta_select`` is one layer playing both roles for each decoding step (each position
 past the prefill is a step of its own): its full scores (no gradient) sum over heads to pick the step's token
 set, shared by the heads, and its output attends only to that set (:func:`select_row_sets`: per row, the
 same rule as :func:`select_tokens` on one query). Prefill positions attend densely, as in the paper. In a
@@ -22,16 +22,25 @@ stack, the cross-layer reuse that makes DELTA fast is :func:`select_tokens` in o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import Tiles, flat_key_index, tile_attention
+from attnlab.ops._engine import Tiles, flat_key_index, tile_attention
+from attnlab.ops.sparse import (
+    ALL,
+    causal_rows,
+    check_prefill,
+    nonneg_int,
+    prefill_end,
+    sampled_dense,
+    sparse_op,
+)
 
 from ..registry import register
-from ._common import SelectionLayer, check_correction, check_prefill, set_tiles
-from .delta import sampled_dense
+from ._common import RoutingHeadsConfig, RoutingLayer, set_tiles
 
 
 def select_tokens(q: Tensor, k: Tensor, top_k: int, always: int = 1, scale: float | None = None) -> Tensor:
@@ -110,59 +119,83 @@ def select_rows(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset: int
     return keep.scatter_(-1, torch.where(ok, kpos, k.shape[2]), True)[..., :-1]
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _check(top_k: int, always: int, prefill: int | None) -> None:
+    positive_int("top_k", top_k)
+    nonneg_int("always", always)
+    check_prefill(prefill)
+
+
+def _delta_select_weights(q: Tensor, k: Tensor, *, q_offset: int, scale: float | None = None,
+                          state: dict | None = None, top_k: int = 64, always: int = 16, prefill: int | None = 1,
+                          **_: Any) -> Tensor:
+    """Plainly: per row, head-summed causal softmax, its top-k, the last ``always`` positions; rows of the prefill
+    see every past key."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = default_scale(D, scale)
+    vis = causal_rows(Tq, Tk, q_offset, q.device)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(H // k.shape[1], 1)) * scale
+    score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, Tq, Tk)
+    mask = torch.zeros(B, Tq, Tk, dtype=torch.bool, device=q.device)
+    mask.scatter_(-1, score.topk(min(top_k, Tk), dim=-1).indices, True)
+    i = (torch.arange(Tq, device=q.device) + q_offset).view(Tq, 1)
+    j = torch.arange(Tk, device=q.device).view(1, Tk)
+    mask = (mask | (j > i - always)) & vis
+    P = prefill if prefill is not None else (state or {}).get("prefill_end", Tq if q_offset == 0 else None)
+    if P is None:
+        raise ValueError("delta_select with prefill=None: the weights of a later call need the state (prefill_end)")
+    mask = torch.where((i < P).view(1, Tq, 1), vis, mask)
+    return mask.unsqueeze(1)
+
+
+@sparse_op("delta_select", papers=("D42",), summary="DELTA: head-summed full attention picks one shared top-k "
+           "token set per decoding step (+ recent)", options={"top_k": 64, "always": 16, "prefill": 1},
+           weights_mask=_delta_select_weights, stateful=True, causal_only=True,
+           dense_options={"top_k": ALL, "always": 0}, example={"top_k": 4, "always": 2, "prefill": 6})
+def delta_select_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, top_k: int,
+                    always: int, prefill: int | None) -> Tensor:
+    """Each position past the prefill is a decoding step: its full scores (no gradient) summed over heads pick
+    ``top_k`` positions + its newest ``always``, shared by the heads; prefill positions attend densely.
+    q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). ``prefill=None``: the first call is the prefill
+    (``state["prefill_end"]``)."""
+    _check(top_k, always, prefill)
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    n = min(Tq, max(0, prefill_end(q_offset, Tq, state, prefill) - q_offset))  # dense prefill rows of this call
+    parts = []
+    if n:
+        parts.append(sampled_dense(q, k, v, torch.arange(n, device=q.device), True, scale, q_offset).to(v.dtype))
+    if n < Tq:
+        kpos, kok = select_row_sets(q[:, :, n:], k, top_k, always, q_offset + n, scale)
+        rows = torch.arange(Tq - n, device=q.device).view(-1, 1)
+        tiles = set_tiles(rows, kpos.unsqueeze(1), kok.unsqueeze(1), B, H, Hkv, Tq - n, Tk, q_offset + n)
+        parts.append(tile_attention(q[:, :, n:], k, v, [tiles], scale))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
 @dataclass(frozen=True)
-class DELTASelectConfig:
+class DELTASelectConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     top_k: int = 64  # positions kept by head-summed attention per step
     always: int = 16  # the newest positions (the current one included) are always kept
     prefill: int | None = 1  # positions below it attend densely; None: the first call is the prefill
-    delta_correction: int = 0  # D99 sampling stride on top of the selection; 0 = off
-    rope: bool = True
+    delta: int = 0  # D99 sampling stride on top of the selection; 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("top_k", self.top_k)
-        if isinstance(self.always, bool) or not isinstance(self.always, int) or self.always < 0:
-            raise ValueError(f"always must be a non-negative integer, got {self.always!r}")
-        check_prefill(self.prefill)
-        check_correction(self.delta_correction)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        _check(self.top_k, self.always, self.prefill)
+        self.check()
 
 
 @register(
     "delta_select", family="routing", papers=("D42",), year=2025, config=DELTASelectConfig,
     summary="DELTA: head-summed full attention picks one shared top-k token set per decoding step (+ recent)",
 )
-class DELTASelectAttention(SelectionLayer):
-    def __init__(self, cfg: DELTASelectConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
-        B, H, Tq, _ = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        n = min(Tq, max(0, self.prefill_end(q_offset, Tq, state) - q_offset))  # dense prefill rows of this call
-        parts = []
-        if n:
-            parts.append(sampled_dense(q, k, v, torch.arange(n, device=q.device), True, None, q_offset).to(v.dtype))
-        if n < Tq:
-            kpos, kok = select_row_sets(q[:, :, n:], k, self.cfg.top_k, self.cfg.always, q_offset + n)
-            rows = torch.arange(Tq - n, device=q.device).view(-1, 1)
-            tiles = set_tiles(rows, kpos.unsqueeze(1), kok.unsqueeze(1), B, H, Hkv, Tq - n, Tk, q_offset + n)
-            parts.append(tile_attention(q[:, :, n:], k, v, [tiles], default_scale(q.shape[-1], None)))
-        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-
-    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
-        """Plainly: per row, head-summed causal softmax, its top-k, the last ``always`` positions."""
-        B, H, T, D = q.shape
-        c = self.cfg
-        vis = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(H // k.shape[1], 1)) * D**-0.5
-        score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, T, T)
-        mask = torch.zeros(B, T, T, dtype=torch.bool, device=q.device)
-        mask.scatter_(-1, score.topk(min(c.top_k, T), dim=-1).indices, True)
-        i, j = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
-        mask = (mask | (j > i - c.always)) & vis
-        P = T if c.prefill is None else min(c.prefill, T)
-        mask[:, :P] = vis[:P]
-        return mask.unsqueeze(1)
+class DELTASelectAttention(RoutingLayer):
+    op = "delta_select"

@@ -13,7 +13,11 @@
    row of a chunk this is the paper's whole-chunk representation, and every row depends only on the past, so
    decoding with a cache matches the full forward token by token.
 
-Execution: key-centric tiles (``core.selection.tiles_from_selection``) with the chunks as key sets
+The op ``dhsa`` has no learned parameters (training-free, as in the paper: chunks and routing come from q and k);
+it keeps the queries of earlier calls in its state (``state["queries"]``): the own chunk's query
+representation reads its earlier rows. A call at ``q_offset > 0`` therefore needs the state of the earlier calls.
+
+Execution: key-centric tiles (``core.sparse.plan_selection``) with the chunks as key sets
 ``(B, 1, S, max_len)`` (padded with -1): queries that picked the same chunk share one gather of it; the own
 (partial) chunk runs with its causal mask. Selection has no gradient (indices), as in the paper (training-free).
 """
@@ -21,17 +25,18 @@ Execution: key-centric tiles (``core.selection.tiles_from_selection``) with the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.core.cache import KVCache
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import masked_reference, tile_attention, tiles_from_selection
+from attnlab.ops._engine import tile_attention, tiles_from_selection
+from attnlab.ops.sparse import ALL, sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def dhsa_chunks(k: Tensor, min_len: int, max_len: int, threshold: float) -> Tensor:
@@ -117,7 +122,7 @@ def dhsa_select(
 
 def dhsa_attention(
     q: Tensor, k: Tensor, v: Tensor, top_k: int, min_len: int, max_len: int, threshold: float = 0.5,
-    q_all: Tensor | None = None, scale: float | None = None, q_offset: int | None = None, rows: int = 128,
+    q_all: Tensor | None = None, scale: float | None = None, q_offset: int | None = None, q_block: int = 128,
 ) -> Tensor:
     """Causal DHSA. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); rows at ``q_offset + r``.
 
@@ -133,7 +138,7 @@ def dhsa_attention(
     if q_all.shape[:3] != (B, H, Tk):
         raise ValueError(f"q_all must have shape (B, H, Tk, D) = {(B, H, Tk, D)}, got {tuple(q_all.shape)}")
     sel, valid, sets = dhsa_select(q, q_all, k, top_k, min_len, max_len, threshold, q_offset)
-    parts = tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, rows)
+    parts = tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, q_block)
     return tile_attention(q, k, v, parts, default_scale(D, scale))
 
 
@@ -142,7 +147,7 @@ def dhsa_mask(q: Tensor, k: Tensor, top_k: int, min_len: int, max_len: int, thre
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     cid = dhsa_chunks(k, min_len, max_len, threshold)
-    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)
     for b in range(B):
         ids = cid[b].tolist()
         members = {}
@@ -159,63 +164,58 @@ def dhsa_mask(q: Tensor, k: Tensor, top_k: int, min_len: int, max_len: int, thre
                 chosen = [c] + scores.topk(min(top_k - 1, c)).indices.tolist()
                 for p in chosen:
                     mask[b, h, i, members[p]] = True
-    return mask & torch.ones(T, T, dtype=torch.bool).tril()
+    return mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+
+
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _dhsa_weights(q: Tensor, k: Tensor, *, q_offset: int, top_k: int = 4, min_len: int = 16, max_len: int = 64,
+                  threshold: float = 0.5, **_: Any) -> Tensor:
+    if q_offset != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError("dhsa's selection reads the queries of every position: its weights_mask needs the full "
+                         "sequence (q_offset 0, Tq == Tk)")
+    return dhsa_mask(q, k, top_k, min_len, max_len, threshold)
+
+
+@sparse_op("dhsa", papers=("D290",), summary="dynamic variable-length chunks (adjacent-key similarity); "
+           "length-normalized chunk top-k routing", options={"top_k": 4, "min_len": 16, "max_len": 64,
+           "threshold": 0.5}, weights_mask=_dhsa_weights, stateful=True, causal_only=True,
+           dense_options={"top_k": ALL}, example={"top_k": 2, "min_len": 2, "max_len": 5, "threshold": 0.0})
+def dhsa_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, top_k: int, min_len: int,
+            max_len: int, threshold: float) -> Tensor:
+    """Causal DHSA: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). ``state["queries"]``: the queries of
+    every position so far (appended here), which the own chunk's representation reads."""
+    q_all = q if "queries" not in state else torch.cat([state["queries"], q], 2)
+    if q_all.shape[2] != k.shape[2]:
+        raise ValueError(f"dhsa needs the queries of every position ({k.shape[2]} keys, {q_all.shape[2]} queries "
+                         "seen): pass the same state=OpState() from the first call on")
+    state["queries"] = q_all.detach()
+    return dhsa_attention(q, k, v, top_k, min_len, max_len, threshold, q_all=q_all, scale=scale, q_offset=q_offset)
 
 
 @dataclass(frozen=True)
-class DHSAConfig:
+class DHSAConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     top_k: int = 4  # chunks per query, the own chunk included
     min_len: int = 16
     max_len: int = 64
     threshold: float = 0.5  # cosine similarity of adjacent keys below which a boundary may open
-    rope: bool = True
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("top_k", self.top_k)
-        positive_int("min_len", self.min_len)
-        positive_int("max_len", self.max_len)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        self.check("top_k", "min_len", "max_len")
         if self.min_len > self.max_len:
             raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
-
-
-class DHSACache(KVCache):
-    """KV cache that also keeps the queries (the own chunk's query representation needs its earlier rows)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queries: Tensor | None = None
-
-    def append_queries(self, q: Tensor) -> Tensor:
-        self.queries = q if self.queries is None else torch.cat([self.queries, q], 2)
-        return self.queries
 
 
 @register(
     "dhsa", family="routing", papers=("D290",), year=2025, config=DHSAConfig,
     summary="dynamic variable-length chunks (adjacent-key similarity); length-normalized chunk top-k routing",
 )
-class DHSAAttention(ProjectedLayer):
-    def __init__(self, cfg: DHSAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def forward(self, x: Tensor, cache: DHSACache | None = None) -> Tensor:
-        start = 0 if cache is None else cache.length
-        q, k, v = self.qkv(x, start)
-        q_all = q
-        if cache is not None:
-            k, v = cache.append(k, v)
-            q_all = cache.append_queries(q)
-        c = self.cfg
-        return self.out(dhsa_attention(q, k, v, c.top_k, c.min_len, c.max_len, c.threshold, q_all=q_all,
-                                       q_offset=start))
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        c = self.cfg
-        return masked_reference(q, k, v, dhsa_mask(q, k, c.top_k, c.min_len, c.max_len, c.threshold))
-
-    def init_cache(self, batch: int = 1) -> DHSACache:
-        return DHSACache()
+class DHSAAttention(RoutingLayer):
+    op = "dhsa"

@@ -7,8 +7,12 @@ the ``window`` keys of highest importance among those it may see (causal), and t
 kept scores: ``softmax(q.k * scale + delta_j)`` over the kept keys. The bias makes the importance trainable
 end to end (its gradient reaches ``w`` and ``a``); the top-w choice itself has no gradient.
 
-Execution (``core.selection`` tiles, no dense scores): query rows are cut in blocks of ``block``; a block
-gathers the ``window`` most important keys *before* it plus its own ``block`` keys -- a superset of what any
+The op ``dma`` takes the importance as a tensor option (``importance`` (B, Hkv, Tk), the layer computes it with
+its learned ``w`` and ``a``); without it (``importance=None``, a model that has none) it uses the parameter-free
+stand-in ``w_h`` = the mean over all value channels, ``a_h = 0``: ``delta_j = exp(-softplus(mean(v_j)))``.
+
+Execution (sparse-engine tiles, no dense scores): query rows are cut in chunks of ``chunk``; a chunk
+gathers the ``window`` most important keys *before* it plus its own ``chunk`` keys -- a superset of what any
 of its rows keeps, since a key beaten by ``window`` earlier keys stays beaten for later rows. The exact mask
 is the per-row top-w inside the tile (keys sorted by importance, a running count of visible keys). The bias
 rides along exactly as one extra channel: ``q' = [q, 1]``, ``k' = [k, delta / scale]``, ``v' = [v, 0]``, so
@@ -19,17 +23,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import Tiles, flat_key_index, tile_attention
+from attnlab.core.softmax import masked_softmax
+from attnlab.ops._engine import Tiles, flat_key_index, tile_attention
+from attnlab.ops.sparse import sparse_op
 
 from ..common import merge_heads
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def dma_tiles(bias: Tensor, H: int, Tq: int, window: int, block: int, q_offset: int) -> Tiles:
@@ -77,7 +84,7 @@ def dma_tiles(bias: Tensor, H: int, Tq: int, window: int, block: int, q_offset: 
 
 
 def dma_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: int, block: int = 64, scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: int, chunk: int = 64, scale: float | None = None,
     q_offset: int | None = None,
 ) -> Tensor:
     """Causal DMA. q (B, H, Tq, D); k, v (B, Hkv, Tk, D); bias (B, Hkv, Tk) importance -> (B, H, Tq, Dv).
@@ -86,12 +93,12 @@ def dma_attention(
     """
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     positive_int("window", window)
-    positive_int("block", block)
+    positive_int("chunk", chunk)
     if bias.shape != (B, Hkv, Tk):
         raise ValueError(f"bias must have shape (B, Hkv, Tk) = {(B, Hkv, Tk)}, got {tuple(bias.shape)}")
     scale = default_scale(D, scale)
     q_offset = Tk - Tq if q_offset is None else q_offset
-    tiles = dma_tiles(bias, H, Tq, window, block, q_offset)
+    tiles = dma_tiles(bias, H, Tq, window, chunk, q_offset)
     Dv = v.shape[-1]
     q1 = torch.cat([q, q.new_ones(B, H, Tq, 1)], -1)
     k1 = torch.cat([k, (bias / scale).unsqueeze(-1).to(k.dtype)], -1)
@@ -115,54 +122,88 @@ def dma_mask(bias: Tensor, Tq: int, window: int, q_offset: int | None = None) ->
 
 def dma_reference(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: int, scale: float | None = None,
-    q_offset: int | None = None,
+    q_offset: int | None = None, mask: Tensor | None = None, dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:
-    """Plain float64 DMA: dense scores + bias, each row's top-``window`` visible keys by importance."""
+    """Plain DMA (float64 by default): dense scores + bias, each row's top-``window`` visible keys by importance
+    (ANDed with a free ``mask`` (B or 1, H or 1, Tq, Tk) if given)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     q_offset = Tk - Tq if q_offset is None else q_offset
+    dtype = dtype or q.dtype
     rep = H // Hkv
-    kd, vd = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
-    bd = bias.double().repeat_interleave(rep, 1)  # (B, H, Tk)
-    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kd) * scale + bd.unsqueeze(2)
+    kd, vd = k.to(dtype).repeat_interleave(rep, 1), v.to(dtype).repeat_interleave(rep, 1)
+    bd = bias.to(dtype).repeat_interleave(rep, 1)  # (B, H, Tk)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), kd) * scale + bd.unsqueeze(2)
     keep = dma_mask(bias, Tq, window, q_offset).repeat_interleave(rep, 1)
-    w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
-    return w @ vd
+    return masked_softmax(s, keep if mask is None else keep & mask) @ vd
+
+
+def default_importance(v: Tensor) -> Tensor:
+    """The parameter-free importance (B, Hkv, Tk) from values (B, Hkv, Tk, d): ``exp(-softplus(mean(v_j)))``, the
+    mean over every kv head's channels (the learned form with ``w`` uniform, ``a = 0``)."""
+    z = F.softplus(v.mean((1, 3)))  # (B, Tk)
+    return torch.exp(-z).unsqueeze(1).expand(v.shape[0], v.shape[1], v.shape[2])
+
+
+def _importance(v: Tensor, importance: Tensor | None) -> Tensor:
+    if importance is None:
+        return default_importance(v)
+    if not isinstance(importance, Tensor) or importance.shape != (v.shape[0], v.shape[1], v.shape[2]):
+        got = tuple(importance.shape) if isinstance(importance, Tensor) else importance
+        raise ValueError(f"importance must be a tensor (B, Hkv, Tk) = {tuple(v.shape[:3])}, got {got}")
+    return importance
+
+
+def _dma_dense(q, k, v, *, scale, q_offset, mask, dtype, window, chunk, importance):
+    return dma_reference(q, k, v, _importance(v, importance), window, scale, q_offset, mask, dtype)
+
+
+@sparse_op("dma", papers=("D51",), summary="dynamic mask attention: value-derived key importance picks each "
+           "query's top-w keys and is added to their scores", options={"window": 64, "chunk": 64,
+           "importance": None}, weights_mask=None, dense=_dma_dense, causal_only=True, renamed={"block": "chunk"},
+           dense_options=None, example={"window": 6, "chunk": 4})
+def dma_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, window: int, chunk: int,
+           importance: Tensor | None) -> Tensor:
+    """Causal DMA: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); ``importance`` (B, Hkv, Tk) of every
+    key so far (None: the parameter-free stand-in from v); ``chunk`` query rows per tile. Stateless."""
+    return dma_attention(q, k, v, _importance(v, importance), window, chunk, scale, q_offset)
 
 
 @dataclass(frozen=True)
-class DMAConfig:
+class DMAConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
-    window: int = 64  # keys kept per query
-    block: int = 64  # query rows per tile
     rope: bool = True
+    window: int = 64  # keys kept per query
+    chunk: int = 64  # query rows per tile
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("window", self.window)
-        positive_int("block", self.block)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+    renamed: ClassVar[dict[str, str]] = {"delta_correction": "delta", "block": "chunk"}
+
+    def validate(self) -> None:
+        self.check("window", "chunk")
 
 
 @register(
     "dma", family="routing", papers=("D51",), year=2025, config=DMAConfig,
     summary="dynamic mask attention: value-derived key importance picks each query's top-w keys and biases them",
 )
-class DMAAttention(ProjectedLayer):
+class DMAAttention(RoutingLayer):
+    """The op with the learned importance: ``dt_proj`` (w, per kv head over all heads' values) and ``a_log``."""
+
+    op = "dma"
+
     def __init__(self, cfg: DMAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-        self.dt_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads)
-        self.a_log = nn.Parameter(torch.zeros(self.kv_heads))
+        super().__init__(cfg)
+        self.dt_proj = nn.Linear(cfg.kvh * cfg.d, cfg.kvh)
+        self.a_log = nn.Parameter(torch.zeros(cfg.kvh))
 
     def importance(self, v: Tensor) -> Tensor:
         """Values (B, Hkv, T, d) -> importance (B, Hkv, T) in (0, 1]."""
-        z = F.softplus(self.dt_proj(merge_heads(v)))  # (B, T, Hkv)
+        z = F.softplus(self.dt_proj(merge_heads(v.to(self.dt_proj.weight.dtype))))  # (B, T, Hkv)
         return torch.exp(-self.a_log.exp() * z).transpose(1, 2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        return dma_attention(q, k, v, self.importance(v), self.cfg.window, self.cfg.block, q_offset=q_offset)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return dma_reference(q, k, v, self.importance(v), self.cfg.window, q_offset=0)
+    def call_options(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
+        return {**self.op_options(), "importance": self.importance(v)}

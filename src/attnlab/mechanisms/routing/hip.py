@@ -8,7 +8,7 @@ half by its *representative key* (the key at the centre of the half's positions)
 iterations each kept interval is one key block. So a query block scores ``O(top_k log T)`` keys instead of
 ``T``, and no position is structurally excluded. The own block is always read (causal inside).
 
-Execution: query-centric tiles (``core.selection.tiles_from_blocks``): each query block gathers its
+Execution: query-centric tiles (``core.sparse.plan_blocks``): each query block gathers its
 ``top_k + 1`` key blocks, ``(top_k + 1) * block`` keys per query.
 
 The registered layer ``hip`` uses the per-query form (HiP's decoding: a query block of one row), in prefill
@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import tile_attention, tiles_from_blocks
+from attnlab.ops._engine import tile_attention, tiles_from_blocks
+from attnlab.ops.sparse import ALL, sparse_op
 
 from ..registry import register
-from ._common import SelectionLayer, blocks_attention, check_correction
+from ._common import RoutingHeadsConfig, RoutingLayer
+from .moba import blocks_attention
 
 
 def _score(qg: Tensor, kk: Tensor, rows_ok: Tensor, lo: Tensor, hi: Tensor, block: int) -> Tensor:
@@ -106,6 +109,7 @@ def hip_row_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int |
     positive_int("block", block)
     positive_int("top_k", top_k)
     q_offset = Tk - Tq if q_offset is None else q_offset
+    top_k = min(top_k, math.ceil(Tk / block))  # more intervals than past blocks keep every block anyway
     dev = q.device
     with torch.no_grad():
         own = (torch.arange(Tq, device=dev) + q_offset) // block
@@ -118,7 +122,7 @@ def hip_row_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int |
 
 def hip_row_attention(
     q: Tensor, k: Tensor, v: Tensor, block: int, top_k: int, scale: float | None = None, q_offset: int | None = None,
-    rows: int = 128,
+    q_block: int = 128,
 ) -> Tensor:
     """Causal per-query HiP. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); queries at q_offset + r.
 
@@ -127,7 +131,7 @@ def hip_row_attention(
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     q_offset = Tk - Tq if q_offset is None else q_offset
     sel, valid = hip_row_select(q, k, block, top_k, q_offset)
-    return blocks_attention(q, k, v, sel, valid, block, q_offset, default_scale(D, None), rows)
+    return blocks_attention(q, k, v, sel, valid, block, q_offset, default_scale(D, scale), q_block)
 
 
 def hip_row_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | None = None) -> Tensor:
@@ -135,6 +139,7 @@ def hip_row_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | N
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     q_offset = Tk - Tq if q_offset is None else q_offset
+    top_k = min(top_k, math.ceil(Tk / block))
     mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool, device=q.device)
     for b in range(B):
         for h in range(H):
@@ -156,37 +161,46 @@ def hip_row_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | N
     return mask
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _hip_weights(q: Tensor, k: Tensor, *, q_offset: int, block: int = 64, top_k: int = 4, **_: Any) -> Tensor:
+    return hip_row_mask(q, k, block, top_k, q_offset)
+
+
+@sparse_op("hip", papers=("D74",), summary="hierarchical pruning: per-query tree search (halve intervals, keep "
+           "top-k by centre key) for key blocks + own block", options={"block": 64, "top_k": 4},
+           weights_mask=_hip_weights, causal_only=True, dense_options={"top_k": ALL},
+           example={"block": 4, "top_k": 2})
+def hip_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, block: int,
+           top_k: int) -> Tensor:
+    """Per-query HiP (every row runs its own tree search over the blocks before its own): q (B, H, Tq, D),
+    k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); stateless, so decoding equals the full forward."""
+    return hip_row_attention(q, k, v, block, top_k, scale, q_offset)
+
+
 @dataclass(frozen=True)
-class HiPConfig:
+class HiPConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     block: int = 64  # key block size (the tree's leaves)
     top_k: int = 4  # past key blocks per query (the own block is read too)
-    delta_correction: int = 0  # D99 sampling stride on top of the selection; 0 = off
-    rope: bool = True
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("block", self.block)
-        positive_int("top_k", self.top_k)
-        check_correction(self.delta_correction)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        self.check("block", "top_k")
 
 
 @register(
     "hip", family="routing", papers=("D74",), year=2024, config=HiPConfig,
     summary="hierarchical pruning: per-query tree search (halve intervals, keep top-k) for key blocks + own block",
 )
-class HiPAttention(SelectionLayer):
+class HiPAttention(RoutingLayer):
     """Per-query HiP: every query (prefill row or decoded token) runs its own tree search over the blocks
     before its own, so decoding with a cache equals the full forward. The prefill block approximation
     (a query block shares its search) is :func:`hip_attention` (functional)."""
 
-    def __init__(self, cfg: HiPConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
-        return hip_row_attention(q, k, v, self.cfg.block, self.cfg.top_k, q_offset=q_offset)
-
-    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
-        return hip_row_mask(q, k, self.cfg.block, self.cfg.top_k, 0)
+    op = "hip"

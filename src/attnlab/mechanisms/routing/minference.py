@@ -8,28 +8,30 @@ Functional, on given q, k, v (causal prefill; queries at ``q_offset + i``):
 * **block top-k**: mean-pooled query blocks score mean-pooled key blocks; each query block keeps its
   ``top_k`` best past blocks plus its own block (causal inside).
 
-Both run as query-centric tiles (``core.selection``): a block of queries gathers the union of the keys any of
+Both run as query-centric tiles (``core.sparse``): a block of queries gathers the union of the keys any of
 them may see, with the exact mask; the cost is ``queries x union``, never ``queries x all keys``.
 
-The registered layer ``minference`` (``mode`` picks one of the two) runs the sparse pattern on the prefill and
+The op (and layer) ``minference`` (``mode`` picks one of the two) runs the sparse pattern on the prefill and
 dense attention on every later position (MInference's decoding); ``prefill`` fixes the prefill length so a
-forward without a cache equals prefill + decoding with one.
+forward without a cache equals prefill + decoding with one. ``block``: block size of block top-k; ``chunk``:
+query rows per tile of vertical-slash. The state records the prefill length (``state["prefill_end"]``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import Tiles, flat_key_index, tile_attention, tiles_from_blocks
+from attnlab.ops._engine import Tiles, flat_key_index, tile_attention, tiles_from_blocks
+from attnlab.ops.sparse import ALL, causal_rows, sampled_dense, sparse_op
 
 from ..registry import register
-from ._common import SelectionLayer, causal_rows, check_correction, check_prefill
-from .delta import sampled_dense
+from ._common import RoutingHeadsConfig, RoutingLayer
 from .moba import block_means
 
 
@@ -111,17 +113,18 @@ def vertical_slash_tiles(vert: Tensor, slash: Tensor, Tq: int, Tk: int, Hkv: int
 
 
 def vertical_slash_attention(
-    q: Tensor, k: Tensor, v: Tensor, n_vertical: int, n_slash: int, last_q: int = 64, block: int = 64,
+    q: Tensor, k: Tensor, v: Tensor, n_vertical: int, n_slash: int, last_q: int = 64, chunk: int = 64,
     scale: float | None = None, q_offset: int | None = None,
 ) -> Tensor:
-    """Vertical-slash sparse prefill. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    """Vertical-slash sparse prefill, ``chunk`` query rows per tile. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) ->
+    (B, H, Tq, Dv)."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     positive_int("n_vertical", n_vertical)
     positive_int("n_slash", n_slash)
     scale = default_scale(D, scale)
     q_offset = Tk - Tq if q_offset is None else q_offset
     vert, slash = vertical_slash_select(q, k, n_vertical, n_slash, last_q, q_offset, scale)
-    tiles = vertical_slash_tiles(vert, slash, Tq, Tk, Hkv, q_offset, min(block, Tq))
+    tiles = vertical_slash_tiles(vert, slash, Tq, Tk, Hkv, q_offset, min(chunk, Tq))
     return tile_attention(q, k, v, [tiles], scale)
 
 
@@ -167,85 +170,120 @@ def block_topk_mask(sel: Tensor, valid: Tensor, block: int, Tq: int, Tk: int, q_
     qb = torch.arange(Tq, device=sel.device) // block
     kb = torch.arange(Tk, device=sel.device) // block
     m = chosen[:, :, qb][..., kb]
-    return m & (torch.arange(Tk).view(1, Tk) <= torch.arange(Tq).view(Tq, 1) + q_offset)
+    dev = sel.device
+    return m & (torch.arange(Tk, device=dev).view(1, Tk) <= torch.arange(Tq, device=dev).view(Tq, 1) + q_offset)
 
 
 MODES = ("vertical_slash", "block_topk")
 
 
+def _check(mode: str, n_vertical: int, n_slash: int, last_q: int, block: int, top_k: int, chunk: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, value in (("n_vertical", n_vertical), ("n_slash", n_slash), ("last_q", last_q), ("block", block),
+                        ("top_k", top_k), ("chunk", chunk)):
+        positive_int(name, value)
+
+
+def _sparse(q: Tensor, k: Tensor, v: Tensor, scale: float, mode: str, n_vertical: int, n_slash: int, last_q: int,
+            block: int, top_k: int, chunk: int) -> Tensor:
+    if mode == "vertical_slash":
+        return vertical_slash_attention(q, k, v, n_vertical, n_slash, last_q, chunk, scale, q_offset=0)
+    return block_topk_attention(q, k, v, block, top_k, scale, q_offset=0)
+
+
+def _prefill_end(q_offset: int, Tq: int, state: dict, prefill: int | None) -> int:
+    """The sparse prefill is the first call, cut at ``prefill`` positions if that is shorter."""
+    if q_offset == 0:
+        state["prefill_end"] = min(prefill or Tq, Tq)
+    return state.get("prefill_end", 0)
+
+
+def _corrected_end(q_offset: int, Tq: int, state: dict, o: dict) -> int:
+    return state.get("prefill_end", min(o["prefill"] or Tq, Tq))
+
+
+def _minference_weights(q: Tensor, k: Tensor, *, q_offset: int, scale: float | None = None,
+                        state: dict | None = None, mode: str = "vertical_slash", n_vertical: int = 64,
+                        n_slash: int = 64, last_q: int = 64, block: int = 64, top_k: int = 4, chunk: int = 64,
+                        prefill: int | None = None, **_: Any) -> Tensor:
+    """Plainly: the prefill rows keep the pattern chosen from the whole prefill; later rows are dense causal."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    mask = causal_rows(Tq, Tk, q_offset, q.device).expand(B, H, Tq, Tk).clone()
+    if q_offset > 0:
+        P = (state or {}).get("prefill_end", prefill)
+        if P is None or q_offset < P:
+            raise ValueError("minference: the weights of rows inside the prefill need the whole prefill (call with "
+                             "q_offset 0), and later rows need its length (state or prefill=)")
+        return mask
+    P = min(Tq, prefill or Tq)
+    qp, kp = q[:, :, :P], k[:, :, :P]
+    if mode == "vertical_slash":
+        vert, slash = vertical_slash_select(qp, kp, n_vertical, n_slash, last_q, 0, scale)
+        sparse = vertical_slash_mask(vert, slash, P, P)
+    else:
+        sel, valid = block_topk_select(qp, kp, block, top_k)
+        sparse = block_topk_mask(sel, valid, block, P, P)
+    mask[:, :, :P] = False
+    mask[:, :, :P, :P] = sparse
+    return mask
+
+
+@sparse_op("minference", papers=("B294",), summary="MInference sparse prefill (vertical-slash or block top-k, "
+           "estimated from q, k), dense decoding", options={"mode": "vertical_slash", "n_vertical": 64,
+           "n_slash": 64, "last_q": 64, "block": 64, "top_k": 4, "chunk": 64, "prefill": None},
+           weights_mask=_minference_weights, stateful=True, causal_only=True, corrected_end=_corrected_end,
+           dense_options={"n_vertical": ALL, "n_slash": ALL},
+           example={"n_vertical": 3, "n_slash": 3, "last_q": 4, "chunk": 8, "prefill": 14})
+def minference_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, mode: str,
+                  n_vertical: int, n_slash: int, last_q: int, block: int, top_k: int, chunk: int,
+                  prefill: int | None) -> Tensor:
+    """The first call (q_offset 0) is the prefill, cut at ``prefill`` positions when set: its rows run the sparse
+    pattern chosen from the whole prefill; every later row attends densely. q (B, H, Tq, D), k, v (B, Hkv, Tk, D)
+    -> (B, H, Tq, Dv)."""
+    _check(mode, n_vertical, n_slash, last_q, block, top_k, chunk)
+    if prefill is not None:
+        positive_int("prefill", prefill)
+    Tq = q.shape[2]
+    P = _prefill_end(q_offset, Tq, state, prefill)
+    n = max(0, P - q_offset)  # sparse rows of this call (only in the first call)
+    parts = [_sparse(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale, mode, n_vertical, n_slash, last_q, block, top_k,
+                     chunk)] if n else []
+    if n < Tq:
+        rows = torch.arange(n, Tq, device=q.device)
+        parts.append(sampled_dense(q, k, v, rows, True, scale, q_offset).to(v.dtype))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
 @dataclass(frozen=True)
-class MInferenceConfig:
+class MInferenceConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     mode: str = "vertical_slash"  # or "block_topk"
     n_vertical: int = 64  # vertical_slash: kept key columns per head
     n_slash: int = 64  # vertical_slash: kept diagonals per head (the main one always)
     last_q: int = 64  # vertical_slash: the last queries that estimate the pattern
-    block: int = 64  # block_topk: block size; vertical_slash: query rows per tile
+    block: int = 64  # block_topk: block size
     top_k: int = 4  # block_topk: past key blocks per query block (the own block is read too)
+    chunk: int = 64  # vertical_slash: query rows per tile
     prefill: int | None = None  # sparse prefill = the first call, cut at this many positions; None: uncut
-    delta_correction: int = 0  # D99 sampling stride on the sparse prefill rows; 0 = off
-    rope: bool = True
+    delta: int = 0  # D99 sampling stride on the sparse prefill rows; 0 = off
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("n_vertical", "n_slash", "last_q", "block", "top_k"):
-            positive_int(name, getattr(self, name))
-        check_prefill(self.prefill)
-        check_correction(self.delta_correction)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        _check(self.mode, self.n_vertical, self.n_slash, self.last_q, self.block, self.top_k, self.chunk)
+        self.check()
 
 
 @register(
     "minference", family="routing", papers=("B294",), year=2025, config=MInferenceConfig,
     summary="MInference sparse prefill (vertical-slash or block top-k, estimated from q, k), dense decoding",
 )
-class MInferenceAttention(SelectionLayer):
+class MInferenceAttention(RoutingLayer):
     """The first call is the prefill (cut at ``prefill`` positions when set): its rows run the sparse pattern
     chosen from the whole prefill (its last queries, or its pooled blocks); every later row attends densely."""
 
-    def __init__(self, cfg: MInferenceConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def _sparse(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        c = self.cfg
-        if c.mode == "vertical_slash":
-            return vertical_slash_attention(q, k, v, c.n_vertical, c.n_slash, c.last_q, c.block, q_offset=0)
-        return block_topk_attention(q, k, v, c.block, c.top_k, q_offset=0)
-
-    def prefill_end(self, q_offset: int, Tq: int, state: dict) -> int:
-        """The sparse prefill is the first call, cut at ``prefill`` positions if that is shorter."""
-        if q_offset == 0:
-            state["prefill_end"] = min(self.cfg.prefill or Tq, Tq)
-        return state.get("prefill_end", 0)
-
-    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
-        Tq = q.shape[2]
-        P = self.prefill_end(q_offset, Tq, state)
-        n = max(0, P - q_offset)  # sparse rows of this call (only in the first call)
-        parts = [self._sparse(q[:, :, :P], k[:, :, :P], v[:, :, :P])] if n else []
-        if n < Tq:
-            rows = torch.arange(n, Tq, device=q.device)
-            parts.append(sampled_dense(q, k, v, rows, True, None, q_offset).to(v.dtype))
-        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-
-    def corrected_end(self, q_offset: int, Tq: int, state: dict) -> int | None:
-        return state.get("prefill_end", min(self.cfg.prefill or Tq, Tq))
-
-    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
-        c = self.cfg
-        B, H, T, _ = q.shape
-        P = min(T, c.prefill or T)
-        qp, kp = q[:, :, :P], k[:, :, :P]
-        if c.mode == "vertical_slash":
-            vert, slash = vertical_slash_select(qp, kp, c.n_vertical, c.n_slash, c.last_q)
-            sparse = vertical_slash_mask(vert, slash, P, P)
-        else:
-            sel, valid = block_topk_select(qp, kp, c.block, c.top_k)
-            sparse = block_topk_mask(sel, valid, c.block, P, P)
-        mask = causal_rows(T, T, 0, q.device).expand(B, H, T, T).clone()  # rows past the prefill: dense
-        mask[:, :, :P] = False
-        mask[:, :, :P, :P] = sparse
-        return mask
+    op = "minference"

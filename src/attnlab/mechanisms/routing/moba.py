@@ -3,7 +3,7 @@
 Keys are cut into blocks of ``block`` positions; a query's gate score for block j is its dot product with
 the block's mean key, ``s_ij = <q_i, mean(K_j)>``. Each query reads its own (current) block causally plus the
 ``top_k - 1`` past blocks with the highest gate -- chosen per query, so different queries of one block read
-different blocks. Execution is key-centric (``core.selection``): queries are grouped by the block they
+different blocks. Execution is key-centric (``core.sparse``): queries are grouped by the block they
 selected, each block is gathered once per tile of queries, partial results are merged by log-sum-exp; the
 current block runs as causal attention on contiguous blocks without any gather.
 """
@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import masked_reference, tile_attention, tiles_from_selection
+from attnlab.ops._engine import tile_attention, tiles_from_selection
+from attnlab.ops.sparse import ALL, sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def block_means(k: Tensor, block: int) -> Tensor:
@@ -76,7 +78,7 @@ def block_sets(Tk: int, block: int, device=None) -> Tensor:
 
 def moba_attention(
     q: Tensor, k: Tensor, v: Tensor, block: int, top_k: int, scale: float | None = None,
-    q_offset: int | None = None, rows: int = 128,
+    q_offset: int | None = None, q_block: int = 128,
 ) -> Tensor:
     """Causal MoBA. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). Queries sit at q_offset + i."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
@@ -88,10 +90,25 @@ def moba_attention(
     sets = block_sets(Tk, block, q.device)
     if Tq == Tk and q_offset == 0:
         # prefill: the current block is causal attention on contiguous blocks (no gather, no mask)
-        parts = tiles_from_selection(sel[..., 1:], valid[..., 1:], sets, Hkv, Tk, q_offset, True, rows)
+        parts = tiles_from_selection(sel[..., 1:], valid[..., 1:], sets, Hkv, Tk, q_offset, True, q_block)
         return tile_attention(q, k, v, parts, scale, diag_block=block)
-    parts = tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, rows)
+    parts = tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, q_block)
     return tile_attention(q, k, v, parts, scale)
+
+
+def blocks_attention(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, valid: Tensor, block: int, q_offset: int,
+                     scale: float, q_block: int = 128) -> Tensor:
+    """Per-query key-block selections ``sel, valid`` (B, H, Tq, n) with the own block at entry 0, causal.
+
+    Prefill (``Tq == Tk``, offset 0): the own block runs as causal diagonal blocks (no gather); otherwise every
+    block goes through key-centric tiles.
+    """
+    Hkv, Tk = k.shape[1], k.shape[2]
+    sets = block_sets(Tk, block, q.device)
+    if q.shape[2] == Tk and q_offset == 0:
+        parts = tiles_from_selection(sel[..., 1:], valid[..., 1:], sets, Hkv, Tk, q_offset, True, q_block)
+        return tile_attention(q, k, v, parts, scale, diag_block=block)
+    return tile_attention(q, k, v, tiles_from_selection(sel, valid, sets, Hkv, Tk, q_offset, True, q_block), scale)
 
 
 def moba_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | None = None) -> Tensor:
@@ -114,31 +131,41 @@ def moba_mask(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int | None
     return mask & (torch.arange(Tk, device=q.device).view(1, Tk) <= qpos.view(Tq, 1))
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _moba_weights(q: Tensor, k: Tensor, *, q_offset: int, block: int = 64, top_k: int = 3, **_: Any) -> Tensor:
+    return moba_mask(q, k, block, top_k, q_offset)
+
+
+@sparse_op("moba", papers=("D56",), summary="mixture of block attention: per-query top-k key blocks by mean-key "
+           "gate, current block always read", options={"block": 64, "top_k": 3}, weights_mask=_moba_weights,
+           causal_only=True, dense_options={"top_k": ALL}, example={"block": 4, "top_k": 2})
+def moba_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, block: int,
+            top_k: int) -> Tensor:
+    """Causal MoBA on q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); stateless (the gate reads the
+    cached keys), so decoding equals the full forward."""
+    return moba_attention(q, k, v, block, top_k, scale, q_offset)
+
+
 @dataclass(frozen=True)
-class MoBAConfig:
+class MoBAConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     block: int = 64
     top_k: int = 3
-    rope: bool = True
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("block", self.block)
-        positive_int("top_k", self.top_k)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        self.check("block", "top_k")
 
 
 @register(
     "moba", family="routing", papers=("D56",), year=2025, config=MoBAConfig,
     summary="mixture of block attention: per-query top-k key blocks by mean-key gate, current block always read",
 )
-class MoBAAttention(ProjectedLayer):
-    def __init__(self, cfg: MoBAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        return moba_attention(q, k, v, self.cfg.block, self.cfg.top_k, q_offset=q_offset)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return masked_reference(q, k, v, moba_mask(q, k, self.cfg.block, self.cfg.top_k, 0))
+class MoBAAttention(RoutingLayer):
+    op = "moba"

@@ -9,30 +9,32 @@ every key (then ``stride=1`` is per-step top-k attention -- the oracle the recyc
 ``refresh_below`` adds the paper's dynamic schedule: a step also refreshes when the cosine similarity of its
 query to the last full step's query (averaged over heads) drops below it.
 
-The sparse steps run through the tile engine (``core.selection``): one query-centric tile per (batch, head)
+The sparse steps run through the tile engine (``core.sparse``): one query-centric tile per (batch, head)
 gathers the recorded keys and the recent ones -- ``top_k + recent`` keys, never the whole cache.
 
-The registered layer ``recycled`` follows the schedule *per position*, whatever the calls: positions below
+The op (and layer) ``recycled`` follows the schedule *per position*, whatever the calls: positions below
 ``prefill`` are full steps (the prefill, dense); after it, a position is a full step when ``stride`` positions
 have passed since the last one (or, with ``refresh_below``, when its query turns away from that one's);
 every other position recycles the last full step's top-k keys plus the keys after it. So a forward without a
-cache follows the same schedule as decoding token by token, and the two agree.
+cache follows the same schedule as decoding token by token, and the two agree. Its state carries the last full
+step (``last``, ``keys``, ``ok``, ``q_ref``) and, with ``prefill=None``, the prefill length.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import Tiles, flat_key_index, masked_reference, tile_attention
+from attnlab.ops._engine import Tiles, flat_key_index, masked_reference, tile_attention
+from attnlab.ops.sparse import ALL, check_prefill, prefill_end, sampled_dense, sparse_op
 
 from ..registry import register
-from ._common import SelectionLayer, check_correction, check_prefill, set_tiles
-from .delta import sampled_dense
+from ._common import RoutingHeadsConfig, RoutingLayer, set_tiles
 
 
 def full_step(q: Tensor, k: Tensor, v: Tensor, top_k: int, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -198,6 +200,7 @@ def recorded_keys(q: Tensor, k: Tensor, rows: Tensor, q_offset: int, top_k: int,
 def recycled_layer_attention(
     q: Tensor, k: Tensor, v: Tensor, top_k: int, stride: int, prefill: int, dense_refresh: bool = True,
     refresh_below: float | None = None, q_offset: int | None = None, state: dict | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """The per-position schedule on the newest Tq positions (see the module notes). q (B, H, Tq, D) at
     ``q_offset + r``; k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). ``state`` (a dict, updated) carries the last
@@ -242,9 +245,10 @@ def recycled_layer_attention(
     if not dense_refresh:
         own = slice(int(carried), None)
         parts.append(set_tiles(need_rows.view(-1, 1), kp[:, :, own], ok[:, :, own], B, H, Hkv, Tq, Tk, q_offset))
-    out = tile_attention(q, k, v, parts, default_scale(D, None))
+    scale = default_scale(D, scale)
+    out = tile_attention(q, k, v, parts, scale)
     if dense_refresh and len(full):
-        out = out.index_copy(2, full, sampled_dense(q, k, v, full, True, None, q_offset).to(out.dtype))
+        out = out.index_copy(2, full, sampled_dense(q, k, v, full, True, scale, q_offset).to(out.dtype))
     if len(need_rows):
         state.update(last=int(f_pos[-1]), keys=kp[:, :, -1], ok=ok[:, :, -1], q_ref=q[:, :, need_rows[-1]].detach())
     return out
@@ -275,42 +279,63 @@ def recycled_mask(
     return mask
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _check(top_k: int, stride: int, dense_refresh: bool, refresh_below: float | None, prefill: int | None) -> None:
+    positive_int("top_k", top_k)
+    positive_int("stride", stride)
+    if not isinstance(dense_refresh, bool):
+        raise ValueError(f"dense_refresh must be True or False, got {dense_refresh!r}")
+    if refresh_below is not None and (isinstance(refresh_below, bool) or not isinstance(refresh_below, (int, float))):
+        raise ValueError(f"refresh_below must be a number or None, got {refresh_below!r}")
+    check_prefill(prefill)
+
+
+def _recycled_weights(q: Tensor, k: Tensor, *, q_offset: int, top_k: int = 64, stride: int = 8,
+                      dense_refresh: bool = True, refresh_below: float | None = None, prefill: int | None = 1,
+                      **_: Any) -> Tensor:
+    if q_offset != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError("recycled's schedule depends on the earlier full steps: its weights_mask needs the full "
+                         "sequence (q_offset 0, Tq == Tk)")
+    return recycled_mask(q, k, top_k, stride, q.shape[2] if prefill is None else prefill, dense_refresh,
+                         refresh_below)
+
+
+@sparse_op("recycled", papers=("D27",), summary="recycled attention: a full step every `stride` positions records "
+           "top-k keys; the others reuse them", options={"top_k": 64, "stride": 8, "dense_refresh": True,
+           "refresh_below": None, "prefill": 1}, weights_mask=_recycled_weights, stateful=True, causal_only=True,
+           dense_options={"top_k": ALL}, example={"top_k": 4, "stride": 3, "prefill": 6})
+def recycled_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, top_k: int,
+                stride: int, dense_refresh: bool, refresh_below: float | None, prefill: int | None) -> Tensor:
+    """The per-position schedule (module notes) on q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    _check(top_k, stride, dense_refresh, refresh_below, prefill)
+    P = prefill_end(q_offset, q.shape[2], state, prefill)
+    return recycled_layer_attention(q, k, v, top_k, stride, P, dense_refresh, refresh_below, q_offset, state, scale)
+
+
 @dataclass(frozen=True)
-class RecycledAttentionConfig:
+class RecycledAttentionConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     top_k: int = 64  # keys recorded at a full step
     stride: int = 8  # a full step every ``stride`` positions
     dense_refresh: bool = True  # full steps attend to every key (the paper); False: to their own top-k
     refresh_below: float | None = None  # also refresh when query similarity to the last full step falls below
     prefill: int | None = 1  # positions below it are full steps; None: the first call is the prefill
-    delta_correction: int = 0  # D99 sampling stride on top of the selection; 0 = off
-    rope: bool = True
+    delta: int = 0  # D99 sampling stride on top of the selection; 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("top_k", self.top_k)
-        positive_int("stride", self.stride)
-        check_prefill(self.prefill)
-        check_correction(self.delta_correction)
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        _check(self.top_k, self.stride, self.dense_refresh, self.refresh_below, self.prefill)
+        self.check()
 
 
 @register(
     "recycled", family="routing", papers=("D27",), year=2024, config=RecycledAttentionConfig,
     summary="recycled attention: a full step every `stride` positions records top-k keys; the others reuse them",
 )
-class RecycledAttention(SelectionLayer):
-    def __init__(self, cfg: RecycledAttentionConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def select_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state: dict) -> Tensor:
-        c = self.cfg
-        P = self.prefill_end(q_offset, q.shape[2], state)
-        return recycled_layer_attention(q, k, v, c.top_k, c.stride, P, c.dense_refresh, c.refresh_below,
-                                        q_offset, state)
-
-    def selection_mask(self, q: Tensor, k: Tensor) -> Tensor:
-        c = self.cfg
-        P = q.shape[2] if c.prefill is None else c.prefill
-        return recycled_mask(q, k, c.top_k, c.stride, P, c.dense_refresh, c.refresh_below)
+class RecycledAttention(RoutingLayer):
+    op = "recycled"

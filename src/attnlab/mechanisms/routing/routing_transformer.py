@@ -5,24 +5,30 @@ Queries and keys are unit-normalized and assigned to their nearest of ``clusters
 k-means). Query ``i`` sees key ``j <= i`` iff both fall in the same cluster. Assignments are per token, so
 decoding with a cache gives exactly the rows of a full forward (in eval mode, where centroids are fixed).
 
+The op ``routing_transformer`` takes the centroids as a tensor option (``centroids`` (H, C, D), the layer passes
+its buffer); without them (``centroids=None``, inference on a model that has none) it routes with ``clusters``
+fixed, seeded random unit centroids (seed 0), the same on every call.
+
 Execution: each cluster's keys form a key set (sorted positions, padded to the largest cluster); queries are
-grouped by cluster into key-centric tiles (``core.selection``), so the cost is ``sum over clusters of
+grouped by cluster into key-centric tiles (``core.sparse``), so the cost is ``sum over clusters of
 queries x keys`` (about ``T^2 / clusters``) instead of ``T^2``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import masked_reference, tile_attention, tiles_from_selection
+from attnlab.ops._engine import tile_attention, tiles_from_selection
+from attnlab.ops.sparse import sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def assign(x: Tensor, centroids: Tensor) -> Tensor:
@@ -76,18 +82,50 @@ def routing_mask(q: Tensor, k: Tensor, centroids: Tensor, q_offset: int | None =
     return m
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def op_centroids(q: Tensor, clusters: int, centroids: Tensor | None) -> Tensor:
+    """The centroids an op call routes with: ``centroids`` (H, C, D) checked, or seeded random unit vectors."""
+    H, D = q.shape[1], q.shape[-1]
+    if centroids is None:
+        positive_int("clusters", clusters)
+        g = torch.Generator().manual_seed(0)
+        return F.normalize(torch.randn(H, clusters, D, generator=g, dtype=torch.float64), dim=-1).to(q)
+    if not isinstance(centroids, Tensor) or centroids.dim() != 3 or centroids.shape[0] != H or centroids.shape[2] != D:
+        got = tuple(centroids.shape) if isinstance(centroids, Tensor) else centroids
+        raise ValueError(f"centroids must be a tensor (heads, clusters, head_dim) = ({H}, C, {D}), got {got}")
+    return centroids.to(q.dtype)
+
+
+def _routing_weights(q: Tensor, k: Tensor, *, q_offset: int, clusters: int = 4, centroids: Tensor | None = None,
+                     causal: bool = True, **_: Any) -> Tensor:
+    return routing_mask(q, k, op_centroids(q, clusters, centroids), q_offset, causal)
+
+
+@sparse_op("routing_transformer", papers=("D43",), summary="k-means routing: each query attends the keys of its "
+           "own cluster (unit-normalized q/k; centroids given, or fixed seeded ones)",
+           options={"clusters": 4, "centroids": None, "causal": True}, weights_mask=_routing_weights,
+           dense_options={"clusters": 1}, example={"clusters": 3})
+def routing_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, clusters: int,
+               centroids: Tensor | None, causal: bool) -> Tensor:
+    """Clustered attention: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). Assignments are per token,
+    so decoding equals the full forward while the centroids stay fixed."""
+    return routing_attention(q, k, v, op_centroids(q, clusters, centroids), scale, q_offset, causal)
+
+
 @dataclass(frozen=True)
-class RoutingConfig:
+class RoutingConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     clusters: int = 4
     decay: float = 0.999  # online k-means: centroid <- decay * centroid + (1 - decay) * mean of members
-    rope: bool = True
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("clusters", self.clusters)
-        if not 0.0 <= self.decay < 1.0:
+    def validate(self) -> None:
+        self.check("clusters")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
@@ -95,16 +133,22 @@ class RoutingConfig:
     "routing_transformer", family="routing", papers=("D43",), year=2021, config=RoutingConfig,
     summary="online k-means routes queries and keys; each query attends the keys of its own cluster",
 )
-class RoutingTransformerAttention(ProjectedLayer):
+class RoutingTransformerAttention(RoutingLayer):
+    """The op with this layer's centroids (a buffer, moved by online k-means while training)."""
+
+    op = "routing_transformer"
+
     def __init__(self, cfg: RoutingConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-        self.register_buffer("centroids", F.normalize(torch.randn(cfg.heads, cfg.clusters, self.head_dim), dim=-1))
+        super().__init__(cfg)
+        self.register_buffer("centroids", F.normalize(torch.randn(cfg.heads, cfg.clusters, cfg.d), dim=-1))
+
+    def call_options(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
+        return {**self.op_options(), "centroids": self.centroids.to(q.dtype)}
 
     @torch.no_grad()
     def _update(self, q: Tensor, k: Tensor) -> None:
         """One online k-means step on this batch's normalized queries and keys."""
-        x = torch.cat([q, k.repeat_interleave(self.heads // self.kv_heads, 1)], 2)
+        x = torch.cat([q, k.repeat_interleave(self.cfg.heads // self.cfg.kvh, 1)], 2)
         xn = F.normalize(x, dim=-1).to(self.centroids.dtype)
         onehot = F.one_hot(assign(x, self.centroids), self.cfg.clusters).to(xn.dtype)  # (B, H, T, C)
         sums = torch.einsum("bhtc,bhtd->hcd", onehot, xn)
@@ -113,11 +157,8 @@ class RoutingTransformerAttention(ProjectedLayer):
         new = self.cfg.decay * self.centroids + (1 - self.cfg.decay) * mean
         self.centroids.copy_(torch.where(counts > 0, F.normalize(new, dim=-1), self.centroids))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        out = routing_attention(q, k, v, self.centroids.to(q.dtype), q_offset=q_offset)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, state) -> Tensor:
+        out = super().attend(q, k, v, q_offset, state)
         if self.training:
             self._update(q, k)
         return out
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return masked_reference(q, k, v, routing_mask(q, k, self.centroids.to(q.dtype), 0))

@@ -12,11 +12,12 @@ Keys are cut into spans of ``stride`` positions; span ``m`` covers ``[m * stride
    part, so every past position is either local or selectable (no structural exclusion).
 
 With ``stride ~ sqrt(T)`` and fixed ``top_k`` both steps cost ``O(T^{3/2})``. The span choice has no gradient
-here (indices); the paper trains it end to end.
+here (indices); the paper trains it end to end. The op ``superlinear`` has no learned parameters: the
+span search reads q and k (the inference-time form); ``chunk`` is the query rows per local tile.
 
-Execution: the kept spans are aligned key blocks, run key-centric (``core.selection.tiles_from_selection``:
+Execution: the kept spans are aligned key blocks, run key-centric (``core.sparse.plan_selection``:
 queries that picked the same span share it, no K/V copy when ``T`` is a multiple of ``stride``); the local part
-is query-centric (a block of ``block`` rows gathers the contiguous keys its rows may see, exact mask). The
+is query-centric (a chunk of ``chunk`` rows gathers the contiguous keys its rows may see, exact mask). The
 parts are disjoint and merged exactly by log-sum-exp.
 """
 
@@ -24,21 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import (
-    Tiles,
-    flat_key_index,
-    masked_reference,
-    tile_attention,
-    tiles_from_selection,
-)
+from attnlab.ops._engine import Tiles, flat_key_index, tile_attention, tiles_from_selection
+from attnlab.ops.sparse import ALL, nonneg_int, sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 from .moba import block_sets
 
 
@@ -91,21 +88,21 @@ def local_tiles(B: int, H: int, Hkv: int, Tq: int, Tk: int, stride: int, window:
 
 
 def superlinear_attention(
-    q: Tensor, k: Tensor, v: Tensor, stride: int, window: int, top_k: int, block: int = 64,
-    scale: float | None = None, q_offset: int | None = None, rows: int = 128,
+    q: Tensor, k: Tensor, v: Tensor, stride: int, window: int, top_k: int, chunk: int = 64,
+    scale: float | None = None, q_offset: int | None = None, q_block: int = 128,
 ) -> Tensor:
     """Causal span search + span attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     positive_int("stride", stride)
     positive_int("window", window)
-    positive_int("block", block)
+    positive_int("chunk", chunk)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
     q_offset = Tk - Tq if q_offset is None else q_offset
     sel, valid = span_search(q, k, stride, window, top_k, q_offset)
-    parts: list = [local_tiles(B, H, Hkv, Tq, Tk, stride, window, block, q_offset, q.device)]
+    parts: list = [local_tiles(B, H, Hkv, Tq, Tk, stride, window, chunk, q_offset, q.device)]
     if sel.shape[-1]:
-        parts += tiles_from_selection(sel, valid, block_sets(Tk, stride, q.device), Hkv, Tk, q_offset, True, rows)
+        parts += tiles_from_selection(sel, valid, block_sets(Tk, stride, q.device), Hkv, Tk, q_offset, True, q_block)
     return tile_attention(q, k, v, parts, default_scale(D, scale))
 
 
@@ -114,7 +111,7 @@ def superlinear_mask(q: Tensor, k: Tensor, stride: int, window: int, top_k: int,
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     q_offset = Tk - Tq if q_offset is None else q_offset
-    mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
+    mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool, device=q.device)
     for r in range(Tq):
         i = q_offset + r
         lo = max(0, i - window + 1) // stride * stride
@@ -130,38 +127,46 @@ def superlinear_mask(q: Tensor, k: Tensor, stride: int, window: int, top_k: int,
     return mask
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _superlinear_weights(q: Tensor, k: Tensor, *, q_offset: int, stride: int = 64, window: int = 64, top_k: int = 4,
+                         **_: Any) -> Tensor:
+    return superlinear_mask(q, k, stride, window, top_k, q_offset)
+
+
+@sparse_op("superlinear", papers=("D275",), summary="two-step jump search: score span anchors (strided keys), "
+           "attend top-k spans plus a local window", options={"stride": 64, "window": 64, "top_k": 4, "chunk": 64},
+           weights_mask=_superlinear_weights, causal_only=True, renamed={"block": "chunk"},
+           dense_options={"top_k": ALL}, example={"stride": 4, "window": 5, "top_k": 2, "chunk": 4})
+def superlinear_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, stride: int,
+                   window: int, top_k: int, chunk: int) -> Tensor:
+    """Causal span search + span attention: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); stateless."""
+    return superlinear_attention(q, k, v, stride, window, top_k, chunk, scale, q_offset)
+
+
 @dataclass(frozen=True)
-class SuperlinearConfig:
+class SuperlinearConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    rope: bool = True
     stride: int = 64  # span length = anchor spacing (about sqrt(T) for the O(T^1.5) setting)
     window: int = 64  # local keys (rounded down to a span start)
     top_k: int = 4  # spans per query
-    block: int = 64  # query rows per local tile
-    rope: bool = True
+    chunk: int = 64  # query rows per local tile
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("stride", self.stride)
-        positive_int("window", self.window)
-        positive_int("block", self.block)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+    renamed: ClassVar[dict[str, str]] = {"delta_correction": "delta", "block": "chunk"}
+
+    def validate(self) -> None:
+        self.check("stride", "window", "chunk")
+        nonneg_int("top_k", self.top_k)
 
 
 @register(
     "superlinear", family="routing", papers=("D275",), year=2025, config=SuperlinearConfig,
     summary="two-step jump search: score span anchors (strided keys), attend top-k spans plus a local window",
 )
-class SuperlinearAttention(ProjectedLayer):
-    def __init__(self, cfg: SuperlinearConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, cfg.rope)
-        self.cfg = cfg
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        c = self.cfg
-        return superlinear_attention(q, k, v, c.stride, c.window, c.top_k, c.block, q_offset=q_offset)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        c = self.cfg
-        return masked_reference(q, k, v, superlinear_mask(q, k, c.stride, c.window, c.top_k, 0))
+class SuperlinearAttention(RoutingLayer):
+    op = "superlinear"

@@ -15,21 +15,23 @@ by decreasing gate until their share of the softmax of the gates reaches ``thres
 
 Execution: q, k, v are permuted once into tile-major order so every block is contiguous and aligned; queries
 are grouped by the block they selected and each block runs as one kernel call with K/V read as views
-(``core.selection`` key-centric :class:`BlockTiles`), then the output is permuted back.
+(``core.sparse`` key-centric :class:`BlockTiles`), then the output is permuted back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.selection import masked_reference, tile_attention, tiles_from_selection
+from attnlab.ops._engine import tile_attention, tiles_from_selection
+from attnlab.ops.sparse import ALL, sparse_op
 
 from ..registry import register
-from ._common import ProjectedLayer
+from ._common import RoutingHeadsConfig, RoutingLayer
 from .moba import block_sets, gate_scores
 
 PARTITIONS = ("1d", "2d", "3d")
@@ -115,45 +117,57 @@ def vmoba_mask(
     return chosen[..., bid]
 
 
+# ---- the op and the layer ----------------------------------------------------------------------------------
+
+
+def _check(grid, tile, partition: str, top_k: int, threshold: float | None) -> None:
+    positive_int("top_k", top_k)
+    block_shape(tuple(grid), tuple(tile), partition)  # validates the partition and divisibility
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
+
+def _vmoba_weights(q: Tensor, k: Tensor, *, q_offset: int, scale: float | None = None, grid=(4, 4, 4),
+                   tile=(2, 2, 2), partition: str = "3d", top_k: int = 2, threshold: float | None = None,
+                   **_: Any) -> Tensor:
+    return vmoba_mask(q, k, tuple(grid), tuple(tile), partition, top_k, threshold, scale)
+
+
+@sparse_op("vmoba", papers=("D56",), summary="video MoBA: 1-D/2-D/3-D grid tiles as blocks, per-query top-k (or "
+           "threshold) by mean-key gate", options={"grid": (4, 4, 4), "tile": (2, 2, 2), "partition": "3d",
+           "top_k": 2, "threshold": None}, weights_mask=_vmoba_weights, causal=lambda o: False, decodes=False,
+           dense_options={"top_k": ALL}, example={"grid": (2, 3, 4), "tile": (1, 3, 2), "partition": "3d",
+                                                  "top_k": 2})
+def vmoba_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, grid, tile,
+             partition: str, top_k: int, threshold: float | None) -> Tensor:
+    """Bidirectional VMoBA over the video ``grid`` (raster order): q (B, H, T, D), k, v (B, Hkv, T, D)."""
+    _check(grid, tile, partition, top_k, threshold)
+    return vmoba_attention(q, k, v, tuple(grid), tuple(tile), partition, top_k, threshold, scale)
+
+
 @dataclass(frozen=True)
-class VMoBAConfig:
+class VMoBAConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
-    kv_heads: int | None = None
+    causal: bool = False  # bidirectional over a video grid
     grid: tuple[int, int, int] = (4, 4, 4)  # (frames, rows, columns)
     tile: tuple[int, int, int] = (2, 2, 2)  # block extent along the axes the partition cuts
     partition: str = "3d"
     top_k: int = 2
     threshold: float | None = None
+    delta: int = 0  # D99 correction stride, 0 = off
 
-    def __post_init__(self) -> None:
-        positive_int("top_k", self.top_k)
-        block_shape(self.grid, self.tile, self.partition)  # validates the partition and divisibility
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        _check(self.grid, self.tile, self.partition, self.top_k, self.threshold)
+        self.check()
 
 
 @register(
     "vmoba", family="routing", papers=("D56",), year=2025, config=VMoBAConfig, decodes=False,
     summary="video MoBA: 1-D/2-D/3-D grid tiles as blocks, per-query top-k (or threshold) by mean-key gate",
 )
-class VMoBAAttention(ProjectedLayer):
-    def __init__(self, cfg: VMoBAConfig) -> None:
-        super().__init__(cfg.dim, cfg.heads, cfg.kv_heads, rope=False)
-        self.cfg = cfg
-
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        if cache is not None:
-            raise TypeError("vmoba is bidirectional over a video grid and does not decode with a cache")
-        return super().forward(x)
-
-    def init_cache(self, batch: int = 1):
-        raise TypeError("vmoba is bidirectional over a video grid and does not decode with a cache")
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int) -> Tensor:
-        c = self.cfg
-        return vmoba_attention(q, k, v, c.grid, c.tile, c.partition, c.top_k, c.threshold)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        c = self.cfg
-        return masked_reference(q, k, v, vmoba_mask(q, k, c.grid, c.tile, c.partition, c.top_k, c.threshold))
+class VMoBAAttention(RoutingLayer):
+    op = "vmoba"
