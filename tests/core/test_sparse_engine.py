@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attnlab
 import attnlab.core.sparse as S
-from attnlab.core.patterns import Causal, Chunked, Dilated, PerHead, Sinks, SlidingWindow
+from attnlab.core.patterns import Causal, Chunked, Dilated, Neighborhood, PerHead, Sinks, SlidingWindow
 from attnlab.core.reference import reference_attention
 from attnlab.core.score_mods import ALiBi, Bias, SoftCap, Temperature
 from attnlab.core.softmax import lse_merge
@@ -408,3 +409,148 @@ def test_pattern_layout_is_the_pattern():
     assert plan.layout() is lay  # built once
     assert torch.equal(lay.to_dense()[0], pat.dense(250, 270, 20))
     assert lay.full.any() and lay.bits is not None
+
+
+# ---- the auto path reaches the native kernel (pattern order, score modifiers, key-centric selections) -----
+
+
+def _spy_native(monkeypatch):
+    """Record the layouts and orders every native kernel call receives (the kernel itself still runs)."""
+    from attnlab.core.sparse import native
+
+    seen = []
+    real = native.block_attention
+
+    def spy(q, k, v, layout, scale, **kw):
+        seen.append((layout, kw.get("q_order"), kw.get("k_order")))
+        return real(q, k, v, layout, scale, **kw)
+
+    monkeypatch.setattr(native, "block_attention", spy)
+    return seen
+
+
+_ORDERED = {
+    "neighborhood": Neighborhood((12, 12), kernel_size=5),
+    "dilated_neighborhood": Neighborhood((12, 12), kernel_size=3, dilation=2),
+    "dilated_1d": Dilated(2, 3, causal=True),
+}
+
+
+@pytest.mark.parametrize("name", list(_ORDERED))
+def test_attention_auto_runs_ordered_patterns_on_the_kernel_in_their_order(name, monkeypatch):
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover - the set-up builds it
+    from attnlab.core.sparse import native
+
+    pat = _ORDERED[name]
+    T = 144
+    q, k, v = qkv(1, 4, 2, T, D=16, dtype=torch.float32)
+    seen = _spy_native(monkeypatch)
+    out = attnlab.attention(q, k, v, pattern=pat, scale=0.25)
+    ref = reference_attention(q, k, v, pat, scale=0.25, q_offset=0)
+    tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), pat.dense(T, T, 0), scale=0.25))
+    assert max_err(out, ref) <= 4 * tol
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) <= 40 * tol
+    (lay, q_order, k_order), = seen
+    assert torch.equal(q_order, pat.query_order(T, 0)) and torch.equal(k_order, pat.query_order(T, 0))
+    assert lay.q_block == lay.k_block == native.default_block()
+    # the layout is over the reordered sequences (Z-order / residue order): square patches become blocks
+    assert torch.equal(lay.to_dense()[0, 0], pat.dense(T, T, 0)[0][q_order][:, k_order])
+
+
+def test_natural_order_layouts_use_the_kernels_measured_block(monkeypatch):
+    from attnlab.core.sparse import native
+
+    monkeypatch.setattr(native, "default_block", lambda device_type="cpu": 32)
+    plan = S.plan_pattern(SlidingWindow(40), 200, 200, q_block=64)
+    lay = plan.layout()
+    assert (lay.q_block, lay.k_block) == (32, 32)
+    assert plan.layout_orders() == (None, None)
+    assert torch.equal(lay.to_dense()[0, 0], SlidingWindow(40).dense(200, 200, 0)[0])
+
+
+@pytest.mark.parametrize("mod_name", ["alibi", "softcap", "temperature", "compose"])
+def test_attention_auto_sends_fusable_score_mods_to_the_kernel(mod_name, monkeypatch):
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    mod, pat = _MODS[mod_name], SlidingWindow(20)
+    q, k, v = qkv(1, 4, 2, _T, D=16, dtype=torch.float32)
+    seen = _spy_native(monkeypatch)
+    out = attnlab.attention(q, k, v, pattern=pat, score_mod=mod, scale=0.25)
+    ref = reference_attention(q, k, v, pat, mod, scale=0.25, q_offset=0)
+    tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), pat.dense(_T, _T, 0), scale=0.25))
+    assert len(seen) == 1
+    assert max_err(out, ref) <= 4 * tol
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) <= 40 * tol
+
+
+def _moba_like(B, H, T, blk, n, seed):
+    """Random past-block selections (n per query, distinct, strictly before the own block) and their validity."""
+    g = torch.Generator().manual_seed(seed)
+    own = torch.arange(T) // blk
+    sel = torch.zeros(B, H, T, n, dtype=torch.long)
+    valid = torch.zeros(B, H, T, n, dtype=torch.bool)
+    for i in range(T):
+        past = int(own[i])
+        for bh in range(B * H):
+            pick = torch.randperm(max(past, 1), generator=g)[:n]
+            m = min(n, past)
+            sel.view(B * H, T, n)[bh, i, :m] = pick[:m]
+            valid.view(B * H, T, n)[bh, i, :m] = True
+    return sel, valid
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_key_centric_selection_runs_on_the_kernel(n, monkeypatch):
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    from attnlab.core.sparse import native
+
+    kb = native.default_block()
+    B, H, Hkv, blk = 2, 4, 2, 2 * kb
+    T = 4 * blk
+    q, k, v = qkv(B, H, Hkv, T, D=16, dtype=torch.float32)
+    sel, valid = _moba_like(B, H, T, blk, n, seed=n)
+    plan = S.plan_selection(sel, valid, _block_sets(T, blk), Hkv, T, 0, True, q_block=32, diag_block=blk)
+    own = torch.arange(T) // blk
+    mask = S.selection_mask(sel, valid, _block_sets(T, blk), T, 0, True)
+    mask = mask | (torch.ones(T, T, dtype=torch.bool).tril() & (own.view(T, 1) == own.view(1, T)))
+    assert S.choose_engine(q, k, v, plan) == "native"
+    seen = _spy_native(monkeypatch)
+    out = S.run(q, k, v, plan, 0.25)
+    assert len(seen) == 2  # the diagonal and the gathered selection part
+    ref = S.masked_reference(q.double(), k.double(), v.double(), mask, scale=0.25)
+    tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), mask, scale=0.25))
+    assert max_err(out, ref) <= 4 * tol
+    g_nat = grads(out, (q, k, v))
+    assert max_err(g_nat, grads(ref, (q, k, v))) <= 40 * tol
+    py = S.run(q, k, v, plan, 0.25, engine="python")
+    assert max_err(out, py) <= 4 * tol
+    assert max_err(g_nat, grads(py, (q, k, v))) <= 40 * tol
+    # the log-sum-exp merges exactly too (its gradient flows through the kernel's lse)
+    o2, L = S.run_lse(q, k, v, plan, 0.25, engine="native")
+    o3, L3 = S.run_lse(q, k, v, plan, 0.25, engine="explicit")
+    assert max_err(L, L3) <= 4 * tol
+    w = torch.randn_like(L)
+    ga = torch.autograd.grad((L * w).sum() + o2.sum(), (q, k, v))
+    gb = torch.autograd.grad((L3 * w).sum() + o3.sum(), (q, k, v))
+    assert max_err(ga, gb) <= 40 * tol
+
+
+def test_moba_op_reaches_the_kernel(monkeypatch):
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    from attnlab.core.sparse import native
+    from attnlab.mechanisms.routing.moba import moba_attention, moba_mask
+
+    blk = native.default_block()
+    T = 4 * blk
+    q, k, v = qkv(1, 4, 2, T, D=16, dtype=torch.float32)
+    seen = _spy_native(monkeypatch)
+    out = moba_attention(q, k, v, blk, 3, 0.25)
+    assert len(seen) == 2
+    mask = moba_mask(q, k, blk, 3, 0)
+    ref = S.masked_reference(q.double(), k.double(), v.double(), mask, scale=0.25)
+    tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), mask, scale=0.25))
+    assert max_err(out, ref) <= 4 * tol
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) <= 40 * tol

@@ -1,12 +1,9 @@
 """One training step of a TransformerLM with registered layers under FSDP2 (``fully_shard``, gloo, 2 processes,
 CPU) equals one step in one process: the same loss and the same gradients."""
 
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
+from two_ranks import assert_two_ranks_match_one, rank_step
 
 from attnlab.models.lm import LMConfig, TransformerLM
 
@@ -27,39 +24,15 @@ def model() -> TransformerLM:
     return TransformerLM(LMConfig(**CFG)).double()
 
 
+def _shard(net: TransformerLM) -> TransformerLM:
+    for block in net.blocks:  # each block its own shard group, then the root (embeddings, head)
+        fully_shard(block)
+    return fully_shard(net)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        net = model()
-        for block in net.blocks:  # each block its own shard group, then the root (embeddings, head)
-            fully_shard(block)
-        fully_shard(net)
-        idx, tgt = batch()
-        part = slice(2 * rank, 2 * rank + 2)  # each rank takes half the batch
-        _, loss = net(idx[part], tgt[part])
-        loss.backward()  # FSDP2 reduce-scatters the mean of the ranks' gradients
-        dist.all_reduce(loss.detach_(), op=dist.ReduceOp.AVG)
-        full = [p.grad.full_tensor() for p in net.parameters()]  # gather the sharded gradients
-        if rank == 0:
-            names = [n for n, _ in net.named_parameters()]
-            torch.save({"loss": loss, "grads": dict(zip(names, full))}, out)
-    finally:
-        dist.destroy_process_group()
+    rank_step(rank, port, out, _shard, model, batch, full_grad=lambda g: g.full_tensor())
 
 
 def test_fsdp2_step_matches_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "fsdp.pt")
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
-    got = torch.load(out)
-    net = model()
-    _, loss = net(*batch())
-    loss.backward()
-    assert abs(float(got["loss"]) - float(loss.detach())) < 1e-12
-    grads = dict(net.named_parameters())
-    assert set(got["grads"]) == set(grads)
-    for name, g in got["grads"].items():
-        assert torch.allclose(g, grads[name].grad, atol=1e-12, rtol=0), name
+    assert_two_ranks_match_one(_worker, tmp_path, model, batch)

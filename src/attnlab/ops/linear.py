@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.linear import MODES, SoftmaxState, cumulative_softmax_attention, linear_attention
+from ..core.softmax import masked_softmax
 from .registry import register_op
 
 FEATURE_MAPS = ("elu1", "relu", "taylor", "identity", "silu", "sigmoid")
@@ -266,7 +267,7 @@ def cumulative_softmax_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: floa
     k, v = _grouped(q, k, v)
     Tq, Tk = q.shape[2], k.shape[2]
     logits = k.transpose(-1, -2)[..., None, :].expand(-1, -1, -1, Tq, -1)  # (B, H, F, Tq, Tk)
-    w = logits.masked_fill(~_causal(Tq, Tk, q.device), float("-inf")).softmax(-1)
+    w = masked_softmax(logits, _causal(Tq, Tk, q.device))
     return torch.einsum("bhtm,bhmtd->bhtd", _q_map(q, q_map), w @ v[:, :, None])
 
 

@@ -12,9 +12,11 @@ Engines (``engine=``):
 * ``"native"``   -- the native CPU kernel (:mod:`attnlab.core.sparse.native`) on the plan's
   :class:`~attnlab.core.sparse.layout.BlockLayout`.
 * ``"flex"``     -- compiled FlexAttention (pattern plans; GPU training, CPU forward only).
-* ``"auto"``     -- native on CPU when it is built, the plan has a cheap layout (pattern and block plans) and the
-  score modifier maps onto the kernel's (temperature, softcap, bias, ALiBi); flex for pattern plans on CUDA;
-  python otherwise.
+* ``"auto"``     -- native on CPU when it is built and the score modifier maps onto the kernel's (temperature,
+  softcap, bias, ALiBi): pattern and block plans on their layout (patterns with a ``query_order`` in that order,
+  via ``q_order``/``k_order``), and key-centric selections whose key sets are aligned blocks (MoBA, NSA-style
+  block selection: :class:`BlockTiles` parts plus the causal diagonal) with the queries that chose each block
+  gathered into whole tiles of it, merged by log-sum-exp; flex for pattern plans on CUDA; python otherwise.
 
 Shapes: q ``(B, H, Tq, D)``; k, v ``(B, Hkv, Tk, D)`` (grouped-query heads read their kv head; K/V are never
 repeated); out ``(B, H, Tq, Dv)``; lse ``(B, H, Tq)`` (``-inf`` for rows that see no key; their output is 0).
@@ -23,6 +25,7 @@ repeated); out ``(B, H, Tq, Dv)``; lse ``(B, H, Tq)`` (``-inf`` for rows that se
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from torch import Tensor
 from .. import flex
 from ..score_mods import ALiBi, Bias, Compose, ScoreMod, SoftCap, Temperature, as_score_mod
 from ..softmax import lse_merge
+from .layout import BlockLayout
 from .plan import BlockTiles, PatternTiles, Plan, Tiles
 
 ENGINES = ("auto", "python", "explicit", "native", "flex")
@@ -583,11 +587,157 @@ def _native_mods(mod: ScoreMod | None, plan: Plan, heads: int) -> dict | None:
     return out
 
 
+# ---- key-centric selections through the native kernel ------------------------------------------------------
+
+
+def _native_tile_kb(plan: Plan) -> int | None:
+    """The kernel's key block for a selection plan made only of aligned key blocks (BlockTiles) and the causal
+    diagonal, or None when some part is a general Tiles (those stay on the Python tiles)."""
+    if not plan.parts and not plan.diag_block:
+        return None
+    if not all(isinstance(t, BlockTiles) for t in plan.parts):
+        return None
+    from .plan import layout_block
+
+    kb = layout_block("cpu")
+    sizes = [t.block for t in plan.parts] + ([plan.diag_block] if plan.diag_block else [])
+    return kb if all(s % kb == 0 for s in sizes) else None
+
+
+def _block_tiles_layout(bt: BlockTiles, B: int, H: int, Tq: int, Tk: int, kb: int, q_offset: int):
+    """A BlockTiles part as a query-gathered BlockLayout: the queries of each key block's segment are laid out
+    in tiles of ``kb`` rows (segments padded to whole tiles), so every tile reads exactly one key set -- all of
+    it, no mask (BlockTiles parts are the fully visible sets). Returns ``(layout, rows (B*H, P), ok (B*H, P))``:
+    layout row p of batch-head bh is flat query row ``rows[bh, p]``; ``ok`` marks the real (non-padding) slots.
+    """
+    BH = B * H
+    dev = bt.q_idx.device
+    nseg = len(bt.blocks)
+    c0 = torch.tensor(bt.cols[:-1], dtype=torch.long, device=dev)
+    w = torch.tensor(bt.cols[1:], dtype=torch.long, device=dev) - c0  # (nseg,) widths
+    ntile = (w + kb - 1) // kb
+    tstart = torch.cumsum(ntile, 0) - ntile
+    G = int(ntile.sum())
+    P = G * kb
+    seg_of_tile = torch.repeat_interleave(torch.arange(nseg, device=dev), ntile)  # (G,)
+    slot = (torch.arange(G, device=dev) - tstart[seg_of_tile]).view(G, 1) * kb + torch.arange(kb, device=dev)
+    inside = slot < w[seg_of_tile].view(G, 1)  # (G, kb)
+    col = (c0[seg_of_tile].view(G, 1) + slot).masked_fill(~inside, 0).view(-1)  # (P,)
+    rows = bt.q_idx[:, col]  # (BH, P)
+    ok = bt.row_ok[:, col] & inside.view(1, P)
+    rows = torch.where(ok, rows, rows[:, :1])
+    N = bt.block // kb
+    blocks = torch.tensor(bt.blocks, dtype=torch.long, device=dev)[seg_of_tile]  # (G,)
+    kv_index = (blocks.view(G, 1) * N + torch.arange(N, device=dev)).view(1, 1, G, N).expand(B, H, G, N)
+    live = ok.view(BH, G, kb).any(-1).view(B, H, G)  # tiles holding no real query of this head: skipped
+    # keys past kv_len in a last, short block do not exist: the kernel reads only listed blocks that exist
+    nk = -(-Tk // kb)
+    exists = kv_index < nk
+    kv_index = torch.where(exists, kv_index, torch.zeros_like(kv_index))
+    count = (exists.sum(-1) * live).to(torch.int32)
+    full = exists & live.unsqueeze(-1)
+    tail = Tk % kb != 0 and bool((exists & (kv_index == nk - 1)).any())
+    bits = None
+    if tail:  # the last key block is short: mark its keys exactly
+        kpos = kv_index.unsqueeze(-1) * kb + torch.arange(kb, device=dev)
+        bits = ((kpos < Tk).unsqueeze(-2) & full.unsqueeze(-1).unsqueeze(-1)).expand(B, H, G, N, kb, kb)
+        full = full & ~(kv_index == nk - 1)
+        bits = bits.contiguous()
+    pairs = float(ok.sum()) * bt.block / BH
+    lay = BlockLayout(kb, kb, P, Tk, q_offset, kv_index.to(torch.int32).contiguous(), count.contiguous(), full, bits,
+                      pairs)
+    return lay, rows, ok
+
+
+@lru_cache(maxsize=32)
+def _diag_layout_native(T: int, block: int, kb: int, device: str) -> BlockLayout:
+    """Causal attention inside each contiguous block of ``block`` rows, as a BlockLayout of kb x kb tiles."""
+    from .plan import _blocks_layout
+
+    G = -(-T // kb)
+    per = block // kb
+    g = torch.arange(G, device=device)
+    first = (g // per) * per
+    idx = first.view(G, 1) + torch.arange(per, device=device)
+    valid = idx <= g.view(G, 1)
+    return _blocks_layout(idx.view(1, 1, G, per), valid.view(1, 1, G, per), kb, kb, T, T, 0, True)
+
+
+def _gather_back(rows: Tensor, ok: Tensor, n: int) -> list[tuple[Tensor, Tensor]]:
+    """Inverse maps of a query-gathered part: a query may sit in several slots (one per key set it chose), so
+    its slots are ranked and, per rank r, ``(src (n,), hit (n,))`` says which gathered slot holds row i's r-th
+    entry (``hit`` False: none). Gathering back per rank turns the part into parts over every row in order, which
+    the log-sum-exp merge combines elementwise instead of scattering."""
+    flat_rows, flat_ok = rows.reshape(-1), ok.reshape(-1)
+    slots = flat_ok.nonzero().squeeze(-1)
+    r = flat_rows[slots]
+    order = torch.sort(r, stable=True).indices
+    r, slots = r[order], slots[order]
+    counts = torch.bincount(r, minlength=n)
+    rank = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]
+    maps = []
+    for j in range(int(counts.max()) if counts.numel() else 0):
+        pick = rank == j
+        src = torch.zeros(n, dtype=torch.long, device=r.device)
+        hit = torch.zeros(n, dtype=torch.bool, device=r.device)
+        src[r[pick]] = slots[pick]
+        hit[r[pick]] = True
+        maps.append((src, hit))
+    return maps
+
+
+def _native_tiles(native, q, k, v, plan: Plan, scale: float, mods: dict) -> tuple[Tensor, Tensor]:
+    """A key-centric plan (aligned key blocks + causal diagonal) on the native kernel: the queries that chose
+    each key block are gathered into whole tiles of it (one kernel call per part, K/V read in place), the
+    diagonal runs on its own layout, and the parts merge by log-sum-exp (the kernel's lse has exact gradients,
+    so the merge differentiates exactly)."""
+    B, H, Tq, D = q.shape
+    Dv, Tk = v.shape[-1], k.shape[2]
+    n = B * H * Tq
+    kb = _native_tile_kb(plan)
+    key = ("native_tiles", B, H, Tq, Tk, kb)
+    cached = plan._cache.get(key)
+    if cached is None:
+        cached = []
+        for t in plan.parts:
+            lay, rows, ok = _block_tiles_layout(t, B, H, Tq, Tk, kb, plan.q_offset)
+            cached.append((lay, rows.reshape(-1), _gather_back(rows, ok, n)))
+        plan._cache[key] = cached
+    outs = []
+    if plan.diag_block:
+        lay = _diag_layout_native(Tq, plan.diag_block, kb, str(q.device))
+        outs.append(native.block_attention(q, k, v, lay, scale, **mods))
+    qf = q.reshape(n, D)
+    ninf = float("-inf")
+    for lay, rows, maps in cached:
+        qg = qf.index_select(0, rows).view(B, H, -1, D)
+        o, lse = native.block_attention(qg, k, v, lay, scale, **mods)
+        o, lse = o.reshape(-1, Dv), lse.reshape(-1)
+        for src, hit in maps:
+            outs.append((o.index_select(0, src).view(B, H, Tq, Dv),
+                         lse.index_select(0, src).masked_fill(~hit, ninf).view(B, H, Tq)))
+    if not outs:
+        return q.new_zeros(B, H, Tq, Dv), q.new_full((B, H, Tq), ninf, dtype=torch.float32)
+    return lse_merge(outs)
+
+
+def _native_tiles_ok(plan: Plan, q: Tensor, k: Tensor) -> bool:
+    if plan.mode not in ("selection", "tiles") or _native_tile_kb(plan) is None:
+        return False
+    if plan.diag_block and q.shape[2] != k.shape[2]:
+        return False
+    return True
+
+
 def choose_engine(q: Tensor, k: Tensor, v: Tensor, plan: Plan, score_mod: ScoreMod | None = None) -> str:
     """The engine ``engine="auto"`` runs ``plan`` on."""
     mod = as_score_mod(score_mod)
-    if (plan.mode in ("pattern", "blocks") and _native_ok(_native_module(), q, _needs_grad(q, k, v))
+    native_ok = _native_ok(_native_module(), q, _needs_grad(q, k, v))
+    if (plan.mode in ("pattern", "blocks") and native_ok
             and _native_mods(mod, plan, q.shape[1]) is not None):
+        return "native"
+    if (native_ok and _native_tiles_ok(plan, q, k) and (mods := _native_mods(mod, plan, q.shape[1])) is not None
+            and not ("bias" in mods or "alibi" in mods)):
         return "native"
     if q.device.type == "cuda" and plan.pattern is not None and flex.flex_available():
         return "flex"
@@ -645,10 +795,16 @@ def _run(q, k, v, plan: Plan, scale, score_mod, engine, want_lse):
         mods = _native_mods(mod, plan, q.shape[1])
         if mods is None:
             raise ValueError(f"engine='native' cannot express the score modifier {mod!r}")
+        if plan.mode in ("selection", "tiles") and _native_tile_kb(plan) is not None:
+            if any(key in mods for key in ("bias", "alibi")):
+                raise ValueError("engine='native' on a selection takes temperature / softcap modifiers only")
+            out, lse = _native_tiles(native, q, k, v, plan, scale, mods)
+            return (out, lse) if want_lse else out
         layout = plan.layout()
         if layout is None:
             raise ValueError(f"engine='native' needs a plan with a BlockLayout; a {plan.mode!r} plan has none")
-        out, lse = native.block_attention(q, k, v, layout, scale, **mods)
+        q_order, k_order = plan.layout_orders()
+        out, lse = native.block_attention(q, k, v, layout, scale, q_order=q_order, k_order=k_order, **mods)
         return (out, lse) if want_lse else out
     if engine == "flex":
         if plan.pattern is None:

@@ -417,8 +417,19 @@ def _block_tiles(bh, qi, set_block, sid, BH, Tq, K, device) -> BlockTiles:
 
 # ---- the plan and the planners ---------------------------------------------------------------------------
 
-#: tile sizes of the BlockLayout built for static patterns (the native kernel's unit of work)
+#: tile sizes of the BlockLayout built for static patterns when the native kernel's measured choice is unknown
 LAYOUT_BLOCK = 64
+
+
+def layout_block(device_type: str = "cpu") -> int:
+    """Block size (q_block = k_block) of layouts planned for a kernel: the native kernel's measured, cached
+    per-device choice (``native.default_block``), else ``LAYOUT_BLOCK``."""
+    try:
+        from . import native
+
+        return int(native.default_block(device_type))
+    except Exception:  # no extension module importable: the constant
+        return LAYOUT_BLOCK
 
 
 @dataclass(frozen=True, eq=False)
@@ -445,12 +456,22 @@ class Plan:
 
     def layout(self) -> BlockLayout | None:
         """The plan as a :class:`BlockLayout` (built once, on first use), or None when the planner cannot
-        describe it (hand-made tiles)."""
+        describe it (hand-made tiles). The layout may be over reordered sequences: see :meth:`layout_orders`."""
         if self.layout_fn is None:
             return None
         if "layout" not in self._cache:
-            self._cache["layout"] = self.layout_fn()
+            got = self.layout_fn()
+            lay, orders = (got[0], got[1:]) if isinstance(got, tuple) else (got, (None, None))
+            self._cache["layout"], self._cache["orders"] = lay, orders
         return self._cache["layout"]
+
+    def layout_orders(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(q_order (Tq,), k_order (Tk,))`` of :meth:`layout`: layout query row r is query row q_order[r],
+        layout key j is key k_order[j] (None: natural order). Patterns with a ``query_order`` (2-D grids in
+        Z-order, dilations by residue) are laid out in that order, so square patches become blocks."""
+        if self.layout() is None:
+            return None, None
+        return self._cache["orders"]
 
     @property
     def computed_pairs(self) -> int:
@@ -484,13 +505,19 @@ def plan_pattern(
 @lru_cache(maxsize=64)
 def _pattern_plan(pattern: Pattern, Tq: int, Tk: int, q_offset: int, q_block: int, device: str) -> Plan:
     tiles = _static_plan(pattern, Tq, Tk, q_offset, q_block, device)
-    natural = pattern.query_order(Tq, q_offset) is None
+    q_order = pattern.query_order(Tq, q_offset)
 
-    def layout() -> BlockLayout:
-        if natural:  # from the tiles' exact masks: work ~ queries x keys-per-tile, never the whole square
-            return _tiles_layout(tiles, Tq, Tk, q_offset, LAYOUT_BLOCK)
-        dense = pattern.dense(Tq, Tk, q_offset).to(device).unsqueeze(0)  # (1, Hp, Tq, Tk)
-        return BlockLayout.from_dense(dense, q_block, LAYOUT_BLOCK, q_offset)
+    def layout() -> BlockLayout | tuple:
+        nb = min(layout_block(torch.device(device).type), max(1, Tq))
+        if q_order is None:  # from the tiles' exact masks: work ~ queries x keys-per-tile, never the whole square
+            t = tiles if nb == q_block else _static_plan(pattern, Tq, Tk, q_offset, nb, device)
+            return _tiles_layout(t, Tq, Tk, q_offset, nb)
+        # over the pattern's own order, applied to keys too (2-D grids in Z-order: square patches become blocks)
+        k_order = pattern.query_order(Tk, 0)
+        qo = q_order.to(device=device, dtype=torch.long)
+        ko = torch.arange(Tk, device=device) if k_order is None else k_order.to(device=device, dtype=torch.long)
+        dense = pattern.dense(Tq, Tk, q_offset).to(device)[:, qo][:, :, ko].unsqueeze(0)  # (1, Hp, Tq, Tk)
+        return BlockLayout.from_dense(dense, nb, nb, q_offset), qo, (None if k_order is None else ko)
 
     return Plan((tiles,), 0, Tq, Tk, q_offset, pattern, "pattern", layout)
 
@@ -654,6 +681,7 @@ __all__ = [
     "Tiles",
     "default_q_block",
     "flat_key_index",
+    "layout_block",
     "plan_blocks",
     "plan_pattern",
     "plan_selection",

@@ -34,7 +34,8 @@ from ._scored import (
 
 def _cog_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
                    causal: bool = True, chunk: int = 128) -> Tensor:
-    """Float64, dense: W_ij = sign(S_ij) exp|S_ij| / sum_{allowed j'} exp|S_ij'| (zero rows where nothing is allowed)."""
+    """Float64, dense: W_ij = sign(S_ij) exp|S_ij| / sum_{allowed j'} exp|S_ij'| (zero rows where nothing is
+    allowed)."""
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
     qd, kd, vd = q.double(), repeat_kv(k.double(), H), repeat_kv(v.double(), H)
     s = torch.einsum("bhid,bhjd->bhij", qd, kd) * scale

@@ -11,6 +11,11 @@ row (the paper's "compatible with dot-product attention" use): for query ``i`` o
 
 Cost: like softmax attention plus two row reductions; weights cannot go through SDPA (the exponent is
 quadratic in the score), so the fast path streams query chunks.
+
+The op ``gaam`` takes the learned parameters as tensor options: ``offset`` = ``delta`` (H, G) and ``var_scale`` =
+``xi`` (H, G) (G densities per head; the layer passes its own). Their parameter-free defaults (None) are one
+density per head with ``delta = 0`` and ``xi = 1``: each row's weights are a Gaussian of its standardized scores.
+A free mask restricts the keys over which the row mean, variance and normalization are taken.
 """
 
 from __future__ import annotations
@@ -20,10 +25,86 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.softmax import masked_softmax
+from attnlab.ops.registry import register_op
+
 from ...core.checks import positive_int
 from ..heads import HeadsConfig, OpLayer, positive_number
 from ..registry import register
-from ._scored import by_rows, visible
+from ._scored import (
+    allowed,
+    by_rows,
+    check_free_mask,
+    dense_allowed,
+    grouped_apply,
+    grouped_scores,
+    per_head,
+    repeat_kv,
+)
+
+
+def _densities(q: Tensor, offset: Tensor | None, var_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The (H, G) mean offsets and variance scales (defaults: one density, offset 0, scale 1)."""
+    H = q.shape[1]
+    G = next((t.shape[-1] for t in (offset, var_scale) if isinstance(t, Tensor) and t.dim() == 2), 1)
+    off = per_head("offset", offset, (H, G), q)
+    xi = per_head("var_scale", var_scale, (H, G), q)
+    off = torch.zeros(H, G, dtype=q.dtype, device=q.device) if off is None else off
+    xi = torch.ones(H, G, dtype=q.dtype, device=q.device) if xi is None else xi
+    return off, xi
+
+
+def _gaam_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                    causal: bool = True, offset: Tensor | None = None, var_scale: Tensor | None = None,
+                    eps: float = 1e-5, chunk: int = 128) -> Tensor:
+    """Float64, dense, one Gaussian density at a time, normalized over each row's allowed keys (zero rows when a row
+    sees no key)."""
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    off, xi = _densities(q.double(), offset, var_scale)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), repeat_kv(k.double(), H)) * scale
+    ok = dense_allowed(Tq, Tk, q_offset, causal, mask, q.device).expand_as(s)
+    okf = ok.double()
+    n = okf.sum(-1, keepdim=True).clamp(min=1)
+    mu = (s * okf).sum(-1, keepdim=True) / n
+    var = ((s - mu) ** 2 * okf).sum(-1, keepdim=True) / n
+    log_g = torch.zeros_like(s)
+    for g in range(off.shape[1]):
+        variance = xi[:, g].view(1, -1, 1, 1) * (var + eps)
+        log_g = log_g - (s - mu - off[:, g].view(1, -1, 1, 1)) ** 2 / (2 * variance)
+    log_g = torch.where(ok, log_g, torch.full_like(log_g, -torch.inf))
+    top = log_g.amax(-1, keepdim=True)
+    g = torch.exp(log_g - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))  # cancels in the ratio
+    w = g / g.sum(-1, keepdim=True).clamp(min=1e-300)
+    return w @ repeat_kv(v.double(), H)
+
+
+@register_op("gaam", family="dense", papers=("L47",), summary="Gaussian weights over each row's standardized scores "
+             "with a mean offset and variance scale per head", options={"causal": True, "offset": None,
+             "var_scale": None, "eps": 1e-5, "chunk": 128}, reference=_gaam_reference, example={"chunk": 7})
+def gaam_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+            state: dict | None = None, causal: bool = True, offset: Tensor | None = None,
+            var_scale: Tensor | None = None, eps: float = 1e-5, chunk: int = 128) -> Tensor | tuple[Tensor, dict]:
+    """q (B, H, Tq, D) at positions q_offset.. over k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv), ``chunk`` query rows at
+    a time; ``offset``, ``var_scale``: (H, G) per-head densities (None: one density, 0 and 1). Stateless."""
+    positive_int("chunk", chunk)
+    positive_number("eps", eps)
+    check_free_mask("gaam", mask, q, k)
+    off, xi = _densities(q, offset, var_scale)
+    H, G = off.shape
+
+    def rows(a: int, b: int) -> Tensor:
+        s = grouped_scores(q[:, :, a:b], k) * scale  # (B, H, rows, Tk)
+        m = allowed(a, b, k.shape[2], q_offset, causal, mask, q.device)
+        mf = m.to(s.dtype)
+        n = mf.sum(-1, keepdim=True).clamp(min=1)
+        mu = (s * mf).sum(-1, keepdim=True) / n
+        var = ((s - mu).pow(2) * mf).sum(-1, keepdim=True) / n
+        z = (s - mu).unsqueeze(-1) - off.view(1, H, 1, 1, G)  # (B, H, rows, Tk, G)
+        log_g = -(z.pow(2) / (2 * xi.view(1, H, 1, 1, G))).sum(-1) / (var + eps)
+        return grouped_apply(masked_softmax(log_g, m), v)
+
+    out = by_rows(rows, q.shape[2], chunk)
+    return out if state is None else (out, state)
 
 
 @dataclass(frozen=True)
@@ -46,33 +127,17 @@ class GAAMConfig(HeadsConfig):
 @register("gaam", family="layers", papers=("L47",), year=2024, config=GAAMConfig,
           summary="Gaussian weights over normalized scores with learnable mean offset and variance per head")
 class GAAMAttention(OpLayer):
-    """(B, T, dim) -> (B, T, dim); the Gaussian weights are the layer's own (``attend``), ``chunk`` rows at a time."""
+    """(B, T, dim) -> (B, T, dim): projections + the op ``gaam`` with the learned ``delta`` and ``xi`` per head."""
+
+    op = "gaam"
 
     def __init__(self, cfg: GAAMConfig) -> None:
         super().__init__(cfg)
         self.delta = nn.Parameter(torch.zeros(cfg.heads, cfg.gaussians))  # mean offsets
         self.log_xi = nn.Parameter(torch.zeros(cfg.heads, cfg.gaussians))  # log variance scales
 
-    def _log_density(self, s: Tensor, m: Tensor) -> Tensor:
-        """Scores (B, H, R, Tk) and visibility (R, Tk) -> log of the Gaussian weight (B, H, R, Tk)."""
-        mf = m.to(s.dtype)
-        n = mf.sum(-1, keepdim=True)
-        mu = (s * mf).sum(-1, keepdim=True) / n
-        var = ((s - mu).pow(2) * mf).sum(-1, keepdim=True) / n
-        z = (s - mu).unsqueeze(-1) - self.delta.view(1, -1, 1, 1, self.cfg.gaussians)  # (B, H, R, Tk, G)
-        xi = self.log_xi.exp().view(1, -1, 1, 1, self.cfg.gaussians)
-        return -(z.pow(2) / (2 * xi)).sum(-1) / (var + self.cfg.eps)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, state=None) -> Tensor:
-        """q (B, H, T, d) at positions start.. over k, v (B, H, Tk, d) -> (B, H, T, d)."""
-        scale = self.head_dim ** -0.5
-
-        def rows(a: int, b: int) -> Tensor:
-            s = q[:, :, a:b] @ k.transpose(-1, -2) * scale
-            m = visible(b - a, k.shape[2], start + a, self.causal, q.device)
-            return torch.softmax(self._log_density(s, m).masked_fill(~m, float("-inf")), dim=-1) @ v
-
-        return by_rows(rows, q.shape[2], self.cfg.chunk)
+    def op_options(self) -> dict:
+        return {**super().op_options(), "offset": self.delta, "var_scale": self.log_xi.exp()}
 
     def reference(self, x: Tensor) -> Tensor:
         """Dense, one Gaussian density at a time, normalized over each row's visible keys."""

@@ -14,6 +14,9 @@ decodes with a cache). Scores are unscaled as in the paper. ``heads > 1`` (an ex
 scoring per slice of width ``dim / heads``; ``heads = 1`` is the paper. Fast path: dot and general go
 through ``attnlab.attention`` (SDPA); concat splits ``W_a`` into its target and source halves (each applied
 once per token) and scores ``chunk`` rows at a time.
+
+Ops: dot and general are ``sdpa`` (scale 1) on the target states (general: mapped by ``W_a``) against the source
+states; concat is ``neural_attn`` with ``activation="tanh"``, ``w1 = W_a``, ``b1 = 0``, ``w2 = v_a``.
 """
 
 from __future__ import annotations
@@ -23,15 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
-
 from ...core.checks import positive_int
 from ..base import check_hidden
 from ..common import merge_heads, split_heads
 from ..heads import HeadsConfig, LayerCache, OpLayer, one_of
 from ..registry import register
-from ._scored import by_rows, visible
 
 SCORES = ("dot", "general", "concat")
 
@@ -69,6 +68,10 @@ class LuongAttention(OpLayer):
             self.va = nn.Parameter(torch.randn(cfg.heads, d) * d ** -0.5)
         self.wc = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
 
+    @property
+    def op(self) -> str:  # type: ignore[override]
+        return "neural_attn" if self.cfg.score == "concat" else "sdpa"
+
     def state_size(self, seq_len: int) -> int:
         return self.dim * seq_len  # the source states themselves
 
@@ -92,20 +95,13 @@ class LuongAttention(OpLayer):
         start = 0 if cache is None else cache.length
         if cache is not None:
             hs, _ = cache.kv.append(hs, hs[..., :0])  # keys are the values: store them once
+        q_offset = start if masked else 0
         if self.cfg.score == "concat":
-            d = h.shape[-1]
-            ht = torch.einsum("bhtd,hed->bhte", h, self.wa[..., :d])  # target half of W_a, once per token
-            hsw = torch.einsum("bhsd,hed->bhse", hs, self.wa[..., d:])
-
-            def rows(a: int, b: int) -> Tensor:
-                e = torch.einsum("bhtse,he->bhts", torch.tanh(ht[:, :, a:b, None] + hsw[:, :, None]), self.va)
-                m = visible(b - a, hs.shape[2], start + a, masked, x.device)
-                return torch.softmax(e.masked_fill(~m, float("-inf")), dim=-1) @ hs
-
-            c = by_rows(rows, h.shape[2], self.cfg.chunk)
+            c = self.spec(h, hs, hs, q_offset=q_offset, causal=masked, w1=self.wa, w2=self.va, activation="tanh",
+                          chunk=self.cfg.chunk)
         else:
             q = h if self.cfg.score == "dot" else split_heads(self.wa(x), self.heads)
-            c = attention(q, hs, hs, Causal() if masked else None, scale=1.0, q_offset=start if masked else 0)
+            c = self.spec(q, hs, hs, scale=1.0, q_offset=q_offset, causal=masked)
         return torch.tanh(self.wc(torch.cat([merge_heads(c), x], dim=-1)))
 
     def cross(self, x: Tensor, context: Tensor) -> Tensor:

@@ -13,6 +13,14 @@ Causal-safe: the query taps look only back (``a >= 0``) and masked scores are ze
 so no score of a later key enters; decoding keeps the last ``cq - 1`` queries. The kernels start as the
 identity (plain attention). Cost: the score map is materialized (``H x T x T``) plus ``cq * ck`` multiply-adds
 per score. Deviation: the paper's group normalization after the head mix is left out.
+
+The op ``mta`` takes the kernels as tensor options: ``theta`` (H, query_kernel, key_kernel) and ``head_mix``
+(H / head_kernel, head_kernel, head_kernel) (the layer passes its learned ones). Parameter-free defaults (None):
+the box filter (every tap ``1 / (query_kernel * key_kernel)``: each score becomes the mean of its neighbourhood
+in the masked score map) and the uniform head mix (``1 / head_kernel``). With all three sizes 1 the op is dense
+softmax attention. Decoding: ``state["q_hist"]`` keeps the last ``query_kernel - 1`` queries; rows before the
+first query seen count as zero. A free mask is refused (the convolution reads the scores of neighbouring keys
+and earlier queries).
 """
 
 from __future__ import annotations
@@ -23,10 +31,93 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.softmax import masked_softmax
+from attnlab.ops.registry import register_op
+
 from ...core.checks import positive_int
-from ..heads import HeadsConfig, LayerCache, OpLayer
+from ..heads import HeadsConfig, OpLayer
 from ..registry import register
-from ._scored import visible
+from ._scored import dense_allowed, grouped_apply, grouped_scores, per_head, repeat_kv, visible
+
+
+def _kernels(q: Tensor, query_kernel: int, key_kernel: int, head_kernel: int, theta: Tensor | None,
+             head_mix: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Checked sizes; the score kernel (H, cq, ck) and the head mix (H / g, g, g), defaults filled."""
+    H = q.shape[1]
+    cq, ck, g = (positive_int(n, x) for n, x in (("query_kernel", query_kernel), ("key_kernel", key_kernel),
+                                                 ("head_kernel", head_kernel)))
+    if ck % 2 == 0:
+        raise ValueError(f"mta: key_kernel must be odd (centred on the key), got {ck}")
+    if H % g:
+        raise ValueError(f"mta: heads={H} is not divisible by head_kernel={g}")
+    th = per_head("theta", theta, (H, cq, ck), q)
+    mix = per_head("head_mix", head_mix, (H // g, g, g), q)
+    th = torch.full((H, cq, ck), 1.0 / (cq * ck), dtype=q.dtype, device=q.device) if th is None else th
+    mix = torch.full((H // g, g, g), 1.0 / g, dtype=q.dtype, device=q.device) if mix is None else mix
+    return th, mix
+
+
+def _mta_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                   causal: bool = True, query_kernel: int = 1, key_kernel: int = 1, head_kernel: int = 1,
+                   theta: Tensor | None = None, head_mix: Tensor | None = None) -> Tensor:
+    """Float64: each convolution tap as an explicitly shifted copy of the score map (rows before the first query
+    zero); head mixing head by head."""
+    if mask is not None:
+        raise ValueError("op 'mta': a free mask is not supported")
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    qd = q.double()
+    th, mix = _kernels(qd, query_kernel, key_kernel, head_kernel, theta, head_mix)
+    cq, ck, g = th.shape[1], th.shape[2], mix.shape[-1]
+    ok = dense_allowed(Tq, Tk, q_offset, causal, None, q.device)
+    s = torch.einsum("bhid,bhjd->bhij", qd, repeat_kv(k.double(), H)) * scale * ok
+    c = torch.zeros_like(s)
+    for a in range(cq):
+        for b in range(-(ck // 2), ck // 2 + 1):
+            shifted = torch.zeros_like(s)  # shifted[i, j] = s[i - a, j + b] where both exist
+            j0, j1 = max(0, -b), min(Tk, Tk - b)
+            if a < Tq and j0 < j1:
+                shifted[:, :, a:, j0:j1] = s[:, :, : Tq - a, j0 + b : j1 + b]
+            c = c + th[:, a, b + ck // 2].view(1, H, 1, 1) * shifted
+    w = masked_softmax(c, ok)
+    mixed = torch.zeros_like(w)
+    for h in range(H):
+        grp, i = divmod(h, g)
+        for j in range(g):
+            mixed[:, h] = mixed[:, h] + mix[grp, i, j] * w[:, grp * g + j]
+    return mixed @ repeat_kv(v.double(), H)
+
+
+@register_op("mta", family="dense", papers=("L154",), summary="multi-token attention: key-query convolution over "
+             "the score map and head-mixing convolution", options={"causal": True, "query_kernel": 1,
+             "key_kernel": 1, "head_kernel": 1, "theta": None, "head_mix": None}, reference=_mta_reference,
+             dense_options={"query_kernel": 1, "key_kernel": 1, "head_kernel": 1},
+             example={"query_kernel": 2, "key_kernel": 3, "head_kernel": 2})
+def mta_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+           state: dict | None = None, causal: bool = True, query_kernel: int = 1, key_kernel: int = 1,
+           head_kernel: int = 1, theta: Tensor | None = None,
+           head_mix: Tensor | None = None) -> Tensor | tuple[Tensor, dict]:
+    """q (B, H, Tq, D) at positions q_offset.. over k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv). The score map is
+    materialized; the query taps read ``state["q_hist"]`` (the previous ``query_kernel - 1`` queries) when decoding."""
+    if mask is not None:
+        raise ValueError("op 'mta': a free mask is not supported (the convolution reads neighbouring scores)")
+    th, mix = _kernels(q, query_kernel, key_kernel, head_kernel, theta, head_mix)
+    B, H, T, _ = q.shape
+    cq, ck, g = th.shape[1], th.shape[2], mix.shape[-1]
+    prev = q[:, :, :0] if state is None or "q_hist" not in state else state["q_hist"]
+    if state is not None:
+        state["q_hist"] = torch.cat([prev, q], dim=2)[:, :, max(0, prev.shape[2] + T - (cq - 1)):]
+    P, Tk = prev.shape[2], k.shape[2]
+    qe = torch.cat([prev, q], dim=2)  # queries at positions q_offset - P .. q_offset + T - 1
+    s = grouped_scores(qe, k) * scale
+    s = s.masked_fill(~visible(P + T, Tk, q_offset - P, causal, q.device), 0.0)
+    s = F.pad(s, (0, 0, cq - 1 - P, 0))  # queries before the first one seen: zero rows
+    # conv2d correlates: weight row r multiplies query lag cq - 1 - r, so flip the query axis of theta
+    c = F.conv2d(s, th.flip(1).unsqueeze(1), padding=(0, ck // 2), groups=H)  # (B, H, T, Tk)
+    a = masked_softmax(c, visible(T, Tk, q_offset, causal, q.device))
+    a = torch.einsum("nij,bnjqk->bniqk", mix, a.view(B, H // g, g, T, Tk)).reshape(B, H, T, Tk)
+    out = grouped_apply(a, v)
+    return out if state is None else (out, state)
 
 
 @dataclass(frozen=True)
@@ -52,8 +143,10 @@ class MTAConfig(HeadsConfig):
 @register("mta", family="layers", papers=("L154",), year=2025, config=MTAConfig,
           summary="key-query convolution over the score map and head-mixing convolution")
 class MultiTokenAttention(OpLayer):
-    """(B, T, dim) -> (B, T, dim); the decoding cache holds keys/values plus the last ``query_kernel - 1``
-    queries (``state["q_hist"]``, the query taps of the next rows)."""
+    """(B, T, dim) -> (B, T, dim): projections + the op ``mta`` with the learned kernels; the decoding cache holds
+    keys/values plus the last ``query_kernel - 1`` queries (``state["q_hist"]``, the query taps of the next rows)."""
+
+    op = "mta"
 
     def __init__(self, cfg: MTAConfig) -> None:
         super().__init__(cfg)
@@ -66,31 +159,8 @@ class MultiTokenAttention(OpLayer):
     def state_size(self, seq_len: int) -> int:
         return 2 * self.dim * seq_len + self.dim * min(seq_len, self.cfg.query_kernel - 1)
 
-    def _mix_heads(self, a: Tensor) -> Tensor:
-        B, H, T, Tk = a.shape
-        g = self.cfg.head_kernel
-        mixed = torch.einsum("nij,bnjqk->bniqk", self.head_mix, a.view(B, H // g, g, T, Tk))
-        return mixed.reshape(B, H, T, Tk)
-
-    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        start = self.check_cache(x, cache)
-        q, k, v = self.project(x, start)
-        B, H, T, _ = q.shape
-        cq, ck = self.cfg.query_kernel, self.cfg.key_kernel
-        prev = q[:, :, :0] if cache is None or "q_hist" not in cache.state else cache.state["q_hist"]
-        if cache is not None:
-            k, v = cache.kv.append(k, v)
-            cache.state["q_hist"] = torch.cat([prev, q], dim=2)[:, :, max(0, prev.shape[2] + T - (cq - 1)):]
-        P, Tk = prev.shape[2], k.shape[2]
-        qe = torch.cat([prev, q], dim=2)  # queries at positions start - P .. start + T - 1
-        s = (qe @ k.transpose(-1, -2)) * self.head_dim ** -0.5
-        s = s.masked_fill(~visible(P + T, Tk, start - P, self.causal, x.device), 0.0)
-        s = F.pad(s, (0, 0, cq - 1 - P, 0))  # queries before position 0: zero rows
-        # conv2d correlates: weight row r multiplies query lag cq - 1 - r, so flip the query axis of theta
-        c = F.conv2d(s, self.theta.flip(1).unsqueeze(1), padding=(0, ck // 2), groups=H)  # (B, H, T, Tk)
-        a = torch.softmax(c.masked_fill(~visible(T, Tk, start, self.causal, x.device), float("-inf")), dim=-1)
-        return self.out(self._mix_heads(a) @ v)
+    def op_options(self) -> dict:
+        return {**super().op_options(), "theta": self.theta, "head_mix": self.head_mix}
 
     def reference(self, x: Tensor) -> Tensor:
         """Each convolution tap as an explicitly shifted copy of the score map; head mixing head by head."""
@@ -108,7 +178,7 @@ class MultiTokenAttention(OpLayer):
                 j0, j1 = max(0, -b), min(T, T - b)
                 shifted[:, :, a:, j0:j1] = s[:, :, : T - a, j0 + b : j1 + b]
                 c = c + self.theta[:, a, b + ck // 2].view(1, H, 1, 1) * shifted
-        w = torch.softmax(c.masked_fill(~allowed, float("-inf")), dim=-1)
+        w = masked_softmax(c, allowed)
         mixed = torch.zeros_like(w)
         for h in range(H):
             grp, i = divmod(h, g)

@@ -12,6 +12,11 @@ Transformer-XL style relative position term in the score:
 through ``attnlab.attention`` (SDPA) with ``q + u``; the position term is ``(q + w)`` against one projected
 sinusoid per distance (``T + Tk - 1`` of them, not ``T x Tk``), gathered into an additive bias. The
 convolution starts as the identity. Deviation: the convolution is causal also when ``causal=False``.
+
+The convolution belongs to the projections (the layer's own code); the score is the op ``rcmha``, which takes the
+learned parameters as tensor options: ``u``, ``w`` (H, d) and ``pos_proj`` = ``W_R`` (H d, H d) (the layer passes
+its own). Parameter-free defaults (None): ``u = w = 0`` and ``W_R = I``, i.e. ``S_ij = (q_i . k_j + q_i .
+sinusoid(i - j)_h) / sqrt(d)`` with the raw sinusoid of width ``H d`` split over the heads (``H d`` even).
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
+from attnlab.core.patterns import Causal, Full
 from attnlab.core.score_mods import Bias
+from attnlab.core.softmax import masked_softmax
+from attnlab.ops.registry import register_op
 
 from ...core.checks import positive_int
 from ..common import split_heads
 from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
+from ._scored import check_free_mask, dense_allowed, per_head, repeat_kv
 
 
 @dataclass(frozen=True)
@@ -54,11 +62,76 @@ def sinusoid(delta: Tensor, dim: int) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
+def _rel_params(q: Tensor, u: Tensor | None, w: Tensor | None, pos_proj: Tensor | None):
+    """u, w (H, d) and W_R (H d, H d) checked, defaults filled (0, 0, identity)."""
+    H, d = q.shape[1], q.shape[-1]
+    if (H * d) % 2:
+        raise ValueError(f"op 'rcmha': heads * head_dim must be even (sinusoid pairs), got {H * d}")
+    u, w = per_head("u", u, (H, d), q), per_head("w", w, (H, d), q)
+    wr = per_head("pos_proj", pos_proj, (H * d, H * d), q)
+    zero = q.new_zeros(H, d)
+    return (zero if u is None else u), (zero if w is None else w), wr
+
+
+def _positions(delta: Tensor, H: int, d: int, wr: Tensor | None) -> Tensor:
+    """Signed distances (n,) -> projected sinusoids per head (H, n, d)."""
+    p = sinusoid(delta, H * d)
+    p = p if wr is None else p @ wr.t()
+    return split_heads(p[None], H)[0]
+
+
+def _rcmha_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                     causal: bool = True, u: Tensor | None = None, w: Tensor | None = None,
+                     pos_proj: Tensor | None = None) -> Tensor:
+    """Float64: the relative embedding p_{i-j} materialized for every (i, j) pair, content + position scores,
+    softmax over the allowed keys (zero rows when none)."""
+    B, H, Tq, d = q.shape
+    Tk = k.shape[2]
+    qd = q.double()
+    u, w, wr = _rel_params(qd, u, w, pos_proj)
+    i = torch.arange(Tq, dtype=torch.float64, device=q.device) + q_offset
+    j = torch.arange(Tk, dtype=torch.float64, device=q.device)
+    p = _positions((i[:, None] - j[None, :]).reshape(-1), H, d, wr).view(H, Tq, Tk, d)  # p[h, i, j]: distance i - j
+    content = torch.einsum("bhid,bhjd->bhij", qd + u[None, :, None], repeat_kv(k.double(), H))
+    position = torch.einsum("bhid,hijd->bhij", qd + w[None, :, None], p)
+    s = (content + position) * scale
+    a = masked_softmax(s, dense_allowed(Tq, Tk, q_offset, causal, mask, q.device))
+    return a @ repeat_kv(v.double(), H)
+
+
+@register_op("rcmha", family="dense", papers=("L68",), summary="Transformer-XL relative position scores "
+             "((q + u).k + (q + w).p_{i-j}); the layer adds depth-wise convolutions on q/k/v",
+             options={"causal": True, "u": None, "w": None, "pos_proj": None}, reference=_rcmha_reference)
+def rcmha_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+             state: dict | None = None, causal: bool = True, u: Tensor | None = None, w: Tensor | None = None,
+             pos_proj: Tensor | None = None) -> Tensor | tuple[Tensor, dict]:
+    """q (B, H, Tq, d) at positions q_offset.. over k, v (B, Hkv, Tk, d) -> (B, H, Tq, Dv). The content term goes
+    through ``attnlab.attention`` with ``q + u``; the position term is ``(q + w)`` against one projected sinusoid
+    per distance (``Tq + Tk - 1`` of them, not ``Tq x Tk``), gathered into an additive bias. Stateless."""
+    check_free_mask("rcmha", mask, q, k)
+    B, H, T, d = q.shape
+    Tk = k.shape[2]
+    u, w, wr = _rel_params(q, u, w, pos_proj)
+    # distances q_offset + i - j for i < T, j < Tk run from q_offset - Tk + 1 to q_offset + T - 1
+    delta = torch.arange(q_offset - Tk + 1, q_offset + T, device=q.device, dtype=q.dtype)
+    p = _positions(delta, H, d, wr)  # (H, n, d)
+    rel = torch.einsum("bhid,hnd->bhin", q + w[None, :, None], p)  # (B, H, T, n)
+    i, j = torch.arange(T, device=q.device), torch.arange(Tk, device=q.device)
+    idx = i[:, None] - j[None, :] + Tk - 1  # column of distance q_offset + i - j in rel
+    bias = rel.gather(-1, idx.expand(B, H, T, Tk))
+    out = attention(q + u[None, :, None], k, v, Causal() if causal else Full(),
+                    score_mod=Bias(bias * scale, q_offset=q_offset), scale=scale, q_offset=q_offset, mask=mask)
+    return out if state is None else (out, state)
+
+
 @register("rcmha", family="layers", papers=("L68",), year=2023, config=RCMHAConfig,
           summary="depth-wise conv on q/k/v plus Transformer-XL relative position scores")
 class RCMHAttention(OpLayer):
-    """(B, T, dim) -> (B, T, dim); its attention adds the relative position term as a score bias. The decoding
-    cache holds keys/values plus the last ``conv_kernel - 1`` unconvolved projections (``state["tail"]``)."""
+    """(B, T, dim) -> (B, T, dim): depth-wise convolutions on the projections + the op ``rcmha`` with the learned
+    ``u``, ``w`` and ``W_R``. The decoding cache holds keys/values plus the last ``conv_kernel - 1`` unconvolved
+    projections (``state["tail"]``)."""
+
+    op = "rcmha"
 
     def __init__(self, cfg: RCMHAConfig) -> None:
         super().__init__(cfg)
@@ -90,18 +163,11 @@ class RCMHAttention(OpLayer):
         q, k, v = (split_heads(t, self.heads) for t in conv.split(self.dim, dim=-1))
         if cache is not None:
             k, v = cache.kv.append(k, v)
-        T, Tk = q.shape[2], k.shape[2]
-        # distances start + i - j for i < T, j < Tk run from start - Tk + 1 to start + T - 1
-        delta = torch.arange(start - Tk + 1, start + T, device=x.device, dtype=x.dtype)
-        p = split_heads(self.pos_proj(sinusoid(delta, self.dim))[None], self.heads)[0]  # (H, n, d)
-        rel = torch.einsum("bhid,hnd->bhin", q + self.w[None, :, None], p)  # (B, H, T, n)
-        i, j = torch.arange(T, device=x.device), torch.arange(Tk, device=x.device)
-        idx = i[:, None] - j[None, :] + Tk - 1  # column of distance start + i - j in rel
-        bias = rel.gather(-1, idx.expand(*rel.shape[:2], T, Tk))
-        scale = self.head_dim ** -0.5
-        o = attention(q + self.u[None, :, None], k, v, Causal() if self.causal else None,
-                      score_mod=Bias(bias * scale, q_offset=start), scale=scale)
+        o = self.spec(q, k, v, scale=self.head_dim ** -0.5, q_offset=start, **self.op_options())
         return self.out(o)
+
+    def op_options(self) -> dict:
+        return {**super().op_options(), "u": self.u, "w": self.w, "pos_proj": self.pos_proj.weight}
 
     def reference(self, x: Tensor) -> Tensor:
         """Convolution tap by tap, and the relative embedding p_{i-j} materialized for every (i, j) pair."""

@@ -13,6 +13,12 @@ Fast path: SDPA over the keys with ``k_s`` prepended and the values widened by o
 sentinel and 0 elsewhere, so the same call returns ``beta_t``; the query-dependent gate is applied afterwards.
 Deviation: the paper scores the sentinel with an additive MLP of the LSTM state; here it is a dot product
 with a learned key, so it shares the attention kernel.
+
+The op ``sentinel`` takes the sink as tensor options: ``sink_key`` (H, d) and ``sink_value`` (H, Dv) or per query
+(B, H, Tq, Dv) (the layer passes its learned key and the gated value of each query). Parameter-free defaults
+(None): a zero key and a zero value, i.e. a null sink with score 0 that only absorbs weight
+(``out = sum_j e^{s_j} v_j / (1 + sum_j e^{s_j})``, "softmax plus one"). A free mask restricts the context keys;
+the sink is always visible.
 """
 
 from __future__ import annotations
@@ -23,15 +29,73 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.attention import attention
-from attnlab.core.patterns import Causal
+from attnlab.core.patterns import Causal, Full
+from attnlab.ops.registry import register_op
 
 from ..common import split_heads
 from ..heads import HeadsConfig, OpLayer
 from ..registry import register
+from ._scored import check_free_mask, dense_allowed, per_head, repeat_kv
+
+
+def _sink(q: Tensor, v: Tensor, sink_key: Tensor | None, sink_value: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The sink key (H, d) and value (B|1, H, Tq|1, Dv), defaults filled (zeros)."""
+    B, H, Tq, d = q.shape
+    Dv = v.shape[-1]
+    ks = per_head("sink_key", sink_key, (H, d), q)
+    ks = q.new_zeros(H, d) if ks is None else ks
+    if sink_value is None:
+        vs = v.new_zeros(1, H, 1, Dv)
+    elif isinstance(sink_value, Tensor) and sink_value.dim() == 2:
+        vs = per_head("sink_value", sink_value, (H, Dv), v)[None, :, None, :]
+    else:
+        vs = per_head("sink_value", sink_value, (B, H, Tq, Dv), v)
+    return ks, vs
+
+
+def _sentinel_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int,
+                        mask: Tensor | None = None, causal: bool = True, sink_key: Tensor | None = None,
+                        sink_value: Tensor | None = None) -> Tensor:
+    """Float64: one softmax over [allowed keys ; sink] with the weights materialized; out = alpha v + beta v_s."""
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    qd = q.double()
+    ks, vs = _sink(qd, v.double(), sink_key, sink_value)
+    s = torch.einsum("bhid,bhjd->bhij", qd, repeat_kv(k.double(), H)) * scale
+    ok = dense_allowed(Tq, Tk, q_offset, causal, mask, q.device).expand_as(s)
+    s = s.masked_fill(~ok, -torch.inf)
+    s_sink = torch.einsum("bhid,hd->bhi", qd, ks)[..., None] * scale
+    w = torch.softmax(torch.cat([s, s_sink], dim=-1), dim=-1)
+    return w[..., :Tk] @ repeat_kv(v.double(), H) + w[..., Tk:] * vs
+
+
+@register_op("sentinel", family="dense", papers=("L246",), summary="a sink key/value every query may attend to "
+             "instead of the context (learned and gated per query in the layer; a null sink by default)",
+             options={"causal": True, "sink_key": None, "sink_value": None}, reference=_sentinel_reference)
+def sentinel_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                state: dict | None = None, causal: bool = True, sink_key: Tensor | None = None,
+                sink_value: Tensor | None = None) -> Tensor | tuple[Tensor, dict]:
+    """q (B, H, Tq, d) at positions q_offset.. over k, v (B, Hkv, Tk, d) -> (B, H, Tq, Dv). One attention call over
+    the keys with the sink prepended; values widened by a channel that is 1 for the sink only, so the same call
+    returns the sink's weight ``beta``, which then scales the (per-query) sink value. Stateless."""
+    check_free_mask("sentinel", mask, q, k)
+    B, H, Tq, d = q.shape
+    Dv = v.shape[-1]
+    ks, vs = _sink(q, v, sink_key, sink_value)
+    if k.shape[1] != H:  # the sink key is per query head
+        k, v = repeat_kv(k, H), repeat_kv(v, H)
+    k_aug = torch.cat([ks.to(k.dtype)[None, :, None, :].expand(B, H, 1, d), k], dim=2)
+    one = torch.cat([v.new_zeros(B, H, 1, Dv), v.new_ones(B, H, 1, 1)], dim=-1)
+    v_aug = torch.cat([one, torch.cat([v, v.new_zeros(*v.shape[:3], 1)], dim=-1)], dim=2)
+    if mask is not None:  # the sink (key 0) is always visible
+        mask = torch.cat([mask.new_ones(*mask.shape[:3], 1), mask], dim=-1)
+    # the sink sits at index 0: the query at position p sees it and the keys <= p (offset one more)
+    o = attention(q, k_aug, v_aug, Causal() if causal else Full(), scale=scale, q_offset=q_offset + 1, mask=mask)
+    out = o[..., :Dv] + o[..., Dv:] * vs
+    return out if state is None else (out, state)
 
 
 class Sentinel(nn.Module):
-    """A learned key/value sink per head with a per-query gate; ``attend`` replaces plain attention."""
+    """A learned key/value sink per head with a per-query gate: the ``sentinel`` op's options."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -44,19 +108,6 @@ class Sentinel(nn.Module):
     def gated_value(self, x: Tensor) -> Tensor:
         """x: (B, T, dim) -> the sentinel value per query, (B, H, T, d)."""
         return torch.sigmoid(split_heads(self.gate(x), self.heads)) * self.value[None, :, None, :]
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, causal: bool) -> Tensor:
-        """q: (B, H, Tq, d) at the last Tq of the Tk key positions; k, v: (B, H, Tk, d); x: (B, Tq, dim)."""
-        B, H, _, d = k.shape
-        ks = self.key.to(k.dtype)[None, :, None, :].expand(B, H, 1, d)
-        vs = torch.cat([self.value, torch.ones_like(self.value[:, :1])], dim=-1)  # (H, d + 1)
-        vs = vs[None, :, None, :].expand(B, H, 1, d + 1)
-        k_aug = torch.cat([ks, k], dim=2)
-        v_aug = torch.cat([vs, torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)], dim=2)
-        # the sentinel sits at index 0: with bottom-right alignment query t sees it and the keys <= t
-        o = attention(q, k_aug, v_aug, Causal() if causal else None)
-        beta = o[..., -1:]
-        return o[..., :-1] + beta * (self.gated_value(x) - self.value[None, :, None, :])
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, causal: bool) -> Tensor:
         """Plain softmax over [keys ; sentinel] with the weights materialized (q, k, v from position 0)."""
@@ -82,7 +133,9 @@ class SentinelConfig(HeadsConfig):
 @register("sentinel", family="layers", papers=("L246",), year=2017, config=SentinelConfig,
           summary="learned gated sentinel key/value every query may attend to instead of the context")
 class SentinelAttention(OpLayer):
-    """(B, T, dim) -> (B, T, dim); the sentinel's attention (keys with the learned sink prepended) is its own."""
+    """(B, T, dim) -> (B, T, dim): projections + the op ``sentinel`` with the learned sink key and gated value."""
+
+    op = "sentinel"
 
     def __init__(self, cfg: SentinelConfig) -> None:
         super().__init__(cfg)
@@ -90,8 +143,9 @@ class SentinelAttention(OpLayer):
 
     def forward(self, x: Tensor, cache=None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim)."""
-        q, k, v, _ = self.qkv_cached(x, cache)
-        return self.out(self.sentinel.attend(q, k, v, x, self.causal))
+        q, k, v, start = self.qkv_cached(x, cache)
+        opts = {**self.op_options(), "sink_key": self.sentinel.key, "sink_value": self.sentinel.gated_value(x)}
+        return self.out(self.spec(q, k, v, scale=self.head_dim ** -0.5, q_offset=start, **opts))
 
     def reference(self, x: Tensor) -> Tensor:
         q, k, v = self.project(x, 0)

@@ -17,7 +17,7 @@ from torch import Tensor
 from ...core.checks import positive_int
 from ...core.linear import MODES
 from ...ops.linear import FEATURE_MAPS, feature_map, kernel_scores
-from ..heads import HeadsConfig, one_of
+from ..heads import HeadsConfig, OpLayer, one_of
 
 # the heads options a linear layer does not take: full heads of dim // heads, always causal, positions by decay
 LINEAR_FIXED = ("kv_heads", "head_dim", "causal", "rope", "rope_base")
@@ -39,6 +39,19 @@ class LinearHeadsConfig(HeadsConfig):
     def validate(self) -> None:
         one_of("mode", self.mode, MODES)
         positive_int("chunk", self.chunk)
+
+
+class LinearLayer(OpLayer):
+    """The base of this family's layers: an :class:`OpLayer` with full heads of width ``d`` and ``qkv(x)``, the
+    plain projections from position 0 (their references read them)."""
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, dim) -> q, k, v (B, H, T, d) without a cache."""
+        return self.project(x, 0)
 
 
 def causal_mask(T: int, device: torch.device | str) -> Tensor:
@@ -65,5 +78,5 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, past: Tensor | None) -> tup
     return y, xx[:, xx.shape[1] - (w - 1) :]
 
 
-__all__ = ["FEATURE_MAPS", "LINEAR_FIXED", "LinearHeadsConfig", "causal_depthwise_conv", "causal_mask",
+__all__ = ["FEATURE_MAPS", "LINEAR_FIXED", "LinearHeadsConfig", "LinearLayer", "causal_depthwise_conv", "causal_mask",
            "feature_dim", "feature_map", "kernel_scores"]

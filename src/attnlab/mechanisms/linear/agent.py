@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ..heads import OpLayer
 from ..registry import register
-from ._common import LinearHeadsConfig, causal_mask
+from ._common import LinearHeadsConfig, LinearLayer, causal_mask
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class AgentConfig(LinearHeadsConfig):
     summary="Agent attention: softmax from n agent tokens to keys, then from queries to agents; causal, O(n d) state",
     config=AgentConfig,
 )
-class AgentAttention(OpLayer):
+class AgentAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H * n * (d + 2)`` numbers at any length. Op
     ``cumulative_softmax`` over the agent logits, read by the softmax of the query logits."""
 
@@ -51,10 +50,6 @@ class AgentAttention(OpLayer):
     def __init__(self, cfg: AgentConfig) -> None:
         super().__init__(cfg)
         self.agent_tokens = nn.Parameter(torch.randn(cfg.heads, cfg.agents, cfg.d) / math.sqrt(cfg.d))
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
 
     def _logits(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = super().project(x, 0)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..heads import LayerCache, OpLayer
+from ..heads import LayerCache
 from ..registry import register
-from ._common import LinearHeadsConfig, causal_mask
+from ._common import LinearHeadsConfig, LinearLayer, causal_mask
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def _prefix(x: Tensor, past: Tensor | None) -> Tensor:
     summary="Flow-Attention: flow-conservation normalization (source competition, sink allocation), causal",
     config=FlowformerConfig,
 )
-class FlowAttention(OpLayer):
+class FlowAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H * (d^2 + 4 d + 1)`` numbers at any length. The aggregation
     is op ``linear`` (identity features, no denominator); the flow sums are running sums kept in the state."""
 
@@ -50,13 +50,6 @@ class FlowAttention(OpLayer):
 
     def __init__(self, cfg: FlowformerConfig) -> None:
         super().__init__(cfg)
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         start = self.check_cache(x, cache)

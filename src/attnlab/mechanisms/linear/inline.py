@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checks import nonneg_int
-from ..heads import LayerCache, OpLayer
+from ..heads import LayerCache
 from ..registry import register
-from ._common import FEATURE_MAPS, LinearHeadsConfig, causal_mask, feature_map
+from ._common import FEATURE_MAPS, LinearHeadsConfig, LinearLayer, causal_mask, feature_map
 
 INLINE_MAPS = tuple(f for f in FEATURE_MAPS if f != "taylor")
 
@@ -49,7 +49,7 @@ class InLineConfig(LinearHeadsConfig):
     summary="InLine: injective linear attention (subtractive normalization) plus a learned local window term",
     config=InLineConfig,
 )
-class InLineAttention(OpLayer):
+class InLineAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H * (d (d + 1) + d + (window - 1) d)`` numbers. Op ``linear``
     (no denominator) on values with a column of ones, so one state holds ``S`` and ``z``."""
 
@@ -58,13 +58,6 @@ class InLineAttention(OpLayer):
     def __init__(self, cfg: InLineConfig) -> None:
         super().__init__(cfg)
         self.r_proj = nn.Linear(cfg.dim, cfg.heads * cfg.window) if cfg.window else None
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def _local(self, x: Tensor, v: Tensor, past_v: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """sum_{o < w} r_{i,o} v_{i-o}; v (B, H, T, d), past_v (B, H, w - 1, d)."""

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from ...core.checks import positive_int
 from ..common import merge_heads
-from ..heads import LayerCache, OpLayer
+from ..heads import LayerCache
 from ..registry import register
-from ._common import LinearHeadsConfig, causal_depthwise_conv, causal_mask
+from ._common import LinearHeadsConfig, LinearLayer, causal_depthwise_conv, causal_mask
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class L2ViTConfig(LinearHeadsConfig):
     summary="L2ViT linear global attention (ReLU kernel) + local concentration module (two causal depthwise convs)",
     config=L2ViTConfig,
 )
-class L2ViTAttention(OpLayer):
+class L2ViTAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H d (d + 1) + 2 (lcm_kernel - 1) dim`` numbers. Op ``linear``
     (ReLU features, row-normalized), then the local concentration module."""
 
@@ -51,13 +51,6 @@ class L2ViTAttention(OpLayer):
         super().__init__(cfg)
         self.conv1 = nn.Parameter(torch.randn(cfg.dim, cfg.lcm_kernel) / cfg.lcm_kernel)
         self.conv2 = nn.Parameter(torch.randn(cfg.dim, cfg.lcm_kernel) / cfg.lcm_kernel)
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def op_options(self) -> dict:
         c = self.cfg

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..common import merge_heads
-from ..heads import OpLayer
 from ..registry import register
-from ._common import LinearHeadsConfig, causal_mask
+from ._common import LinearHeadsConfig, LinearLayer, causal_mask
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class LightNetConfig(LinearHeadsConfig):
     summary="LightNet additive linear recurrence: per-feature softmax of keys over the prefix, one scan",
     config=LightNetConfig,
 )
-class LightNetAttention(OpLayer):
+class LightNetAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H * d * (d + 2)`` numbers at any length. Op
     ``cumulative_softmax`` with silu query features, then the RMS norm and the output gate."""
 
@@ -44,13 +43,6 @@ class LightNetAttention(OpLayer):
     def __init__(self, cfg: LightNetConfig) -> None:
         super().__init__(cfg)
         self.g_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def op_options(self) -> dict:
         return {"q_map": "silu", "mode": self.cfg.mode, "chunk": self.cfg.chunk}

@@ -21,9 +21,8 @@ from torch import Tensor
 from ...core.checks import nonneg_int, positive_int
 from ...core.linear import state_numbers
 from ...ops.linear import lightning_log_decay
-from ..heads import OpLayer
 from ..registry import register
-from ._common import LinearHeadsConfig, causal_mask
+from ._common import LinearHeadsConfig, LinearLayer, causal_mask
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class LightningConfig(LinearHeadsConfig):
     summary="Lightning Attention-2: per-head decayed linear attention, intra-block quadratic + inter-block state",
     config=LightningConfig,
 )
-class LightningAttention(OpLayer):
+class LightningAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``H * d * d`` numbers at any length. Op ``lightning`` (silu
     features and the decays inside), then the output RMS norm."""
 
@@ -63,10 +62,6 @@ class LightningAttention(OpLayer):
     def __init__(self, cfg: LightningConfig) -> None:
         super().__init__(cfg)
 
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
     def log_decay(self) -> Tensor:
         """(H,) log lambda_h <= 0."""
         c = self.cfg
@@ -74,9 +69,6 @@ class LightningAttention(OpLayer):
 
     def _norm(self, o: Tensor) -> Tensor:
         return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from ...core.checks import positive_int
 from ...core.linear import state_numbers
-from ..heads import OpLayer, one_of
+from ..heads import one_of
 from ..registry import preset, register
-from ._common import LinearHeadsConfig, causal_mask, feature_dim, feature_map, kernel_scores
+from ._common import LinearHeadsConfig, LinearLayer, causal_mask, feature_dim, feature_map, kernel_scores
 
 MAPS = ("elu1", "relu", "taylor", "cosformer")
 
@@ -57,7 +57,7 @@ class LinearAttentionConfig(LinearHeadsConfig):
     summary="causal linear attention, feature maps elu+1 / ReLU / Taylor (Based) / cosFormer; O(1) decoding state",
     config=LinearAttentionConfig,
 )
-class LinearAttention(OpLayer):
+class LinearAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); state ``H * F * (d + 1)`` numbers at any length. Op ``linear`` on the layer's
     own features (cosFormer's depend on absolute positions)."""
 
@@ -67,10 +67,6 @@ class LinearAttention(OpLayer):
         qk = cfg.feature_dim if cfg.feature_map == "taylor" else cfg.d
         super().__init__(cfg, qk_dim=qk)
         self.qk_dim = qk
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
 
     @property
     def F(self) -> int:

@@ -9,6 +9,11 @@ recurrent key/value of every earlier chunk and to the current chunk's recurrent 
 
 ``L`` is the dial: ``L = 1`` is softmax attention, ``L = T`` a pure recurrence. Decoding keeps one summary per
 finished chunk plus the running in-chunk state: ``2 * dim * (T // L + 1)`` numbers (grows as ``T / L``).
+
+Not an op (``op = None``): the core is not a function of q, k, v. The forget gate ``f_t`` is computed from the
+hidden state ``X_t`` (a ``dim x dim`` projection, not a small per-head parameter), and what a query attends is the
+recurrence's chunk summaries, not the projected keys and values, so neither a KV cache nor a q/k/v state can
+carry it; the layer keeps its own code.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from torch import Tensor, nn
 
 from ...core.checks import positive_int
 from ..common import split_heads
-from ..heads import LayerCache, OpLayer
+from ..heads import LayerCache
 from ..registry import register
-from ._common import LINEAR_FIXED, LinearHeadsConfig
+from ._common import LINEAR_FIXED, LinearHeadsConfig, LinearLayer
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class RATConfig(LinearHeadsConfig):
     summary="RAT: gated recurrence inside chunks of L tokens, softmax attention over chunk summaries",
     config=RATConfig,
 )
-class RATAttention(OpLayer):
+class RATAttention(LinearLayer):
     """(B, T, dim) -> (B, T, dim); O(T^2 / L) attention, decoding state ``2 * dim * (T // L + 1)``."""
 
     op = None  # the recurrence and the chunk-summary softmax are the layer's own code
@@ -58,13 +63,6 @@ class RATAttention(OpLayer):
     def __init__(self, cfg: RATConfig) -> None:
         super().__init__(cfg)
         self.f_proj = nn.Linear(cfg.dim, cfg.dim)
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)

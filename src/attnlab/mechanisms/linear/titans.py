@@ -39,6 +39,11 @@ exactly the full forward's rule, so decoding token by token (or in any split) eq
 
 Not included: persistent memory tokens, and the MAC / MAG / MAL combinations with attention (a hybrid stack of
 ``titans`` and ``mha`` layers is the MAL layout).
+
+Not an op (``op = None``): the core is not a function of q, k, v. The memory is trained at test time with gates
+``alpha, eta, theta`` computed from the hidden state ``x`` (a projection, not a small per-head parameter), and a
+deep memory's initial weights are learned parameters of the outer loop; there are no attention weights over keys
+to compute from q and k, so the layer keeps its own code.
 """
 
 from __future__ import annotations
@@ -51,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.checks import positive_int
-from ..heads import LayerCache, OpLayer
+from ..heads import LayerCache
 from ..registry import register
-from ._common import LINEAR_FIXED, LinearHeadsConfig
+from ._common import LINEAR_FIXED, LinearHeadsConfig, LinearLayer
 
 Weights = tuple[Tensor, ...]  # per-layer memory weights, each (B, H, d_out, d_in)
 
@@ -96,7 +101,7 @@ def _dsilu(z: Tensor) -> Tensor:
     "gradients at the chunk start",
     config=TitansConfig,
 )
-class TitansMemory(OpLayer):
+class TitansMemory(LinearLayer):
     """(B, T, dim) -> (B, T, dim); decoding state ``3 H P`` numbers (memory, momentum, chunk-start memory), with
     ``P`` the memory's weights per head (``d^2`` at depth 1)."""
 
@@ -121,13 +126,6 @@ class TitansMemory(OpLayer):
         """log(1 - alpha), log eta, theta: (B, H, T) each."""
         g = self.gates(x).view(x.shape[0], x.shape[1], 3, self.heads).permute(2, 0, 3, 1)  # (3, B, H, T)
         return F.logsigmoid(-g[0]), F.logsigmoid(g[1]), torch.sigmoid(g[2])
-
-    @property
-    def d(self) -> int:
-        return self.cfg.d
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(x, 0)
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, tile_attention
 from attnlab.ops.sparse import (
     ALL,
@@ -54,7 +55,7 @@ def select_tokens(q: Tensor, k: Tensor, top_k: int, always: int = 1, scale: floa
     with torch.no_grad():
         s = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * default_scale(D, scale)
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-        score = torch.softmax(s.masked_fill(~causal, float("-inf")), -1).sum((1, 2))  # (B, Tk)
+        score = masked_softmax(s, causal).sum((1, 2))  # (B, Tk)
         keep = torch.zeros(B, Tk, dtype=torch.bool, device=q.device)
         keep.scatter_(-1, score.topk(min(top_k, Tk), dim=-1).indices, True)
         keep[:, max(0, Tk - always) :] = True
@@ -103,7 +104,7 @@ def select_row_sets(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset:
             r1 = min(Tq, r0 + chunk)
             vis = torch.arange(Tk, device=q.device).view(1, Tk) <= qpos[0, r0:r1]
             s = (q[:, :, r0:r1] @ kk.transpose(-1, -2)) * scale
-            score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, r, Tk)
+            score = masked_softmax(s, vis).sum(1)  # (B, r, Tk)
             top[:, r0:r1] = score.topk(n, dim=-1).indices
     recent = qpos - always + 1 + torch.arange(always, device=q.device)  # (1, Tq, always)
     top_ok = (top <= qpos) & (top <= qpos - always)  # visible, and not already among the recent ones
@@ -138,7 +139,7 @@ def _delta_select_weights(q: Tensor, k: Tensor, *, q_offset: int, scale: float |
     scale = default_scale(D, scale)
     vis = causal_rows(Tq, Tk, q_offset, q.device)
     s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(H // k.shape[1], 1)) * scale
-    score = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).sum(1)  # (B, Tq, Tk)
+    score = masked_softmax(s, vis).sum(1)  # (B, Tq, Tk)
     mask = torch.zeros(B, Tq, Tk, dtype=torch.bool, device=q.device)
     mask.scatter_(-1, score.topk(min(top_k, Tk), dim=-1).indices, True)
     i = (torch.arange(Tq, device=q.device) + q_offset).view(Tq, 1)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, masked_reference, tile_attention
 from attnlab.ops.sparse import ALL, check_prefill, prefill_end, sampled_dense, sparse_op
 
@@ -48,7 +49,7 @@ def full_step(q: Tensor, k: Tensor, v: Tensor, top_k: int, scale: float | None =
     rep = H // Hkv
     s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale  # a full step reads every key anyway
     causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    p = masked_softmax(s, causal)
     keys = p[:, :, -1].detach().topk(min(top_k, Tk), dim=-1).indices
     return p @ v.repeat_interleave(rep, 1), keys
 
@@ -193,7 +194,7 @@ def recorded_keys(q: Tensor, k: Tensor, rows: Tensor, q_offset: int, top_k: int,
             rr = rows[c0 : c0 + chunk]
             vis = torch.arange(Tk, device=q.device).view(1, Tk) <= (rr + q_offset).view(-1, 1)
             s = (q[:, :, rr] @ kk.transpose(-1, -2)) * D**-0.5
-            pos[:, :, c0 : c0 + len(rr)] = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).topk(n, -1).indices
+            pos[:, :, c0 : c0 + len(rr)] = masked_softmax(s, vis).topk(n, -1).indices
     return pos, pos <= (rows + q_offset).view(1, 1, -1, 1)
 
 
