@@ -26,3 +26,18 @@ def test_layers_section_times_grid_layers_without_error_rows():
     for r in rows.values():
         assert r["note"] == "" and r["forward_s"] > 0 and r["speedup_fwd"] > 0, r
     assert rows["care"]["decode_ms"] is None and rows["mha"]["decode_ms"] > 0  # care does not decode
+
+
+def test_length_bounded_layers_get_room_for_the_timed_decode_steps():
+    """super_attn accepts at most max_len positions; the section sizes it to the length plus the decode steps, so
+    a length equal to the default bound still times instead of erroring (the demo's 1024 row did)."""
+    from attnlab.bench import layers as bench_layers
+
+    entry = get("super_attn")
+    layer = bench_layers._build(entry, "cpu", 32)
+    assert layer.cfg.max_len == 32 + 64
+    assert bench_layers._build(get("dhsa"), "cpu", 32).cfg.max_len == 64  # dhsa's max_len is a chunk length
+    ctx = SpeedContext(quick=True, lengths=(32,), backward=False, device="cpu", dtype=torch.float32,
+                       peak_gflops=1.0, only=("super_attn",))
+    rows = {r["mechanism"]: r for r in run(ctx).rows}
+    assert rows["super_attn"]["note"] == "" and rows["super_attn"]["decode_ms"] > 0

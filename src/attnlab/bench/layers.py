@@ -40,6 +40,9 @@ def grid_options(entry: Any, length: int) -> dict[str, Any]:
 def _build(entry: Any, device: str, length: int) -> torch.nn.Module:
     fields = set(config_options(entry.config))
     opts = {k: v for k, v in (("dim", DIM), ("heads", HEADS)) if k in fields}
+    bound = getattr(entry.cls, "length_option", None)  # the option bounding the sequence length, if any
+    if bound in fields:  # room for the length plus the decode steps timed after it
+        opts[bound] = length + 64
     return build(entry.name, **opts, **grid_options(entry, length)).to(device)
 
 

@@ -43,6 +43,8 @@ class SuperAttention(OpLayer):
     """(B, T, dim) -> (B, T, dim): the aligned values, then op ``sdpa``. The decoding cache holds the input slices
     (the keys) and the mixed values."""
 
+    length_option = "max_len"  # the config option bounding the sequence length (benchmarks size it)
+
     def __init__(self, cfg: SuperAttnConfig) -> None:
         super().__init__(cfg, proj="qo")
         self.align = nn.Parameter(torch.eye(cfg.max_len))  # W_A
