@@ -32,6 +32,7 @@ def rank_step(rank: int, port: int, out: str, wrap: Callable[[nn.Module], nn.Mod
         grads = {n: full_grad(p.grad) for n, p in named}  # every rank joins a gather of sharded gradients
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, out)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
