@@ -258,10 +258,7 @@ def _diag_forward(q, k, v, block, scale):
     o, lse = o.view(-1, ns, sub, Dv), lse.view(-1, ns, sub)
     for i in range(1, ns):
         oi, li = flash(Q[:, i].unsqueeze(1), K[:, None, : i * sub], V[:, None, : i * sub], 0.0, False, scale=scale)
-        oi, li = oi.squeeze(1), li.squeeze(1)
-        L = torch.logaddexp(lse[:, i], li)
-        o[:, i].mul_(torch.exp(lse[:, i] - L).unsqueeze(-1)).addcmul_(torch.exp(li - L).unsqueeze(-1), oi)
-        lse[:, i] = L
+        o[:, i], lse[:, i] = lse_merge([(o[:, i], lse[:, i]), (oi.squeeze(1), li.squeeze(1))])
     return [(_diag_unlayout(o.view(-1, 1, block, Dv), B, H, T), _diag_unlayout(lse.view(-1, 1, block), B, H, T),
              None, None)]
 
