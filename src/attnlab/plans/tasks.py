@@ -10,6 +10,8 @@ Tasks (RULER / InfiniteBench style, written from their descriptions):
 * ``niah``      -- single needle: "One of the special magic numbers for <word> is: <7 digits>." in a
   haystack of varied sentences; the question names the word;
 * ``multikey``  -- several needles with different keys; one is asked (the others are distractors);
+* ``multivalue`` -- RULER's multi-value needle: one key with 4 different 7-digit values at spread depths;
+  asked for all of them (score: fraction of the values named);
 * ``vartrack``  -- variable tracking: ``VAR A = 12345`` then a chain ``VAR B = VAR A`` ... hidden in noise;
   asked which variables hold the value (score: fraction of the chain named);
 * ``cwe``       -- common words extraction: a numbered word list where a few words repeat often;
@@ -18,6 +20,9 @@ Tasks (RULER / InfiniteBench style, written from their descriptions):
 * ``kv``        -- key-value retrieval: a JSON object of random hex keys and values; asked the value of a key.
 
 ``Sample.score(text)`` maps the generated continuation to [0, 1].
+
+:func:`depth_grid` places the needle of the single-depth tasks at every (length, depth) of a grid, from the
+start of the haystack (0.0) to right before the question (1.0).
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TASKS = ("passkey", "niah", "multikey", "vartrack", "cwe", "fwe", "kv")
+TASKS = ("passkey", "niah", "multikey", "vartrack", "cwe", "fwe", "kv", "multivalue")
+#: tasks whose answer sits at one depth (multivalue: its first value's), the ones :func:`depth_grid` takes
+DEPTH_TASKS = ("passkey", "niah", "multikey", "kv", "multivalue")
+#: the whole context, with the last 2% (where recency-biased methods differ) sampled twice
+DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.98, 1.0)
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 FULL_LENGTHS = (1024, 2048, 4096, 8192)
 
@@ -159,6 +168,24 @@ def multikey(tok: Any, length: int, seed: int = 0, depth: float | None = None) -
     return niah(tok, length, seed, depth, keys=4)
 
 
+def multivalue(tok: Any, length: int, seed: int = 0, depth: float | None = None, values: int = 4) -> Sample:
+    """One key with ``values`` different 7-digit values, asked for all of them (recall). The first sits at
+    ``depth``, the others ``1 / values`` of the haystack apart from it and from each other (wrapping around),
+    so every region of the context holds one: a method must keep several far-apart places."""
+    rng = random.Random(f"multivalue-{values}-{seed}-{length}")
+    word = rng.choice(_WORDS)
+    vals = [str(v) for v in rng.sample(range(1000000, 10000000), values)]
+    depth = rng.uniform(0.05, 0.95) if depth is None else depth
+    depths = [depth] + [(depth + k / values) % 1.0 for k in range(1, values)]
+    needles = [(d, f"One of the special magic numbers for {word} is: {v}. ") for d, v in zip(depths, vals)]
+    head = "Some special magic numbers are hidden within the following text. Make sure to memorize them. " \
+           "I will quiz you about the numbers afterwards.\n"
+    tail = f"\nWhat are all the special magic numbers for {word} mentioned in the provided text? " \
+           f"The special magic numbers for {word} mentioned in the provided text are"
+    ids = _assemble(tok, length, head, needles, tail, _Hay(tok, _essay(rng, 64)))
+    return Sample("multivalue", tuple(ids), tuple(vals), length, depth, 12 * values, mode="recall")
+
+
 def vartrack(tok: Any, length: int, seed: int = 0, depth: float | None = None, hops: int = 3) -> Sample:
     rng = random.Random(f"vartrack-{seed}-{length}")
     names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(hops + 1)]
@@ -249,6 +276,7 @@ def kv(tok: Any, length: int, seed: int = 0, depth: float | None = None) -> Samp
 
 GENERATORS: dict[str, Callable[..., Sample]] = {
     "passkey": passkey, "niah": niah, "multikey": multikey, "vartrack": vartrack, "cwe": cwe, "fwe": fwe, "kv": kv,
+    "multivalue": multivalue,
 }
 
 
@@ -260,4 +288,32 @@ def make_samples(tok: Any, task: str, length: int, n: int, seed: int = 0) -> lis
     return [GENERATORS[task](tok, length, seed=seed * 1000 + i, depth=depths[i]) for i in range(n)]
 
 
-__all__ = ["DEFAULT_LENGTHS", "FULL_LENGTHS", "GENERATORS", "Sample", "TASKS", "make_samples", *TASKS]
+def depth_grid(tok: Any, task: str, lengths: Sequence[int] | int, depths: Sequence[float] | None = None,
+               seed: int = 0) -> list[Sample]:
+    """One sample of ``task`` at every (length, depth): the needle (multivalue: its first value) after a
+    ``depth`` fraction of the haystack -- 0.0 right after the instructions, 1.0 right before the question.
+
+    Args:
+        tok: the model's tokenizer; every prompt is exactly ``length`` of its tokens.
+        task: one of :data:`DEPTH_TASKS` (tasks with a single needle depth).
+        lengths: prompt lengths in tokens (an int for one).
+        depths: fractions in [0, 1]; default :data:`DEFAULT_DEPTHS` (0.0 ... 0.9, 0.98, 1.0).
+        seed: the sample at depth index ``i`` uses generator seed ``seed * 1000 + i`` (fresh keys per depth).
+    Returns: samples ordered by length, then depth.
+    Raises: ValueError for an unknown task, a task without a single needle depth, or a depth outside [0, 1].
+    """
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if task not in DEPTH_TASKS:
+        raise ValueError(f"task {task!r} has no single needle depth; depth_grid takes {DEPTH_TASKS}")
+    depths = DEFAULT_DEPTHS if depths is None else tuple(float(d) for d in depths)
+    bad = [d for d in depths if not 0.0 <= d <= 1.0]
+    if bad:
+        raise ValueError(f"depths must lie in [0, 1], got {bad}")
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    return [GENERATORS[task](tok, length, seed=seed * 1000 + i, depth=d)
+            for length in lengths for i, d in enumerate(depths)]
+
+
+__all__ = ["DEFAULT_DEPTHS", "DEFAULT_LENGTHS", "DEPTH_TASKS", "FULL_LENGTHS", "GENERATORS", "Sample", "TASKS",
+           "depth_grid", "make_samples", *TASKS]
