@@ -13,6 +13,7 @@ COMMANDS = [
     "attnlab.inspect.cli",
     "attnlab.demo",
     "attnlab.plans.cli",
+    "attnlab.frontier.cli",
 ]
 
 

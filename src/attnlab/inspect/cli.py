@@ -14,7 +14,9 @@ def register(subparsers) -> None:
         "induction, retrieval, lookback, positional profile, importance, rollout/flow) and write a head atlas "
         "(JSON, CSV) with a self-contained HTML report and PNGs.",
     )
-    p.add_argument("--model", default="smollm2", help="smollm2, minilm, a local HF folder or a .gguf file")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2, gemma3 (Gemma 3 270M: sliding-window layers keep their 512-key window), minilm, "
+                        "a local HF folder or a .gguf file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="text for the base probe (replaces the built-in paragraph)")
     src.add_argument("--file", help="read the base probe's text from this file")
@@ -23,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output folder (default runs/inspect-<stamp>)")
     p.add_argument("--compare", help="another atlas.json to compare with in the report")
     p.add_argument("--plan", help="a per-head plan JSON (attnlab plan ...): record the atlas of the model "
-                   "running that plan (hooks compose with it: every metric is the plan's attention)")
+                   "running that plan (hooks compose with it: every metric is the plan's attention; a model's "
+                   "sliding-window layers keep their own window)")
     p.add_argument("--importance", default="gradient", choices=["none", "gradient", "ablation", "both"],
                    help="head importance: gradient (one backward) and/or ablation (one forward per head)")
     p.add_argument("--max-tokens", type=int, default=None, help="truncate the base probe to this many tokens")
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     plan = None
     if args.plan:
         from ..plans.plan import HeadPlan
+        from ..plans.sources import with_model_windows
 
         try:
             plan = HeadPlan.load(args.plan)
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"error: --plan {args.plan}: {e}")
             return 2
+        plan = with_model_windows(model, plan)  # a local layer never sees beyond the model's window
     name = Path(args.model).name + (f" under {plan.name}" if plan is not None else "")
     with progress(total, f"inspect {name}") as advance, (hf.use(model, plan) if plan is not None else nullcontext()):
         atlas = build_atlas(model, tok, probes, name=name, text=text, cfg=cfg,

@@ -46,6 +46,11 @@ def ablation_importance(model: nn.Module, ids: Tensor, batch: int = 16, on_batch
     """``(L, H)`` loss increase when each head is zeroed; ids ``(1, T)``."""
     g = hf.geometry(model)
     heads = [(layer, h) for layer in range(g.num_layers) for h in range(g.num_heads)]
+    if _is_lm(model):
+        # a batch's logits are (batch, T, vocab) floats, twice over in the loss: cap them near 64M entries
+        # (Gemma 3's 262k vocabulary: 5 copies of 48 tokens; SmolLM2's 49k keeps the default 16)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        batch = max(1, min(batch, (1 << 26) // max(1, ids.shape[1] * vocab)))
     out = torch.zeros(g.num_layers, g.num_heads, dtype=torch.float64)
     with torch.no_grad():
         base = _per_sequence_loss(model, ids)

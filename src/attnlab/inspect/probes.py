@@ -131,8 +131,11 @@ def retrieval_probe(tok, filler_sentences: int = 12, needle_words: int = 6, seed
     ans_tok = _span_tokens(offsets, len(prefix), len(text))
     needle_ids = {ids[i] for i in needle_tok}
     rows = [i - 1 for i in ans_tok if ids[i] in needle_ids]
+    # logits only from the first answer row on: the score reads predictions there, and all T rows would
+    # cost T x vocab (Gemma 3's 262k vocabulary: 1 MiB per row)
+    keep = len(ids) - min(rows) if rows else 1
     return Probe("retrieval", torch.tensor([ids]), token_labels(tok, ids), ProbeSpec(),
-                 needle_pos=torch.tensor(needle_tok), answer_rows=torch.tensor(rows), logits_rows=0,
+                 needle_pos=torch.tensor(needle_tok), answer_rows=torch.tensor(rows), logits_rows=keep,
                  info={"needle": words, "needle_tokens": len(needle_tok), "answer_rows": len(rows)})
 
 

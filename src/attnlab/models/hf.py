@@ -593,13 +593,17 @@ class NativeRunner(OpRunner):
     path computes the masked full square); full layers run the model's own SDPA call (causal, no mask
     materialized). Decoding uses the model's own cache (``DynamicCache(config=...)``), whose sliding layers keep
     only their window: the op reads the keys it gets as the newest ones (a window is shift-invariant).
+    ``ops_per_layer`` (as :class:`OpRunner`'s) runs ops on chosen layers, the model's own rule elsewhere; an op
+    on a sliding layer must see every key, which the model's cache does not keep (it raises saying so).
     """
 
-    def __init__(self) -> None:
-        super().__init__({})
+    def __init__(self, ops_per_layer: Mapping[int, tuple[OpSpec, Mapping[str, Any]]] | None = None) -> None:
+        super().__init__(ops_per_layer)
 
     def attend(self, layer: int, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None,
                scale: float, q_offset: int) -> Tensor:
+        if layer in self.ops:  # a method on this layer (the frontier puts them on the full layers)
+            return super().attend(layer, module, q, k, v, mask=mask, scale=scale, q_offset=q_offset)
         call: CallInfo = module.__dict__.get("_attnlab_call") or CallInfo()
         if not call.sliding or not getattr(module, "is_causal", False):
             return default_attention(module, q, k, v, mask, scale)

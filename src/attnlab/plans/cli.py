@@ -1,5 +1,9 @@
 """``attnlab plan`` (build a per-head plan, print its grid) and ``attnlab eval`` (run plans on long-context
-tasks: accuracy, KV bytes, prefill time, decode speed)."""
+tasks: accuracy, KV bytes, prefill time, decode speed).
+
+Models with sliding-window layers (Gemma 3): every plan, built here or loaded from JSON, runs those layers
+with the model's own window (:func:`attnlab.plans.sources.with_model_windows`); budgets cover the full
+layers only."""
 
 from __future__ import annotations
 
@@ -7,21 +11,25 @@ import argparse
 from typing import Any
 
 SOURCES = ("probe", "atlas", "duo", "moa", "uniform")
+MODEL_HELP = ("smollm2 (SmolLM2-135M, the default), gemma3 (Gemma 3 270M: its sliding-window layers keep their "
+              "512-key window under every plan), a local Hugging Face folder or a .gguf file")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="build a per-head attention plan for a pretrained model and print its grid")
-    p.add_argument("--from", dest="source", choices=SOURCES, default="probe",
+    p.add_argument("--from", "--source", dest="source", choices=SOURCES, default="probe",
                    help="probe: retrieval/long-range attention scores on generated passkeys; atlas: the head "
                         "atlas of attnlab.inspect; duo: DuoAttention gate optimization; moa: per-head windows "
                         "under a KV budget; uniform: one policy everywhere")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--full-fraction", type=float, default=0.44, help="fraction of kv heads kept full")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    p.add_argument("--full-fraction", type=float, default=0.44,
+                   help="fraction of kv heads kept full (of the full layers' heads on a sliding-window model)")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--kind", choices=("full", "stream", "snap", "topk"), default="stream",
                    help="uniform plans: the policy of every head")
-    p.add_argument("--budget", type=float, default=0.5, help="moa: KV budget (fraction of dense at --at-length); "
+    p.add_argument("--budget", type=float, default=0.5, help="moa: KV budget (fraction of dense at --at-length, "
+                                                             "full layers only on a sliding-window model); "
                                                              "snap: kept prompt keys (int)")
     p.add_argument("--at-length", type=int, default=2048)
     p.add_argument("--pages", type=int, default=16, help="topk: pages read per decode step")
@@ -33,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval", help="evaluate plans on long-context tasks (accuracy, KV bytes, prefill, decode)")
     e.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable); none: a probe plan")
-    e.add_argument("--model", default="smollm2")
+    e.add_argument("--model", default="smollm2", help=MODEL_HELP)
     e.add_argument("--tasks", default="passkey", help="comma list of " + ",".join(_tasks()))
     e.add_argument("--lengths", default=None, help="comma list of prompt lengths in tokens (default 1024,2048,4096)")
     e.add_argument("--n", type=int, default=None, help="samples per task and length (default 10; --quick: 20)")
@@ -56,23 +64,24 @@ def _tasks() -> tuple[str, ...]:
 
 
 def build_plan(args: Any, model, tok):
+    """The plan ``args`` ask for (``attnlab plan`` options), the model's sliding layers kept as they are."""
     from . import sources
 
     if args.source == "uniform":
-        return sources.uniform(model, args.kind, args.sinks, args.window, budget=int(args.budget) if
+        plan = sources.uniform(model, args.kind, args.sinks, args.window, budget=int(args.budget) if
                                args.budget >= 1 else 256, k=args.pages)
-    if args.source == "probe":
-        sc = sources.probe_scores(model, tok, n=args.samples, length=args.profile_length,
-                                  sinks=args.sinks, window=args.window)
-        return sources.from_scores(sc, model.config.num_attention_heads // model.config.num_key_value_heads,
-                                   args.full_fraction, args.sinks, args.window, source="probe")
-    if args.source == "atlas":
-        return _atlas_plan(args, model, tok)
-    if args.source == "duo":
-        return sources.duo_plan(model, tok, args.full_fraction, args.sinks, args.window, steps=args.steps,
+    elif args.source == "probe":
+        plan = sources.probe_plan(model, tok, args.full_fraction, args.sinks, args.window, n=args.samples,
+                                  length=args.profile_length)
+    elif args.source == "atlas":
+        plan = _atlas_plan(args, model, tok)
+    elif args.source == "duo":
+        plan = sources.duo_plan(model, tok, args.full_fraction, args.sinks, args.window, steps=args.steps,
                                 length=min(args.profile_length, 512), n=args.samples)
-    return sources.moa_plan(model, tok, kv_budget=args.budget, at_length=args.at_length, sinks=args.sinks,
-                            n=args.samples, length=args.profile_length)
+    else:
+        plan = sources.moa_plan(model, tok, kv_budget=args.budget, at_length=args.at_length, sinks=args.sinks,
+                                n=args.samples, length=args.profile_length)
+    return sources.with_model_windows(model, plan)  # the sources do it already; idempotent
 
 
 def _atlas_plan(args: Any, model, tok):
@@ -81,7 +90,19 @@ def _atlas_plan(args: Any, model, tok):
 
     atlas = build_atlas(model, tok, probes=["text", "retrieval"], name=args.model, importance="none",
                         flow_tokens=0)
-    return sources.from_atlas(atlas, args.full_fraction, args.sinks, args.window)
+    return sources.from_atlas(atlas, args.full_fraction, args.sinks, args.window, model=model)
+
+
+def model_kv_ratio(model, plan, seq_len: int) -> float | None:
+    """``plan``'s predicted KV cache over the model's own cache at ``seq_len`` tokens (its sliding layers keep
+    ``window - 1`` positions, like transformers' ``DynamicCache(config=...)``); None without sliding layers
+    (then the model's own cache is the dense one)."""
+    from . import sources
+
+    if all(w is None for w in sources.model_windows(model)):
+        return None
+    own = sources.with_model_windows(model, sources.uniform(model, "full"))
+    return plan.kv_positions(seq_len) / own.kv_positions(seq_len)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -91,6 +112,9 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = build_plan(args, model, tok)
     print(plan.grid())
     print(f"predicted KV cache at {args.at_length} tokens: {plan.kv_ratio(args.at_length):.3f} x dense")
+    own = model_kv_ratio(model, plan, args.at_length)
+    if own is not None:
+        print(f"  {own:.3f} x the model's own cache (its sliding-window layers keep their window)")
     if args.out:
         print(f"wrote {plan.save(args.out)}")
     return 0
@@ -109,9 +133,7 @@ def quick_check(model, tok, n: int = 20, length: int = 4096, out_root: str = "ru
     from . import sources
     from .evaluate import evaluate, write
 
-    sc = sources.probe_scores(model, tok, n=2, length=1024)
-    plan = sources.from_scores(sc, model.config.num_attention_heads // model.config.num_key_value_heads,
-                               full_fraction, 4, 256, source="probe")
+    plan = sources.probe_plan(model, tok, full_fraction, 4, 256, n=2, length=1024)
     report = evaluate(model, tok, [plan], ("passkey",), (length,), n=n)
     dense, sparse = report.rows[0], report.rows[1]
     figures = {
@@ -157,7 +179,9 @@ def run_eval(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(
         FULL_LENGTHS if args.full else DEFAULT_LENGTHS)
     if args.plan:
-        plans = [HeadPlan.load(p) for p in args.plan]
+        from .sources import with_model_windows
+
+        plans = [with_model_windows(model, HeadPlan.load(p)) for p in args.plan]
     else:
         ns = argparse.Namespace(source="probe", samples=2, profile_length=1024, sinks=4, window=256,
                                 full_fraction=0.44)
@@ -173,4 +197,4 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["quick_check", "register"]
+__all__ = ["build_plan", "model_kv_ratio", "quick_check", "register"]

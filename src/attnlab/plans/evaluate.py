@@ -1,11 +1,16 @@
 """Evaluate plans on long-context tasks: accuracy, KV-cache bytes, prefill time and decode speed.
 
 For every sample the plans run back to back (interleaved), so timing ratios compare runs made under the
-same machine load. ``dense`` is the model's own SDPA attention with a ``DynamicCache`` (the baseline the
-savings are measured against); every other row is a :class:`HeadPlan` installed with
-:func:`attnlab.models.hf.use` (its :class:`~attnlab.plans.runtime.PlanRunner`) and decoded with its
-:class:`~attnlab.plans.cache.PlanCache` (:func:`attnlab.plans.runtime.greedy_generate`). KV bytes are the storage the caches actually hold
-at the end of decoding.
+same machine load. ``dense`` is the model's own attention with the model's own cache,
+``DynamicCache(config=model.config)`` (the baseline the savings are measured against): on a model with
+sliding-window layers (Gemma 3) those layers keep only their window, as the model would decode, and run
+through ``hf.use(model, "native")`` (the same rule on attnlab's banded engine, not SDPA's masked full square,
+so prefill speedups are not flattered by a slow baseline); other models run plain SDPA. Every other row is
+a :class:`HeadPlan` installed with :func:`attnlab.models.hf.use` (its
+:class:`~attnlab.plans.runtime.PlanRunner`) and decoded with its :class:`~attnlab.plans.cache.PlanCache`
+(:func:`attnlab.plans.runtime.greedy_generate`); plans run the model's sliding layers with the model's
+window (:func:`attnlab.plans.sources.with_model_windows`). KV bytes are the storage of the key/value entries
+the caches hold at the end of decoding.
 """
 
 from __future__ import annotations
@@ -21,27 +26,47 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..bench.common import Report, new_run_dir
+from ..models import hf
 from .plan import HeadPlan
-from .runtime import greedy_generate
+from .runtime import greedy_generate, plan_for_model
+from .sources import model_windows, with_model_windows
 from .tasks import make_samples
 
 DENSE = "dense"
 
 
+def _held_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of the entries ``t`` holds. A sliding cache layer keeps its window as a view of the last call's
+    keys (transformers slices ``[-window + 1:]``): count the window, not the buffer it was sliced from."""
+    if t is None:
+        return 0
+    return min(t.untyped_storage().nbytes(), t.numel() * t.element_size())
+
+
 @torch.no_grad()
-def dense_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy decoding with the model's own attention and a DynamicCache (the dense path)."""
-    cache = DynamicCache()
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    t1 = time.perf_counter()
-    toks = [out.logits[:, -1].argmax(-1)]
-    for _ in range(max_new_tokens - 1):
-        out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
-        toks.append(out.logits[:, -1].argmax(-1))
-    t2 = time.perf_counter()
-    held = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
-               for layer in cache.layers if layer.keys is not None)
+def dense_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                   native: bool | None = None) -> dict[str, Any]:
+    """Greedy decoding with the model's own attention and its own cache, ``DynamicCache(config=...)``
+    (the dense path; sliding-window layers keep their window). ``native``: run the layers through
+    ``hf.use(model, "native")`` (None: when the model has sliding-window layers)."""
+    if native is None:
+        native = any(w is not None for w in model_windows(model))
+    cache = DynamicCache(config=model.config)
+    handle = hf.use(model, "native") if native else None
+    try:
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        toks = [out.logits[:, -1].argmax(-1)]
+        for _ in range(max_new_tokens - 1):
+            out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
+            toks.append(out.logits[:, -1].argmax(-1))
+        t2 = time.perf_counter()
+    finally:
+        if handle is not None:
+            handle.remove()
+    held = sum(_held_bytes(layer.keys) + _held_bytes(layer.values) for layer in cache.layers
+               if getattr(layer, "keys", None) is not None)
     steps = len(toks) - 1
     return {"tokens": torch.stack(toks, 1), "prefill_s": t1 - t0, "decode_s": t2 - t1,
             "decode_tok_s": steps / (t2 - t1) if steps else float("nan"), "kv_bytes": held}
@@ -54,13 +79,19 @@ def evaluate(
 ) -> Report:
     """Run ``tasks`` x ``lengths`` x ``n`` samples under each plan (and the dense path); one row per
     (plan, task, length) with accuracy, mean KV bytes, median prefill seconds, decode tokens/s and the
-    ratios to the dense path measured on the same samples."""
+    ratios to the dense path measured on the same samples. Each plan is checked against the model and runs
+    the model's sliding-window layers with their window (:func:`~attnlab.plans.sources.with_model_windows`)."""
+    plans = [with_model_windows(model, plan_for_model(model, p)) for p in plans]
     names = ([DENSE] if include_dense else []) + [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ValueError(f"plan names must be distinct, got {names}")
     cols = ["plan", "task", "length", "n", "accuracy", "correct", "kv_mib", "kv_ratio", "prefill_s",
             "prefill_speedup", "decode_tok_s", "full_heads", "stream_heads"]
-    report = Report("plans-eval", cols, meta={"seed": seed, "n": n, "chunk": chunk})
+    windows = model_windows(model)
+    meta = {"seed": seed, "n": n, "chunk": chunk}
+    if any(w is not None for w in windows):
+        meta["model_windows"] = windows  # the dense row is the model's own (windowed) cache
+    report = Report("plans-eval", cols, meta=meta)
     for task in tasks:
         for length in lengths:
             samples = make_samples(tok, task, length, n, seed)

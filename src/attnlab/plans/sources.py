@@ -17,6 +17,11 @@
   multiple-choice knapsack on lost mass per cached position);
 * :func:`uniform` -- baselines: all full, all streaming, SnapKV-like eviction, Quest-like pages.
 
+Models with sliding-window layers (Gemma 3: five local layers of window 512 per global layer): every plan
+built here from a model goes through :func:`with_model_windows` (a local layer runs exactly the model's own
+window, whatever the source chose for it), and budgets (``full_fraction``, MoA's ``kv_budget``) count only
+the model's full layers, where a method has something to decide (:func:`budget_layers`).
+
 Scores are ``torch.Tensor`` of shape ``(layers, kv_heads)``; higher means "needs the whole context".
 Profiling reads attention weights through a ``weights`` observer on the hook seam of
 :mod:`attnlab.models.hf` (only the rows asked for are kept), so it profiles whatever attention runs in the
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 
 from ..core.attention import attention
 from ..core.patterns import Pattern
-from ..inspect.capture import observe_rows
+from ..inspect.capture import forward_kwargs, observe_rows
 from ..models import hf
 from ..models.hf import geometry
 from .plan import HeadPlan, HeadPolicy
@@ -67,10 +72,20 @@ def with_model_windows(model: nn.Module, plan: HeadPlan) -> HeadPlan:
     return HeadPlan(tuple(rows), plan.q_per_kv, plan.name, meta)
 
 
+def budget_layers(model: nn.Module) -> list[bool] | None:
+    """Layers a plan's budget is spent on: the model's full layers when it has sliding-window layers (those
+    run the model's own window whatever the plan says), None (every layer) otherwise."""
+    windows = model_windows(model)
+    if all(w is None for w in windows):
+        return None
+    return [w is None for w in windows]
+
+
 def uniform(model_or_geo: Any, kind: str = "full", sinks: int = 4, window: int = 256, budget: int = 256,
             k: int = 16, page: int = 16) -> HeadPlan:
     """All heads get one policy: ``full``, ``stream`` (sinks + window), ``snap`` (budget, window 32),
-    ``topk`` (k pages of ``page``)."""
+    ``topk`` (k pages of ``page``). Given a model, its sliding-window layers keep the model's own window
+    (:func:`with_model_windows`)."""
     geo = geometry(model_or_geo) if isinstance(model_or_geo, nn.Module) else model_or_geo
     pol = {
         "full": HeadPolicy.full(),
@@ -80,29 +95,61 @@ def uniform(model_or_geo: Any, kind: str = "full", sinks: int = 4, window: int =
     }
     if kind not in pol:
         raise ValueError(f"uniform plans are {sorted(pol)}, got {kind!r}")
-    return HeadPlan.uniform(geo.num_layers, geo.num_kv_heads, pol[kind], geo.group)
+    plan = HeadPlan.uniform(geo.num_layers, geo.num_kv_heads, pol[kind], geo.group)
+    return with_model_windows(model_or_geo, plan) if isinstance(model_or_geo, nn.Module) else plan
 
 
 def from_scores(scores: Tensor, q_per_kv: int, full_fraction: float = 1 / 3, sinks: int = 4,
-                window: int = 256, name: str | None = None, source: str = "scores") -> HeadPlan:
-    """Full attention for the ``full_fraction`` highest-scoring kv heads, ``stream(sinks, window)`` else."""
+                window: int = 256, name: str | None = None, source: str = "scores",
+                layers: Sequence[bool] | None = None) -> HeadPlan:
+    """Full attention for the ``full_fraction`` highest-scoring kv heads, ``stream(sinks, window)`` else.
+
+    ``scores``: ``(layers, kv_heads)``. ``layers``: which layers the budget covers (None: all); the fraction
+    counts only their kv heads (``round(full_fraction * heads there)`` full heads), heads of the other layers
+    are never ranked and get the streaming policy (a model's sliding layers, replaced by the model's own
+    window in :func:`plan_from_scores` / :func:`with_model_windows`).
+    """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (layers, kv_heads), got shape {tuple(scores.shape)}")
     if not 0.0 <= full_fraction <= 1.0:
         raise ValueError(f"full_fraction must be in [0, 1], got {full_fraction}")
-    n_full = int(round(full_fraction * scores.numel()))
-    order = torch.argsort(scores.flatten().double(), descending=True, stable=True)
+    if layers is None:
+        eligible = torch.ones(scores.shape, dtype=torch.bool)
+    else:
+        if len(layers) != scores.shape[0]:
+            raise ValueError(f"layers must have one flag per layer ({scores.shape[0]}), got {len(layers)}")
+        eligible = torch.tensor([bool(x) for x in layers], dtype=torch.bool).view(-1, 1).expand(scores.shape)
+    idx = torch.nonzero(eligible.flatten()).squeeze(1)
+    n_full = int(round(full_fraction * idx.numel()))
+    # rank only the eligible heads (stable: ties keep layer order)
+    order = idx[torch.argsort(scores.flatten().double()[idx], descending=True, stable=True)]
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
     keep[order[:n_full]] = True
     mask = keep.view(scores.shape).tolist()
     meta = (("source", source), ("full_fraction", full_fraction), ("sinks", sinks), ("window", window))
+    if layers is not None:
+        meta += (("budget_layers", [i for i, x in enumerate(layers) if x]),)
     return HeadPlan.from_mask(mask, HeadPolicy.stream(sinks, window), q_per_kv,
                               name or f"{source}-{n_full}full", meta)
 
 
-def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256) -> HeadPlan:
+def plan_from_scores(model: nn.Module, scores: Tensor, full_fraction: float = 1 / 3, sinks: int = 4,
+                     window: int = 256, source: str = "scores", name: str | None = None) -> HeadPlan:
+    """:func:`from_scores` for ``model``: its grouping, the budget over its full layers only when it has
+    sliding-window layers (:func:`budget_layers`), and those layers run as the model runs them
+    (:func:`with_model_windows`)."""
+    plan = from_scores(scores, geometry(model).group, full_fraction, sinks, window, name=name, source=source,
+                       layers=budget_layers(model))
+    return with_model_windows(model, plan)
+
+
+def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
+               model: nn.Module | None = None) -> HeadPlan:
     """Plan from an ``attnlab.inspect`` HeadAtlas: rank kv heads by ``retrieval + (1 - streaming)`` from its
-    ``kv_scores()`` (retrieval: max over the group's query heads; streaming: min), unmeasured = 0."""
+    ``kv_scores()`` (retrieval: max over the group's query heads; streaming: min), unmeasured = 0.
+
+    ``model`` (the atlas's model): on a model with sliding-window layers the budget covers its full layers
+    only and the sliding layers keep the model's window (:func:`plan_from_scores`)."""
     kv = atlas.kv_scores()
     if "streaming" not in kv and "retrieval" not in kv:
         raise ValueError("the atlas has neither retrieval nor streaming scores")
@@ -112,6 +159,12 @@ def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window:
         score += torch.nan_to_num(kv["retrieval"].double(), nan=0.0)
     if "streaming" in kv:
         score += 1.0 - torch.nan_to_num(kv["streaming"].double(), nan=1.0)
+    if model is not None:
+        geo = geometry(model)
+        if (geo.num_layers, geo.num_kv_heads) != tuple(score.shape):
+            raise ValueError(f"the atlas is for {tuple(score.shape)} (layers, kv heads), the model has "
+                             f"{(geo.num_layers, geo.num_kv_heads)}")
+        return plan_from_scores(model, score, full_fraction, sinks, window, source="atlas")
     q_per_kv = atlas.num_heads // atlas.num_kv_heads
     return from_scores(score, q_per_kv, full_fraction, sinks, window, source="atlas")
 
@@ -145,7 +198,11 @@ def probe_scores(model: nn.Module, tok: Any, n: int = 2, length: int = 1024, see
     """Retrieval scores ``(layers, kv_heads)`` from one pass per generated passkey prompt (teacher-forced):
     the mean attention mass the answer tokens put on the needle (retrieval heads, A28) plus the mean mass
     the last ``rows`` queries put outside ``sinks + window`` (heads that read far, which a streaming
-    head would cut off); max over the query heads of each kv head."""
+    head would cut off); max over the query heads of each kv head (a single kv head, as in Gemma 3, takes
+    the max over all query heads of its layer).
+
+    Every layer is measured as the model runs it; on a sliding-window layer the far mass is what its own
+    window lets through, and plan builders (:func:`plan_from_scores`) do not rank those layers."""
     geo = geometry(model)
     acc = torch.zeros(geo.num_layers, geo.num_heads)
     for ids, ans_pos, (a, b) in _prompts(tok, n, length, seed):
@@ -162,6 +219,13 @@ def probe_scores(model: nn.Module, tok: Any, n: int = 2, length: int = 1024, see
             acc[layer] += needle + (w * far).sum(-1).mean(-1)
     acc /= n
     return acc.view(geo.num_layers, geo.num_kv_heads, geo.group).amax(-1)
+
+
+def probe_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
+               n: int = 2, length: int = 1024, seed: int = 0) -> HeadPlan:
+    """:func:`probe_scores` then :func:`plan_from_scores` (source ``probe``)."""
+    sc = probe_scores(model, tok, n=n, length=length, seed=seed, sinks=sinks, window=window)
+    return plan_from_scores(model, sc, full_fraction, sinks, window, source="probe")
 
 
 def window_loss_profile(model: nn.Module, tok: Any, windows: Sequence[int], sinks: int = 4, n: int = 2,
@@ -188,20 +252,26 @@ def moa_plan(model: nn.Module, tok: Any, kv_budget: float = 0.5, at_length: int 
              windows: Sequence[int] = (64, 128, 256, 512, 1024), sinks: int = 4, n: int = 2,
              length: int = 1024, seed: int = 0) -> HeadPlan:
     """MoA-style per-head windows: minimize profiled lost attention mass with the average cached fraction
-    at ``at_length`` tokens at most ``kv_budget`` (full attention is the last candidate, losing nothing)."""
+    at ``at_length`` tokens at most ``kv_budget`` (full attention is the last candidate, losing nothing).
+
+    On a model with sliding-window layers the search and the budget cover its full layers only
+    (``kv_budget`` is a fraction of their dense cache); the sliding layers keep the model's own window
+    (:func:`with_model_windows`)."""
     geo = geometry(model)
     lost = window_loss_profile(model, tok, windows, sinks, n, length, seed=seed)
     L, Hkv, W = lost.shape
+    flags = budget_layers(model)
+    searched = [layer for layer in range(L) if flags is None or flags[layer]]
     cands = [min(at_length, sinks + w - 1) for w in windows] + [at_length]
     cost = torch.tensor(cands, dtype=torch.float64)  # cached positions per head at at_length
     loss = torch.cat([lost.double(), torch.zeros(L, Hkv, 1, dtype=torch.float64)], dim=-1)
     choice = torch.zeros(L, Hkv, dtype=torch.long)  # start from the smallest window everywhere
-    budget = kv_budget * at_length * L * Hkv
-    used = float(cost[0]) * L * Hkv
+    budget = kv_budget * at_length * len(searched) * Hkv
+    used = float(cost[0]) * len(searched) * Hkv
     while True:
         # best upgrade: largest loss reduction per extra cached position (any higher candidate)
         best, best_gain = None, 0.0
-        for layer in range(L):
+        for layer in searched:
             for h in range(Hkv):
                 c = int(choice[layer, h])
                 for nxt in range(c + 1, W + 1):
@@ -222,7 +292,9 @@ def moa_plan(model: nn.Module, tok: Any, kv_budget: float = 0.5, at_length: int 
             row.append(HeadPolicy.full() if c == W else HeadPolicy.stream(sinks, windows[c]))
         pol.append(tuple(row))
     meta = (("source", "moa"), ("kv_budget", kv_budget), ("at_length", at_length), ("windows", list(windows)))
-    return HeadPlan(tuple(pol), geo.group, f"moa-{kv_budget:g}", meta)
+    if flags is not None:
+        meta += (("budget_layers", searched),)
+    return with_model_windows(model, HeadPlan(tuple(pol), geo.group, f"moa-{kv_budget:g}", meta))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +304,8 @@ def duo_hooks(gate: Callable[[int], Tensor], stream: Pattern, q_per_kv: int) -> 
     """DuoAttention's mix as hooks: each head's output ``z`` becomes ``a * z + (1 - a) * stream(q, k, v)``
     with ``a = gate(layer)`` ``(kv_heads,)`` (differentiable: the gates may need grad) and ``stream`` the
     ``stream`` pattern's attention over the layer's own q, k, v (read by observers on the same seam, with
-    their autograd graph). ``z`` is whatever the running attention produced (the model's own: full)."""
+    their autograd graph). ``z`` is whatever the running attention produced (the model's own: full, or its
+    window on a sliding layer). ``gate(layer)`` None leaves the layer's ``z`` as it is."""
     seen: dict[tuple[int, str], Tensor] = {}
 
     def keep(x: Tensor, ctx: Any) -> None:
@@ -240,8 +313,11 @@ def duo_hooks(gate: Callable[[int], Tensor], stream: Pattern, q_per_kv: int) -> 
 
     def mix(z: Tensor, ctx: Any) -> Tensor:  # z (B, H, T, Dv)
         q, k, v = (seen.pop((ctx.layer, n)) for n in "qkv")
+        a = gate(ctx.layer)
+        if a is None:
+            return z
         out = attention(q, k, v, pattern=stream, scale=ctx.scale, q_offset=int(ctx.q_offset or 0))
-        a = gate(ctx.layer).repeat_interleave(q_per_kv).view(1, -1, 1, 1).to(z.dtype)
+        a = a.repeat_interleave(q_per_kv).view(1, -1, 1, 1).to(z.dtype)
         return a * z + (1 - a) * out.to(z.dtype)
 
     return {"blocks.*.attn.q": keep, "blocks.*.attn.k": keep, "blocks.*.attn.v": keep, "blocks.*.attn.z": mix}
@@ -253,9 +329,14 @@ def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: 
 
     Scale on CPU: ``steps`` Adam steps over ``n`` passkey prompts of ``length`` tokens; the window is scaled
     down with the prompt (``window`` < ``length``) so streaming heads actually lose the needle.
+
+    On a model with sliding-window layers only the full layers' gates train (and count in the L1 term);
+    the sliding layers run their own window untouched and come back as gate 1.0 (the model's own attention).
     """
     geo = geometry(model)
     g = geo.group
+    flags = budget_layers(model)
+    trained = torch.tensor([True] * geo.num_layers if flags is None else flags)
     logits = torch.full((geo.num_layers, geo.num_kv_heads), 2.0, requires_grad=True)  # sigmoid(2) ~ 0.88
     opt = torch.optim.Adam([logits], lr=lr)
     stream_pat = HeadPolicy.stream(sinks, window).pattern()
@@ -266,35 +347,42 @@ def duo_gates(model: nn.Module, tok: Any, steps: int = 6, length: int = 512, n: 
         p.requires_grad_(False)
     with torch.no_grad():
         for ids, _, _ in prompts:
-            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+            out = model(**forward_kwargs(model, torch.tensor([ids]), output_hidden_states=True))
             targets.append(out.hidden_states[-1][0, -32:].clone())
 
-    hooks = duo_hooks(lambda layer: torch.sigmoid(logits[layer]), stream_pat, g)
+    def gate(layer: int) -> Tensor | None:
+        return torch.sigmoid(logits[layer]) if trained[layer] else None
+
+    hooks = duo_hooks(gate, stream_pat, g)
     try:
         with hf.hooks(model, hooks):
             for step in range(steps):
                 ids, _, _ = prompts[step % len(prompts)]
-                out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+                # one row of logits: the loss reads hidden states (a 262k vocabulary would cost GBs here)
+                out = model(**forward_kwargs(model, torch.tensor([ids]), output_hidden_states=True))
                 h = out.hidden_states[-1][0, -32:]
                 t = targets[step % len(prompts)]
                 distill = ((h - t) ** 2).mean() / (t ** 2).mean()
-                loss = distill + l1 * torch.sigmoid(logits).mean()
+                loss = distill + l1 * torch.sigmoid(logits[trained]).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    return torch.sigmoid(logits.detach())
+    gates = torch.sigmoid(logits.detach())
+    gates[~trained] = 1.0
+    return gates
 
 
 def duo_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
              **gate_kwargs: Any) -> HeadPlan:
+    """DuoAttention plan: :func:`duo_gates`, then the ``full_fraction`` highest gates full
+    (:func:`plan_from_scores`: the full layers only on a model with sliding-window layers)."""
     gates = duo_gates(model, tok, sinks=sinks, **gate_kwargs)
-    geo = geometry(model)
-    plan = from_scores(gates, geo.group, full_fraction, sinks, window, source="duo")
-    return plan
+    return plan_from_scores(model, gates, full_fraction, sinks, window, source="duo")
 
 
-__all__ = ["duo_gates", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan", "model_windows",
-           "probe_scores", "uniform", "window_loss_profile", "with_model_windows"]
+__all__ = ["budget_layers", "duo_gates", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan",
+           "model_windows", "plan_from_scores", "probe_plan", "probe_scores", "uniform", "window_loss_profile",
+           "with_model_windows"]

@@ -1,0 +1,85 @@
+"""``attnlab frontier``: accuracy against KV held, prefill speed-up and decode speed for every inference-time
+method, budget, task and length, on the embedded models (see :mod:`attnlab.frontier.run`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import methods as M
+from .run import DEFAULT_BUDGETS, DEFAULT_LENGTHS, DEFAULT_TASKS, FULL_LENGTHS
+
+QUICK = {"models": ("smollm2",), "tasks": ("passkey", "kv"), "lengths": (1024,), "n": 2, "budgets": (0.25,)}
+
+
+def _csv(text: str | None, cast=str) -> tuple | None:
+    return None if text is None else tuple(cast(x) for x in str(text).split(",") if x.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("frontier", help="every inference-time sparse / KV method x budget x task on real models: "
+                                        "accuracy vs KV held, prefill speed-up, decode speed (Pareto fronts)")
+    p.add_argument("--models", default=None, help="comma-separated: smollm2,gemma3 (default both)")
+    p.add_argument("--methods", default=None, help=f"comma-separated; available: {','.join(M.METHODS)}")
+    p.add_argument("--budgets", default=None, help="KV / density fractions (default 0.5,0.25,0.125)")
+    p.add_argument("--tasks", default=None, help=f"default {','.join(DEFAULT_TASKS)}")
+    p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--n", type=int, default=None, help="samples per task and length (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few minutes: SmolLM2, passkey + kv at 1024, n=2, "
+                                                        "budget 0.25, the quick method set")
+    p.add_argument("--full", action="store_true", help="also 8k (both models) and 16k (Gemma 3)")
+    p.add_argument("--resume", default=None, help="a run folder to continue (finished samples are skipped)")
+    p.add_argument("--out", default="runs", help="folder for the run directory")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.common import machine_info, new_run_dir, progress
+    from . import report
+    from .run import aggregate, frontier
+
+    if args.list:
+        for m in M.METHODS.values():
+            print(f"{m.name:18s} {m.family:8s} {'/'.join(m.protocols):15s} {m.summary}")
+        return 0
+    q = QUICK if args.quick else {}
+    models = _csv(args.models) or q.get("models", ("smollm2", "gemma3"))
+    names = _csv(args.methods) or (M.QUICK if args.quick else tuple(M.METHODS))
+    for name in names:
+        M.get(name)  # unknown names fail before anything loads
+    budgets = _csv(args.budgets, float) or q.get("budgets", DEFAULT_BUDGETS)
+    if any(not 0 < b <= 1 for b in budgets):
+        raise SystemExit(f"--budgets are fractions in (0, 1], got {budgets}")
+    tasks = _csv(args.tasks) or q.get("tasks", DEFAULT_TASKS)
+    from ..plans.tasks import GENERATORS
+
+    bad = [t for t in tasks if t not in GENERATORS]
+    if bad:
+        raise SystemExit(f"unknown task(s) {bad}; choose from {sorted(GENERATORS)}")
+    lengths = _csv(args.lengths, int) or q.get("lengths")
+    if lengths is None:
+        lengths = {m: FULL_LENGTHS.get(m, DEFAULT_LENGTHS) for m in models} if args.full else DEFAULT_LENGTHS
+    n = args.n or q.get("n", 5)
+    run_dir = Path(args.resume) if args.resume else new_run_dir("frontier", args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
+            "lengths": lengths if isinstance(lengths, dict) else list(lengths), "n": n, "seed": args.seed,
+            **machine_info()}
+    print(f"frontier run in {run_dir}")
+    records = frontier(models, names, budgets, tasks, lengths, n, run_dir, seed=args.seed,
+                       progress=lambda total: progress(total, "frontier"))
+    errors = sorted({f"{r['model']} {r['method']} {r['budget']} {r['protocol']}: {r['error']}"
+                     for r in records if "error" in r})
+    meta["errors"] = errors
+    rows = aggregate(records)
+    report.write(rows, run_dir, meta)
+    report.print_summary(report.summarize(rows))
+    for e in errors:
+        print(f"error: {e}")
+    print(f"wrote {run_dir}")
+    return 0
+
+
+__all__ = ["QUICK", "register", "run"]

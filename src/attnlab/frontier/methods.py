@@ -1,0 +1,286 @@
+"""Every inference-time method of the frontier, by name, as a function of a budget.
+
+A budget ``f`` is the fraction of the dense KV cache a method may keep (KV-compression methods) or the fraction
+of the keys a sparse prefill may read (prefill-sparse methods), at the prompt length ``L`` of the sample. Each
+method turns ``(f, L)`` into a :class:`Setup`: a :class:`~attnlab.plans.plan.HeadPlan` (per-head cache
+policies, run by :class:`~attnlab.plans.runtime.PlanRunner`) or a table of ops per layer (run through
+:func:`attnlab.models.hf.use`).
+
+Two protocols, reported apart:
+
+* ``prefill`` -- compress while prefilling (the plan way): the method computes the prompt itself (a
+  streaming head reads only its window, MoBA only its selected blocks);
+* ``press`` -- prefill densely, then compress the cache with the question kept (the kvpress way): one dense
+  prefill per sample is shared by every press method; each method's cache is rebuilt from the captured
+  queries, keys and values exactly as its policy would have stored them (:func:`attnlab.frontier.run.replay`).
+
+Families (the Sparse Frontier's distinction, B294): ``prefill`` methods make the prompt cheaper (MInference,
+MoBA, HiP, streaming prefill), ``decode`` methods make the cache smaller or the decode step cheaper (SnapKV,
+PyramidKV, Ada-KV, key-norm, TOVA, H2O, Quest, Recycled, DELTA).
+
+On models with sliding-window layers (Gemma 3) every method acts on the full layers; the local layers keep
+the model's own window (:func:`attnlab.plans.sources.with_model_windows`), and budgets are fractions of what
+the full layers would hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..plans.plan import HeadPlan, HeadPolicy
+from ..plans.policies import Policy
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one method runs at one budget: a plan, or ops per layer (``{layer: (op, options)}``; layers not
+    listed run the model's own attention)."""
+
+    plan: HeadPlan | None = None
+    ops: dict[int, tuple[str, dict[str, Any]]] | None = None
+
+
+@dataclass
+class Context:
+    """What a method may read to build its setup: the model, its tokenizer, its layers that are full (the
+    others slide) and calibrations computed once per model (probe scores, DuoAttention gates, ...)."""
+
+    model: Any
+    tok: Any
+    num_layers: int
+    num_kv_heads: int
+    q_per_kv: int
+    full_layers: tuple[int, ...]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def calibrated(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A frontier method: ``build(ctx, f, L) -> Setup``."""
+
+    name: str
+    family: str  # "prefill" | "decode"
+    protocols: tuple[str, ...]  # ("press",), ("prefill",) or both
+    papers: tuple[str, ...]
+    summary: str
+    build: Callable[[Context, float, int], Setup]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, family: str, protocols: tuple[str, ...], papers: tuple[str, ...], summary: str):
+    def deco(fn: Callable[[Context, float, int], Setup]) -> Callable[[Context, float, int], Setup]:
+        METHODS[name] = Method(name, family, protocols, papers, summary, fn)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown frontier method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def _tokens(f: float, L: int, minus: int = 0, floor: int = 1) -> int:
+    return max(floor, int(round(f * L)) - minus)
+
+
+def _uniform(ctx: Context, policy: Policy, name: str) -> Setup:
+    """``policy`` on every key/value head of the full layers (the model's windows elsewhere)."""
+    from ..plans.sources import with_model_windows
+
+    plan = HeadPlan.uniform(ctx.num_layers, ctx.num_kv_heads, policy, ctx.q_per_kv, name=name)
+    return Setup(plan=with_model_windows(ctx.model, plan))
+
+
+def _per_layer(ctx: Context, policies: list[Policy], name: str) -> Setup:
+    from ..plans.sources import with_model_windows
+
+    rows = tuple((p,) * ctx.num_kv_heads for p in policies)
+    return Setup(plan=with_model_windows(ctx.model, HeadPlan(rows, ctx.q_per_kv, name)))
+
+
+def _on_full_layers(ctx: Context, op: str, options: dict[str, Any]) -> Setup:
+    return Setup(ops={layer: (op, dict(options)) for layer in ctx.full_layers})
+
+
+def stream_window(f: float, L: int, sinks: int = 4) -> int:
+    """The window that makes sinks + window - 1 held positions about ``f * L``."""
+    return max(8, _tokens(f, L) - sinks + 1)
+
+
+# ---- KV compression (decode family) ------------------------------------------------------------------------
+@method("stream", "decode", ("prefill", "press"), ("I30",),
+        "StreamingLLM: 4 attention sinks + a window on every head")
+def _stream(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, HeadPolicy.stream(4, stream_window(f, L)), "stream")
+
+
+@method("snapkv", "decode", ("press",), (), "SnapKV: the prompt keys the last 32 queries attend to most "
+        "(max-pooled, kernel 7) + those 32")
+def _snapkv(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, HeadPolicy.snap(_tokens(f, L, 32), 32, 7), "snapkv")
+
+
+@method("pyramidkv", "decode", ("press",), (), "PyramidKV: SnapKV with per-layer budgets falling linearly from "
+        "1.5x the mean in the first layer to 0.5x in the last")
+def _pyramid(ctx: Context, f: float, L: int) -> Setup:
+    mean = _tokens(f, L, 32)
+    n = ctx.num_layers
+    full = [i for i in range(n) if i in ctx.full_layers]
+    budgets = {layer: mean for layer in range(n)}
+    for rank, layer in enumerate(full):  # the pyramid over the layers the method acts on
+        t = rank / max(1, len(full) - 1)
+        budgets[layer] = max(1, int(round(mean * (1.5 - t))))
+    return _per_layer(ctx, [HeadPolicy.snap(budgets[i], 32, 7) for i in range(n)], "pyramidkv")
+
+
+@method("adakv", "decode", ("press",), (), "Ada-KV on SnapKV: the layer's heads share the budget, allocated "
+        "by score across heads (each head keeps at least 20% of its share)")
+def _adakv(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, Policy("ada", budget=_tokens(f, L, 32), window=32, kernel=7, alpha=0.2), "adakv")
+
+
+@method("knorm", "decode", ("press",), (), "key-norm eviction: keep the prompt keys of lowest L2 norm + the "
+        "last 32")
+def _knorm(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, Policy("knorm", budget=_tokens(f, L, 32), window=32), "knorm")
+
+
+@method("tova", "decode", ("press",), (), "TOVA: a fixed cache; each step evicts the entry the current query "
+        "attends to least")
+def _tova(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, Policy("tova", budget=_tokens(f, L, floor=2)), "tova")
+
+
+@method("h2o", "decode", ("press",), (), "H2O: heavy hitters by accumulated attention + the recent half")
+def _h2o(ctx: Context, f: float, L: int) -> Setup:
+    budget = _tokens(f, L, floor=4)
+    return _uniform(ctx, Policy("h2o", budget=budget, recent=budget // 2), "h2o")
+
+
+@method("quest", "decode", ("prefill",), (), "Quest: dense prefill; each decode step reads the top pages of 16 "
+        "keys by the score bound (the whole cache stays)")
+def _quest(ctx: Context, f: float, L: int) -> Setup:
+    return _uniform(ctx, HeadPolicy.topk(max(1, _tokens(f, L) // 16), 16), "quest")
+
+
+@method("recycled", "decode", ("prefill",), (), "Recycled attention: a full step every 8 positions records the "
+        "top keys; the steps between reuse them (whole cache kept)")
+def _recycled(ctx: Context, f: float, L: int) -> Setup:
+    return _on_full_layers(ctx, "recycled", {"top_k": _tokens(f, L), "stride": 8})
+
+
+@method("delta", "decode", ("prefill",), (), "DELTA: head-summed full attention picks one top-k key set per "
+        "decoding step (+ 16 recent; whole cache kept)")
+def _delta(ctx: Context, f: float, L: int) -> Setup:
+    return _on_full_layers(ctx, "delta_select", {"top_k": _tokens(f, L), "always": 16})
+
+
+# ---- attention-informed plans: streaming heads where the model's analysis allows ---------------------------
+def _split(f: float, L: int) -> tuple[float, int]:
+    """(fraction of full heads, streaming window) whose KV is about ``f`` at length ``L``."""
+    window = max(16, min(256, _tokens(f, L) // 2))
+    r = (4 + window - 1) / L
+    return max(0.0, min(1.0, (f - r) / (1 - r))), window
+
+
+def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setup:
+    from ..plans.sources import from_scores, with_model_windows
+
+    full_fraction, window = _split(f, L)
+    if len(ctx.full_layers) < ctx.num_layers:  # rank the full layers' heads only (the others keep their window)
+        scores = scores.clone()
+        keep = [i for i in range(ctx.num_layers) if i not in ctx.full_layers]
+        scores[keep] = float("-inf")
+        full_fraction *= len(ctx.full_layers) / ctx.num_layers
+    plan = from_scores(scores, ctx.q_per_kv, full_fraction, 4, window, name=name, source=name)
+    return Setup(plan=with_model_windows(ctx.model, plan))
+
+
+@method("probe", "decode", ("prefill", "press"), ("A28",), "retrieval-probe plan: full heads where passkey "
+        "probes show retrieval or far reads, streaming heads elsewhere")
+def _probe(ctx: Context, f: float, L: int) -> Setup:
+    from ..plans.sources import probe_scores
+
+    scores = ctx.calibrated("probe", lambda: probe_scores(ctx.model, ctx.tok, n=2, length=1024))
+    return _from_scores(ctx, scores, f, L, "probe")
+
+
+@method("duo", "decode", ("prefill", "press"), ("I30",), "DuoAttention plan: gates optimized to keep outputs "
+        "when heads stream; the lowest gates stream")
+def _duo(ctx: Context, f: float, L: int) -> Setup:
+    from ..plans.sources import duo_gates
+
+    gates = ctx.calibrated("duo", lambda: duo_gates(ctx.model, ctx.tok))
+    return _from_scores(ctx, gates, f, L, "duo")
+
+
+@method("moa", "decode", ("prefill", "press"), ("I58",), "MoA plan: per-head windows minimizing the profiled "
+        "lost attention mass within the budget")
+def _moa(ctx: Context, f: float, L: int) -> Setup:
+    from ..plans.sources import moa_plan, with_model_windows
+
+    plan = ctx.calibrated(f"moa-{f}-{L}", lambda: moa_plan(ctx.model, ctx.tok, kv_budget=f, at_length=L))
+    return Setup(plan=with_model_windows(ctx.model, plan.renamed("moa")))
+
+
+# ---- prefill-sparse ops on the model's own queries and keys -----------------------------------------------
+def _blocks(f: float, L: int, block: int = 64) -> int:
+    return max(1, int(round(f * L / block)))
+
+
+@method("moba", "prefill", ("prefill",), (), "MoBA: per query block the top key blocks by mean-key gate + its "
+        "own block (block 64)")
+def _moba(ctx: Context, f: float, L: int) -> Setup:
+    return _on_full_layers(ctx, "moba", {"block": 64, "top_k": _blocks(f, L)})
+
+
+@method("hip", "prefill", ("prefill",), (), "HiP: hierarchical pruning, per query a tree search for the top key "
+        "blocks (block 64)")
+def _hip(ctx: Context, f: float, L: int) -> Setup:
+    return _on_full_layers(ctx, "hip", {"block": 64, "top_k": _blocks(f, L)})
+
+
+@method("minference", "prefill", ("prefill",), (), "MInference vertical-slash: the top columns and diagonals "
+        "estimated from the last 64 queries, half the budget each")
+def _minference(ctx: Context, f: float, L: int) -> Setup:
+    n = max(1, _tokens(f, L) // 2)
+    return _on_full_layers(ctx, "minference", {"mode": "vertical_slash", "n_vertical": n, "n_slash": n})
+
+
+@method("minference_blocks", "prefill", ("prefill",), (), "MInference block top-k: per query block the top key "
+        "blocks by pooled scores (block 64)")
+def _minference_blocks(ctx: Context, f: float, L: int) -> Setup:
+    return _on_full_layers(ctx, "minference", {"mode": "block_topk", "block": 64, "top_k": _blocks(f, L)})
+
+
+def _with_delta(base: str) -> Callable[[Context, float, int], Setup]:
+    def build(ctx: Context, f: float, L: int) -> Setup:
+        setup = METHODS[base].build(ctx, f, L)
+        return Setup(ops={layer: (op, {**opts, "delta": 64}) for layer, (op, opts) in setup.ops.items()})
+
+    return build
+
+
+for _base in ("moba", "hip", "minference"):
+    METHODS[f"{_base}+delta"] = Method(f"{_base}+delta", "prefill", ("prefill",), ("D99",),
+                                       f"{_base} with delta correction (dense rows every 64 positions)",
+                                       _with_delta(_base))
+
+#: the quick set: one or more of each kind, cheap enough for the README's main job
+QUICK = ("stream", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "h2o", "quest", "probe", "moba",
+         "moba+delta", "minference")
+
+__all__ = ["Context", "METHODS", "Method", "QUICK", "Setup", "get", "method", "stream_window"]

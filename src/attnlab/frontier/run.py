@@ -1,0 +1,294 @@
+"""``attnlab frontier``: every inference-time method x budget x task x length on real models, in one run.
+
+Per sample (one prompt of a task at one length) every configuration runs back to back, so the speed ratios
+compare runs made under the same machine load:
+
+1. ``dense``: the model's own attention (on models with sliding-window layers, their window through
+   :class:`attnlab.models.hf.NativeRunner`, attnlab's fastest exact path) with the model's own cache; the
+   prefill records every layer's queries, keys and values (hook points ``blocks.*.attn.{q,k,v}``) when press
+   methods are asked for;
+2. ``press`` configurations: the dense prefill is shared; :func:`replay` rebuilds the method's cache from the
+   recorded tensors exactly as its policy stores a prompt, then greedy decoding runs under the method (its
+   prefill time is the dense prefill plus the replay);
+3. ``prefill`` configurations: the method prefills the prompt itself, then decodes.
+
+Greedy decoding runs the sample's ``max_new_tokens`` steps; the score is the task's (:meth:`Sample.score`).
+KV bytes are the storage the cache holds after decoding. Results are appended to ``samples.jsonl`` as each
+sample finishes (``--resume DIR`` skips finished samples), then aggregated into one row per (model, method,
+budget, protocol, task, length) for :mod:`attnlab.frontier.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from .. import ops
+from ..models import hf
+from ..plans.cache import PlanCache
+from ..plans.plan import HeadPlan
+from ..plans.runtime import PlanRunner
+from ..plans.tasks import Sample, make_samples
+from . import methods as M
+
+DEFAULT_BUDGETS = (0.5, 0.25, 0.125)
+DEFAULT_TASKS = ("passkey", "niah", "multikey", "multivalue", "vartrack", "cwe", "fwe", "kv")
+DEFAULT_LENGTHS = (1024, 2048, 4096)
+FULL_LENGTHS = {"smollm2": (1024, 2048, 4096, 8192), "gemma3": (1024, 2048, 4096, 8192, 16384)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one configuration on one sample
+# ---------------------------------------------------------------------------------------------------------
+def cache_bytes(cache: Any) -> int:
+    """Storage of the keys/values a cache holds (``PlanCache.nbytes`` or the tensors of a ``DynamicCache``)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, Tensor) and t.numel():
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.no_grad()
+def decode(model: nn.Module, first: Tensor, cache: Any, steps: int) -> tuple[Tensor, float]:
+    """Greedy decoding from the first generated token ``(B,)``: ``steps`` more tokens. Returns the tokens
+    ``(B, 1 + steps)`` and the decode seconds."""
+    toks = [first]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
+        toks.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(toks, dim=1), time.perf_counter() - t0
+
+
+def dense_runner(model: nn.Module) -> Any:
+    """The dense baseline's runner: None (the model's own attention) or, with sliding layers, NativeRunner."""
+    from ..plans.sources import model_windows
+
+    return hf.NativeRunner() if any(w is not None for w in model_windows(model)) else None
+
+
+@torch.no_grad()
+def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[str, Any]:
+    """Dense prefill (recording q, k, v per layer when ``capture``) and greedy decoding."""
+    captured: dict[int, dict[str, Any]] = {}
+
+    def keep(point: str) -> Callable:
+        def fn(value: Tensor, ctx: hf.HookContext) -> None:
+            captured.setdefault(ctx.layer, {"scale": ctx.scale})[point] = value
+
+        return fn
+
+    runner = dense_runner(model)
+    handle = hf.use(model, runner) if runner is not None else None
+    names = {f"blocks.*.attn.{p}": keep(p) for p in ("q", "k", "v")} if capture else {}
+    try:
+        with hf.hooks(model, names):
+            cache = DynamicCache(config=model.config)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - t0
+        first = out.logits[:, -1].argmax(-1)
+        toks, decode_s = decode(model, first, cache, steps)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"tokens": toks, "prefill_s": prefill_s, "decode_s": decode_s, "kv_bytes": cache_bytes(cache),
+            "first": first, "captured": captured}
+
+
+@torch.no_grad()
+def replay(plan: HeadPlan, captured: dict[int, dict[str, Any]]) -> tuple[PlanCache, PlanRunner]:
+    """The cache ``plan`` would hold after a dense prefill: each layer's recorded keys/values go through its
+    policies' ``append`` and the recorded queries through ``observe`` (what :class:`PlanRunner` does on a
+    prompt call, minus the output, which the dense prefill already computed)."""
+    cache, runner = PlanCache(plan), PlanRunner(plan)
+    for layer in range(plan.num_layers):
+        rec = captured[layer]
+        lkv, _ = cache.layers[layer].update(rec["k"], rec["v"])
+        runner.observe(rec["q"], lkv, scale=rec["scale"])
+    return cache, runner
+
+
+@torch.no_grad()
+def run_press(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], steps: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cache, runner = replay(plan, dense["captured"])
+    replay_s = time.perf_counter() - t0
+    with hf.use(model, runner):
+        toks, decode_s = decode(model, dense["first"], cache, steps)
+    return {"tokens": toks, "prefill_s": dense["prefill_s"] + replay_s, "decode_s": decode_s,
+            "kv_bytes": cache_bytes(cache)}
+
+
+@torch.no_grad()
+def run_prefill(model: nn.Module, setup: M.Setup, ids: Tensor, steps: int) -> dict[str, Any]:
+    if setup.plan is not None:
+        runner: Any = PlanRunner(setup.plan)
+    else:
+        table = {layer: (ops.get(op), opts) for layer, (op, opts) in setup.ops.items()}
+        runner = hf.NativeRunner(table) if dense_runner(model) is not None else hf.OpRunner(table)
+    with hf.use(model, runner) as handle:
+        cache = handle.new_cache()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        toks, decode_s = decode(model, out.logits[:, -1].argmax(-1), cache, steps)
+    return {"tokens": toks, "prefill_s": prefill_s, "decode_s": decode_s, "kv_bytes": cache_bytes(cache)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------
+def configs(names: Sequence[str], budgets: Sequence[float]) -> list[tuple[M.Method, float, str]]:
+    """``(method, budget, protocol)`` for every asked method, budget and protocol it supports."""
+    return [(M.get(n), float(b), p) for n in names for b in budgets for p in M.get(n).protocols]
+
+
+def context(model: nn.Module, tok: Any) -> M.Context:
+    from ..plans.sources import model_windows
+
+    geo = hf.geometry(model)
+    windows = model_windows(model)
+    full = tuple(i for i, w in enumerate(windows) if w is None)
+    return M.Context(model, tok, geo.num_layers, geo.num_kv_heads, geo.group, full)
+
+
+def _key(rec: dict[str, Any]) -> tuple:
+    return (rec["model"], rec["task"], rec["length"], rec["sample"], rec["method"], rec["budget"], rec["protocol"])
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs, *, model_name: str,
+               index: int, advance: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every configuration on one sample, dense first; one record each."""
+    ids = torch.tensor([sample.ids])
+    steps = sample.max_new_tokens - 1
+    base = {"model": model_name, "task": sample.task, "length": sample.length, "sample": index,
+            "depth": sample.depth}
+
+    def record(method: str, budget: float | None, protocol: str, family: str, res: dict[str, Any]) -> dict:
+        text = tok.decode(res["tokens"][0].tolist(), skip_special_tokens=True)
+        n_steps = res["tokens"].shape[1] - 1
+        return {**base, "method": method, "budget": budget, "protocol": protocol, "family": family,
+                "score": sample.score(text), "text": text, "kv_bytes": res["kv_bytes"],
+                "prefill_s": res["prefill_s"],
+                "decode_tok_s": n_steps / res["decode_s"] if n_steps and res["decode_s"] > 0 else None}
+
+    dense = run_dense(model, ids, steps, capture=any(p == "press" for _, _, p in cfgs))
+    out = [record("dense", None, "dense", "dense", dense)]
+    if advance:
+        advance(f"{model_name} {sample.task} {sample.length} dense")
+    for meth, budget, protocol in cfgs:
+        try:
+            setup = meth.build(ctx, budget, sample.length)
+            if protocol == "press":
+                res = run_press(model, setup.plan, dense, steps)
+            else:
+                res = run_prefill(model, setup, ids, steps)
+            out.append(record(meth.name, budget, protocol, meth.family, res))
+        except Exception as e:  # one broken configuration must not lose the run: recorded, reported
+            out.append({**base, "method": meth.name, "budget": budget, "protocol": protocol, "family": meth.family,
+                        "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)})
+        if advance:
+            advance(f"{model_name} {sample.task} {sample.length} {meth.name} {budget} {protocol}")
+    dense.pop("captured", None)
+    return out
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, method, budget, protocol, task, length), with ratios to the dense run of each
+    sample (paired: both ran back to back)."""
+    dense = {(r["model"], r["task"], r["length"], r["sample"]): r for r in records if r["method"] == "dense"}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if "error" in r:
+            continue
+        groups.setdefault((r["model"], r["method"], r["budget"], r["protocol"], r["family"], r["task"],
+                           r["length"]), []).append(r)
+    rows = []
+    for (model, method, budget, protocol, family, task, length), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["sample"])
+        pairs = [(r, dense[(model, task, length, r["sample"])]) for r in rs
+                 if (model, task, length, r["sample"]) in dense]
+        dec = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in pairs if r.get("decode_tok_s") and d.get(
+            "decode_tok_s")]
+        rows.append({
+            "model": model, "method": method, "budget": budget, "protocol": protocol, "family": family,
+            "task": task, "length": length, "n": len(rs), "scores": [r["score"] for r in rs],
+            "accuracy": statistics.mean(r["score"] for r in rs),
+            "kv_bytes": statistics.mean(r["kv_bytes"] for r in rs),
+            "kv_ratio": statistics.mean(r["kv_bytes"] / d["kv_bytes"] for r, d in pairs) if pairs else None,
+            "prefill_speedup": statistics.median(d["prefill_s"] / r["prefill_s"] for r, d in pairs) if pairs else None,
+            "decode_speedup": statistics.median(dec) if dec else None,
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs if r.get("decode_tok_s")) if any(
+                r.get("decode_tok_s") for r in rs) else None,
+            "prefill_s": statistics.median(r["prefill_s"] for r in rs),
+        })
+    return rows
+
+
+def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
+             lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
+             progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new)."""
+    path = run_dir / "samples.jsonl"
+    records = load_records(path)
+    done = {_key(r) for r in records}
+    cfgs = configs(method_names, budgets)
+    for name in models:
+        model, tok = hf.load_model(name)
+        ctx = context(model, tok)
+        lens = lengths.get(name, ()) if isinstance(lengths, dict) else lengths
+        units = [(task, L, i, s) for task in tasks for L in lens
+                 for i, s in enumerate(make_samples(tok, task, L, n, seed))]
+        todo = [u for u in units if any((name, u[0], u[1], u[2], m.name, b, p) not in done for m, b, p in cfgs)
+                or (name, u[0], u[1], u[2], "dense", None, "dense") not in done]
+        log(f"{name}: {len(units)} samples x {1 + len(cfgs)} configurations; {len(units) - len(todo)} done already")
+        if not todo:
+            continue
+        # warm-up (untimed): the first calls of each configuration build block layouts and allocators
+        warm = make_samples(tok, tasks[0], min(lens), 1, seed + 999)[0]
+        run_sample(model, tok, ctx, warm, cfgs, model_name=name, index=-1)
+        ctxmgr = progress(len(todo) * (1 + len(cfgs))) if progress else None
+        advance = ctxmgr.__enter__() if ctxmgr else None
+        try:
+            for task, L, i, sample in todo:
+                recs = run_sample(model, tok, ctx, sample, cfgs, model_name=name, index=i, advance=advance)
+                with path.open("a") as f:
+                    for r in recs:
+                        f.write(json.dumps(r) + "\n")
+                records = [r for r in records if _key(r) not in {_key(x) for x in recs}] + recs
+                for r in recs:
+                    if "error" in r:
+                        log(f"  error: {r['method']} {r['budget']} {r['protocol']} on {task} {L}: {r['error']}")
+        finally:
+            if ctxmgr:
+                ctxmgr.__exit__(None, None, None)
+        del model
+    return records
+
+
+__all__ = ["DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
+           "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample"]

@@ -1,0 +1,113 @@
+"""The frontier runner on tiny random models: the shared dense prefill + replay gives exactly the cache a
+method's own prefill builds, a full budget reproduces dense decoding, records aggregate into report rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from hf_tiny import VOCAB, tiny  # noqa: E402
+
+from attnlab.frontier import methods as M  # noqa: E402
+from attnlab.frontier import run as R  # noqa: E402
+from attnlab.plans.runtime import greedy_generate  # noqa: E402
+from attnlab.plans.tasks import Sample  # noqa: E402
+
+L = 48
+
+
+def sample(seed: int = 0, new: int = 5, length: int = L) -> Sample:
+    g = torch.Generator().manual_seed(seed)
+    ids = tuple(torch.randint(1, VOCAB, (length,), generator=g).tolist())
+    return Sample("passkey", ids, ("x",), length, 0.5, new)
+
+
+class Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+#: methods whose own prompt computation is dense (press only): their replayed cache must equal their own
+PRESS = [m for m in M.METHODS.values() if m.protocols == ("press",)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("meth", PRESS, ids=lambda m: m.name)
+def test_press_replay_equals_the_methods_own_prefill(family, meth):
+    """replay(plan, dense capture) then decode == PlanRunner prefill + decode (greedy_generate), token for
+    token, and the caches hold the same bytes: the replay is the policy's own prompt handling."""
+    model = tiny(family)
+    ctx = R.context(model, Tok())
+    s = sample(1)
+    plan = meth.build(ctx, 0.25, L).plan
+    ids = torch.tensor([s.ids])
+    dense = R.run_dense(model, ids, 4, capture=True)
+    press = R.run_press(model, plan, dense, 4)
+    own = greedy_generate(model, ids, plan, max_new_tokens=5)
+    assert torch.equal(press["tokens"], own["tokens"])
+    assert press["kv_bytes"] == own["kv_bytes"]
+
+
+# calibrated plans need a real model's probes; PyramidKV's last layers keep half the mean budget by design
+FULL_BUDGET = [m for m in M.METHODS.values() if m.name not in ("probe", "duo", "moa", "pyramidkv")]
+
+
+@pytest.mark.parametrize("meth", FULL_BUDGET, ids=lambda m: m.name)
+def test_full_budget_reproduces_dense(meth):
+    """At budget 1.0 every method keeps (or reads) everything: the same tokens as dense decoding."""
+    model = tiny("llama")
+    ctx = R.context(model, Tok())
+    s = sample(2)
+    ids = torch.tensor([s.ids])
+    dense = R.run_dense(model, ids, 4, capture=True)
+    setup = meth.build(ctx, 1.0, L)
+    for protocol in meth.protocols:
+        res = R.run_press(model, setup.plan, dense, 4) if protocol == "press" else R.run_prefill(model, setup, ids, 4)
+        assert torch.equal(res["tokens"], dense["tokens"]), (meth.name, protocol)
+
+
+def test_budgets_shrink_the_cache():
+    model = tiny("llama")
+    ctx = R.context(model, Tok())
+    ids = torch.tensor([sample(3, length=200).ids])  # long enough for SnapKV's 32-query window
+    dense = R.run_dense(model, ids, 2, capture=True)
+    for name in ("snapkv", "pyramidkv", "tova", "h2o", "knorm", "adakv", "stream"):
+        res = R.run_press(model, M.get(name).build(ctx, 0.25, 200).plan, dense, 2)
+        assert res["kv_bytes"] < 0.5 * dense["kv_bytes"], name
+
+
+def test_gemma3_methods_act_on_full_layers_only():
+    model = tiny("gemma3")  # layer 0 slides over 4 keys, layer 1 is full
+    ctx = R.context(model, Tok())
+    assert ctx.full_layers == (1,)
+    plan = M.get("snapkv").build(ctx, 0.25, L).plan
+    assert plan.policies[0][0].kind == "stream" and plan.policies[0][0].window == 4
+    assert plan.policies[1][0].kind == "snap"
+    assert set(M.get("moba").build(ctx, 0.25, L).ops) == {1}
+
+
+def test_run_sample_records_and_aggregate(tmp_path):
+    model = tiny("llama")
+    ctx = R.context(model, Tok())
+    cfgs = R.configs(["snapkv", "stream", "moba"], [0.25])
+    recs = []
+    for i in range(2):
+        recs += R.run_sample(model, Tok(), ctx, sample(10 + i), cfgs, model_name="tiny", index=i)
+    assert not [r for r in recs if "error" in r]
+    assert {(r["method"], r["protocol"]) for r in recs} == {("dense", "dense"), ("snapkv", "press"),
+                                                           ("stream", "prefill"), ("stream", "press"),
+                                                           ("moba", "prefill")}
+    rows = R.aggregate(recs)
+    dense = [r for r in rows if r["method"] == "dense"][0]
+    assert dense["kv_ratio"] == 1.0 and dense["n"] == 2 and dense["prefill_speedup"] == 1.0
+    snap = [r for r in rows if r["method"] == "snapkv"][0]
+    assert 0 < snap["kv_ratio"] < 1 and len(snap["scores"]) == 2
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown frontier method"):
+        M.get("nope")
