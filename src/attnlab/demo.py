@@ -2,7 +2,8 @@
 
 1. ``bench speed`` (patterns, layers, routing, linear kernels) against SDPA in one run;
 2. a head atlas of the embedded SmolLM2 (HTML report + JSON/CSV);
-3. per-head plans on SmolLM2: dense vs streaming heads -- accuracy, KV bytes, prefill time.
+3. per-head plans on SmolLM2: dense vs streaming heads -- accuracy, KV bytes, prefill time;
+4. the sparse frontier's quick form: every kind of inference-time method on SmolLM2 at one budget.
 
 ``--quick`` keeps it to a few minutes on 2 cores.
 """
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: speed bench, head atlas and head plans on embedded models")
     p.add_argument("--quick", action="store_true", help="the few-minute version (default in the README)")
     p.add_argument("--out", default="runs", help="folder for run directories")
-    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "atlas", "plans"], help="steps to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "atlas", "plans", "frontier"], help="steps to leave out")
     p.set_defaults(func=run)
 
 
@@ -30,14 +31,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     if "speed" not in args.skip:
-        print("== 1/3 speed: attnlab engines and layers vs SDPA ==")
+        print("== 1/4 speed: attnlab engines and layers vs SDPA ==")
         speed.run(
             argparse.Namespace(
                 quick=args.quick, sections=None, patterns=None, lengths=None, backward=False,
                 device="cuda" if torch.cuda.is_available() else "cpu", out=str(out),
             )
         )
-    for step, name in (("atlas", "2/3 head atlas of SmolLM2"), ("plans", "3/3 per-head plans on SmolLM2")):
+    for step, name in (("atlas", "2/4 head atlas of SmolLM2"), ("plans", "3/4 per-head plans on SmolLM2"),
+                       ("frontier", "4/4 the sparse frontier, quick form (attnlab frontier --quick)")):
         if step in args.skip:
             continue
         print(f"== {name} ==")
@@ -64,4 +66,10 @@ def _plans(out: Path, quick: bool) -> None:
     print(f"plan comparison: {figs['run_dir']} ({held})")
 
 
-_STEPS = {"atlas": _atlas, "plans": _plans}
+def _frontier(out: Path, quick: bool) -> None:
+    from .cli import main
+
+    main(["frontier", "--out", str(out)] + (["--quick"] if quick else ["--models", "smollm2", "--lengths", "4096"]))
+
+
+_STEPS = {"atlas": _atlas, "plans": _plans, "frontier": _frontier}

@@ -111,3 +111,49 @@ def test_run_sample_records_and_aggregate(tmp_path):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown frontier method"):
         M.get("nope")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from attnlab.models.hf import load_model
+
+    return load_model("smollm2")
+
+
+def test_grid_samples_cover_the_whole_context_and_tabulate(smol):
+    _, tok = smol
+    grid = R.samples(tok, R.GRID, 300, n=99)
+    assert [s.depth for s in grid][-3:] == [0.9, 0.98, 1.0] and grid[0].depth == 0.0
+    assert all(s.task == R.GRID and len(s.ids) == 300 for s in grid)
+    recs = [{"model": "m", "task": R.GRID, "length": 300, "sample": i, "depth": s.depth, "method": "dense",
+             "budget": None, "protocol": "dense", "score": float(i % 2)} for i, s in enumerate(grid)]
+    table = R.depth_table(recs)
+    assert "| m | 300 | dense | - | dense | 0.00 | 1.00 |" in table
+
+
+def test_cli_writes_the_report_and_resumes(smol, tmp_path, capsys):
+    from attnlab.cli import main
+
+    args = ["frontier", "--models", "smollm2", "--methods", "snapkv,stream", "--budgets", "0.5", "--tasks",
+            "passkey", "--lengths", "256", "--n", "1"]
+    assert main(args + ["--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"samples.jsonl", "results.json", "results.md"} <= names and any(n.endswith(".png") for n in names)
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # dense, snapkv press, stream prefill, stream press
+    capsys.readouterr()
+    assert main(args + ["--resume", str(run_dir)]) == 0
+    assert "1 done already" in capsys.readouterr().out
+    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 4
+    md = (run_dir / "results.md").read_text()
+    assert "snapkv" in md and "stream" in md
+
+
+def test_cli_refuses_unknown_names():
+    from attnlab.cli import main
+
+    with pytest.raises(ValueError, match="unknown frontier method"):
+        main(["frontier", "--methods", "nope"])
+    with pytest.raises(SystemExit, match="unknown task"):
+        main(["frontier", "--tasks", "nope", "--methods", "snapkv"])

@@ -75,8 +75,8 @@ def test_model_windows_and_budget_layers(g3):
 
 
 def test_uniform_full_plan_equals_the_model(g3):
-    """The all-full plan keeps the local layers' window: its logits are the model's own; without the window
-    (a plain HeadPlan.uniform) the local layers would see every key and the logits differ."""
+    """The all-full plan keeps the local layers' window: its logits are the model's own; one key less on the
+    local layers (stream(0, 3)) and the logits differ, so the window is exactly the model's."""
     plan = sources.uniform(g3, "full")
     assert _kinds(plan) == [["stream(0+4)"], ["full"], ["stream(0+4)"]] and dict(plan.meta)["model_windows"] == "kept"
     ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -84,10 +84,11 @@ def test_uniform_full_plan_equals_the_model(g3):
         ref = g3(input_ids=ids).logits
         with hf.use(g3, plan):
             out = g3(input_ids=ids, use_cache=False).logits
-        with hf.use(g3, HeadPlan.uniform(3, 1, HeadPolicy.full(), 4)):
-            unwindowed = g3(input_ids=ids, use_cache=False).logits
+        narrow = plan.with_policy(0, 0, HeadPolicy.stream(0, WINDOW - 1)).with_policy(2, 0, HeadPolicy.stream(0, 3))
+        with hf.use(g3, narrow):
+            off = g3(input_ids=ids, use_cache=False).logits
     assert torch.allclose(out, ref, atol=1e-5)
-    assert (unwindowed - ref).abs().max() > 1e-3
+    assert (off - ref).abs().max() > 1e-3
     stream = sources.uniform(g3, "stream", sinks=2, window=8)
     assert _kinds(stream) == [["stream(0+4)"], ["stream(2+8)"], ["stream(0+4)"]]
 
@@ -105,6 +106,10 @@ def test_plan_decode_and_dense_row_equal_the_models_own_cache(g3):
     assert r["kv_positions"] == fed + 2 * (WINDOW - 1)
     head_bytes = 2 * 8 * 4  # keys + values, head_dim 8, float32
     assert r["kv_bytes"] == r["kv_positions"] * head_bytes
+    # without with_model_windows the model's mask still bounds what the local layers read, but their cache
+    # would keep every position
+    un = greedy_generate(g3, ids, HeadPlan.uniform(3, 1, HeadPolicy.full(), 4), max_new_tokens=new)
+    assert un["tokens"][0].tolist() == ref.tolist() and un["kv_positions"] == 3 * fed
     for native in (True, False):
         d = dense_generate(g3, ids, new, native=native)
         assert d["tokens"][0].tolist() == ref.tolist()
@@ -220,6 +225,7 @@ def gemma3():
     return hf.load_model("gemma3")
 
 
+@pytest.mark.slow
 def test_real_gemma3_probe_plan_and_full_plan_decode(gemma3):
     """Gemma 3 270M, a 256-token passkey: a probe plan keeps the 15 local layers at the model's window and one
     of the 3 full layers' kv heads full; the windowed all-full plan decodes the dense row's tokens from a

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default=None, help="comma-separated: smollm2,gemma3 (default both)")
     p.add_argument("--methods", default=None, help=f"comma-separated; available: {','.join(M.METHODS)}")
     p.add_argument("--budgets", default=None, help="KV / density fractions (default 0.5,0.25,0.125)")
-    p.add_argument("--tasks", default=None, help=f"default {','.join(DEFAULT_TASKS)}")
+    p.add_argument("--tasks", default=None, help=f"default {','.join(DEFAULT_TASKS)}; 'grid' = a niah needle at "
+                                                 "depths 0.0 .. 0.9, 0.98, 1.0 (--n ignored)")
     p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 1024,2048,4096)")
     p.add_argument("--n", type=int, default=None, help="samples per task and length (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench.common import machine_info, new_run_dir, progress
     from . import report
-    from .run import aggregate, frontier
+    from .run import GRID, aggregate, depth_table, frontier
 
     if args.list:
         for m in M.METHODS.values():
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = _csv(args.tasks) or q.get("tasks", DEFAULT_TASKS)
     from ..plans.tasks import GENERATORS
 
-    bad = [t for t in tasks if t not in GENERATORS]
+    bad = [t for t in tasks if t not in GENERATORS and t != GRID]
     if bad:
         raise SystemExit(f"unknown task(s) {bad}; choose from {sorted(GENERATORS)}")
     lengths = _csv(args.lengths, int) or q.get("lengths")
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     meta["errors"] = errors
     rows = aggregate(records)
     report.write(rows, run_dir, meta)
+    grid = depth_table(records)
+    if grid:  # the depth grid's own table, after the report's sections
+        md = run_dir / "results.md"
+        md.write_text(md.read_text() + "\n" + grid)
     report.print_summary(report.summarize(rows))
     for e in errors:
         print(f"error: {e}")

@@ -176,13 +176,13 @@ def _quest(ctx: Context, f: float, L: int) -> Setup:
     return _uniform(ctx, HeadPolicy.topk(max(1, _tokens(f, L) // 16), 16), "quest")
 
 
-@method("recycled", "decode", ("prefill",), (), "Recycled attention: a full step every 8 positions records the "
+@method("recycled", "decode", ("prefill",), ("D27",), "Recycled attention: a full step every 8 positions records the "
         "top keys; the steps between reuse them (whole cache kept)")
 def _recycled(ctx: Context, f: float, L: int) -> Setup:
     return _on_full_layers(ctx, "recycled", {"top_k": _tokens(f, L), "stride": 8})
 
 
-@method("delta", "decode", ("prefill",), (), "DELTA: head-summed full attention picks one top-k key set per "
+@method("delta", "decode", ("prefill",), ("D42",), "DELTA: head-summed full attention picks one top-k key set per "
         "decoding step (+ 16 recent; whole cache kept)")
 def _delta(ctx: Context, f: float, L: int) -> Setup:
     return _on_full_layers(ctx, "delta_select", {"top_k": _tokens(f, L), "always": 16})
@@ -247,7 +247,7 @@ def _moba(ctx: Context, f: float, L: int) -> Setup:
     return _on_full_layers(ctx, "moba", {"block": 64, "top_k": _blocks(f, L)})
 
 
-@method("hip", "prefill", ("prefill",), (), "HiP: hierarchical pruning, per query a tree search for the top key "
+@method("hip", "prefill", ("prefill",), ("D74",), "HiP: hierarchical pruning, per query a tree search for the top key "
         "blocks (block 64)")
 def _hip(ctx: Context, f: float, L: int) -> Setup:
     return _on_full_layers(ctx, "hip", {"block": 64, "top_k": _blocks(f, L)})

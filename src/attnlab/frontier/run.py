@@ -20,6 +20,7 @@ budget, protocol, task, length) for :mod:`attnlab.frontier.report`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -37,11 +38,11 @@ from ..models import hf
 from ..plans.cache import PlanCache
 from ..plans.plan import HeadPlan
 from ..plans.runtime import PlanRunner
-from ..plans.tasks import Sample, make_samples
+from ..plans.tasks import Sample, depth_grid, make_samples
 from . import methods as M
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)
-DEFAULT_TASKS = ("passkey", "niah", "multikey", "multivalue", "vartrack", "cwe", "fwe", "kv")
+DEFAULT_TASKS = ("passkey", "niah", "multikey", "multivalue", "vartrack", "cwe", "fwe", "kv", "grid")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 FULL_LENGTHS = {"smollm2": (1024, 2048, 4096, 8192), "gemma3": (1024, 2048, 4096, 8192, 16384)}
 
@@ -198,6 +199,8 @@ def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs,
 
     dense = run_dense(model, ids, steps, capture=any(p == "press" for _, _, p in cfgs))
     out = [record("dense", None, "dense", "dense", dense)]
+    # the dense run this sample's configurations are paired with (a resumed run may redo dense later)
+    base["dense"] = {k: out[0][k] for k in ("prefill_s", "decode_tok_s", "kv_bytes")}
     if advance:
         advance(f"{model_name} {sample.task} {sample.length} dense")
     for meth, budget, protocol in cfgs:
@@ -230,8 +233,9 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (model, method, budget, protocol, family, task, length), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["sample"])
-        pairs = [(r, dense[(model, task, length, r["sample"])]) for r in rs
-                 if (model, task, length, r["sample"]) in dense]
+        # each record's own dense partner (same sample, run just before it); older records: the dense record
+        pairs = [(r, r["dense"] if "dense" in r else dense[(model, task, length, r["sample"])]) for r in rs
+                 if "dense" in r or (model, task, length, r["sample"]) in dense]
         dec = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in pairs if r.get("decode_tok_s") and d.get(
             "decode_tok_s")]
         rows.append({
@@ -249,6 +253,38 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: the needle depth x length grid: one niah sample per depth, from the start to the very end of the context
+GRID = "grid"
+
+
+def samples(tok: Any, task: str, length: int, n: int, seed: int = 0) -> list[Sample]:
+    """``n`` samples of ``task`` (depths spread over 5%..95%); ``grid``: one needle per depth of
+    :data:`attnlab.plans.tasks.DEFAULT_DEPTHS` (0.0 .. 0.9, 0.98, 1.0; ``n`` is ignored)."""
+    if task == GRID:
+        return [dataclasses.replace(s, task=GRID) for s in depth_grid(tok, "niah", length, seed=seed)]
+    return make_samples(tok, task, length, n, seed)
+
+
+def depth_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: accuracy per (model, method, budget, protocol) and needle depth of the ``grid`` task."""
+    grid = [r for r in records if r.get("task") == GRID and "error" not in r]
+    if not grid:
+        return ""
+    depths = sorted({r["depth"] for r in grid})
+    cells: dict[tuple, dict[float, list[float]]] = {}
+    for r in grid:
+        key = (r["model"], r["length"], r["method"], r["budget"], r["protocol"])
+        cells.setdefault(key, {}).setdefault(r["depth"], []).append(r["score"])
+    head = "| model | length | method | budget | protocol | " + " | ".join(f"{d:.2f}" for d in depths) + " |"
+    lines = ["## Needle depth x length grid (niah; accuracy per depth, 1.00 = right before the question)", "",
+             head, "|" + "---|" * (5 + len(depths))]
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2] != "dense", k[2], -(k[3] or 1), k[4])):
+        row = cells[key]
+        vals = [f"{statistics.mean(row[d]):.2f}" if d in row else "" for d in depths]
+        lines.append("| " + " | ".join(str(x if x is not None else "-") for x in key) + " | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
              lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
              progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print) -> list[dict]:
@@ -261,15 +297,14 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
         model, tok = hf.load_model(name)
         ctx = context(model, tok)
         lens = lengths.get(name, ()) if isinstance(lengths, dict) else lengths
-        units = [(task, L, i, s) for task in tasks for L in lens
-                 for i, s in enumerate(make_samples(tok, task, L, n, seed))]
+        units = [(task, L, i, s) for task in tasks for L in lens for i, s in enumerate(samples(tok, task, L, n, seed))]
         todo = [u for u in units if any((name, u[0], u[1], u[2], m.name, b, p) not in done for m, b, p in cfgs)
                 or (name, u[0], u[1], u[2], "dense", None, "dense") not in done]
         log(f"{name}: {len(units)} samples x {1 + len(cfgs)} configurations; {len(units) - len(todo)} done already")
         if not todo:
             continue
         # warm-up (untimed): the first calls of each configuration build block layouts and allocators
-        warm = make_samples(tok, tasks[0], min(lens), 1, seed + 999)[0]
+        warm = make_samples(tok, "passkey", min(lens), 1, seed + 999)[0]
         run_sample(model, tok, ctx, warm, cfgs, model_name=name, index=-1)
         ctxmgr = progress(len(todo) * (1 + len(cfgs))) if progress else None
         advance = ctxmgr.__enter__() if ctxmgr else None
@@ -290,5 +325,5 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
     return records
 
 
-__all__ = ["DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
+__all__ = ["GRID", "depth_table", "samples", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
            "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample"]

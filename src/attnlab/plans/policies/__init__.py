@@ -1,4 +1,5 @@
-"""Plan policies, one class per file: ``full``, ``stream``, ``snap``, ``topk`` (Quest), ``drop``.
+"""Plan policies, one class per file: ``full``, ``stream``, ``snap``, ``topk`` (Quest), ``drop``, and the
+frontier's eviction policies ``knorm``, ``tova``, ``h2o``, ``ada`` (Ada-KV on SnapKV scores).
 
 Each module defines a :class:`Policy` subclass registered with :func:`register_policy` (what the prompt
 computes, what the cache keeps, the decode step) and, for the cache-changing kinds, the q/k/v op computing
