@@ -44,7 +44,6 @@ def gtok():
 
     folder = hf.cache_root() / "models" / "gemma3-270m"
     if (folder / "tokenizer.json").is_file():
-        hf._offline()
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return hf.load_model("gemma3")[1]
 

@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--chunk", type=int, default=None, help="chunked prefill: tokens per chunk")
     e.add_argument("--full", action="store_true", help="also 8k tokens")
     e.add_argument("--quick", action="store_true",
-                   help="the headline check: passkey at 4096 tokens (--quick-length), 20 samples (--n), dense vs a probe plan with "
-                        "64%% of kv heads streaming (4 sinks + 256 window)")
+                   help="the headline check: passkey at 4096 tokens (--quick-length), 20 samples (--n), dense vs a "
+                        "probe plan with 64%% of kv heads streaming (4 sinks + 256 window)")
     e.add_argument("--quick-length", type=int, default=4096, help="--quick: prompt length in tokens")
     e.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     e.add_argument("--out-root", default="runs")
