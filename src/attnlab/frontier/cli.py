@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=None, help=f"default {','.join(DEFAULT_TASKS)}; 'grid' = a niah needle at "
                                                  "depths 0.0 .. 0.9, 0.98, 1.0 (--n ignored)")
     p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--protocols", default="prefill,press", help="prefill (compress while prefilling), press (dense "
+                                                                "prefill, then compress), or both")
     p.add_argument("--n", type=int, default=None, help="samples per task and length (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few minutes: SmolLM2, passkey + kv at 1024, n=2, "
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if lengths is None:
         lengths = {m: FULL_LENGTHS.get(m, DEFAULT_LENGTHS) for m in models} if args.full else DEFAULT_LENGTHS
     n = args.n or q.get("n", 5)
+    protocols = _csv(args.protocols)
+    if not protocols or set(protocols) - {"prefill", "press"}:
+        raise SystemExit(f"--protocols takes prefill and/or press, got {args.protocols!r}")
     run_dir = Path(args.resume) if args.resume else new_run_dir("frontier", args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             **machine_info()}
     print(f"frontier run in {run_dir}")
     records = frontier(models, names, budgets, tasks, lengths, n, run_dir, seed=args.seed,
-                       progress=lambda total: progress(total, "frontier"))
+                       progress=lambda total: progress(total, "frontier"), protocols=protocols)
     errors = sorted({f"{r['model']} {r['method']} {r['budget']} {r['protocol']}: {r['error']}"
                      for r in records if "error" in r})
     meta["errors"] = errors

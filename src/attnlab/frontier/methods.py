@@ -250,7 +250,8 @@ def _moba(ctx: Context, f: float, L: int) -> Setup:
 @method("hip", "prefill", ("prefill",), ("D74",), "HiP: hierarchical pruning, per query a tree search for the top key "
         "blocks (block 64)")
 def _hip(ctx: Context, f: float, L: int) -> Setup:
-    return _on_full_layers(ctx, "hip", {"block": 64, "top_k": _blocks(f, L)})
+    # hip's top_k counts the selected blocks besides the query's own (MoBA's counts its own): same budget
+    return _on_full_layers(ctx, "hip", {"block": 64, "top_k": max(1, _blocks(f, L) - 1)})
 
 
 @method("minference", "prefill", ("prefill",), (), "MInference vertical-slash: the top columns and diagonals "
@@ -263,7 +264,8 @@ def _minference(ctx: Context, f: float, L: int) -> Setup:
 @method("minference_blocks", "prefill", ("prefill",), (), "MInference block top-k: per query block the top key "
         "blocks by pooled scores (block 64)")
 def _minference_blocks(ctx: Context, f: float, L: int) -> Setup:
-    return _on_full_layers(ctx, "minference", {"mode": "block_topk", "block": 64, "top_k": _blocks(f, L)})
+    # block top-k reads its own block besides top_k others (as hip): the same number of blocks as MoBA
+    return _on_full_layers(ctx, "minference", {"mode": "block_topk", "block": 64, "top_k": max(1, _blocks(f, L) - 1)})
 
 
 def _with_delta(base: str) -> Callable[[Context, float, int], Setup]:

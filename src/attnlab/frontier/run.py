@@ -63,15 +63,18 @@ def cache_bytes(cache: Any) -> int:
 
 
 @torch.no_grad()
-def decode(model: nn.Module, first: Tensor, cache: Any, steps: int) -> tuple[Tensor, float]:
+def decode(model: nn.Module, first: Tensor, cache: Any, steps: int) -> tuple[Tensor, float, float]:
     """Greedy decoding from the first generated token ``(B,)``: ``steps`` more tokens. Returns the tokens
-    ``(B, 1 + steps)`` and the decode seconds."""
+    ``(B, 1 + steps)``, the seconds of the first step (where press policies compress the prompt's cache) and
+    the seconds of the steps after it (steady-state decoding)."""
     toks = [first]
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     for _ in range(steps):
         out = model(input_ids=toks[-1][:, None], cache=cache, use_cache=True)
         toks.append(out.logits[:, -1].argmax(-1))
-    return torch.stack(toks, dim=1), time.perf_counter() - t0
+        marks.append(time.perf_counter())
+    first_s = marks[1] - marks[0] if steps else 0.0
+    return torch.stack(toks, dim=1), first_s, marks[-1] - marks[min(1, steps)]
 
 
 def dense_runner(model: nn.Module) -> Any:
@@ -102,12 +105,12 @@ def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[
             out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             prefill_s = time.perf_counter() - t0
         first = out.logits[:, -1].argmax(-1)
-        toks, decode_s = decode(model, first, cache, steps)
+        toks, first_s, decode_s = decode(model, first, cache, steps)
     finally:
         if handle is not None:
             handle.remove()
-    return {"tokens": toks, "prefill_s": prefill_s, "decode_s": decode_s, "kv_bytes": cache_bytes(cache),
-            "first": first, "captured": captured}
+    return {"tokens": toks, "prefill_s": prefill_s + first_s, "decode_s": decode_s,
+            "kv_bytes": cache_bytes(cache), "first": first, "captured": captured, "dense_prefill_s": prefill_s}
 
 
 @torch.no_grad()
@@ -129,8 +132,8 @@ def run_press(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], steps: in
     cache, runner = replay(plan, dense["captured"])
     replay_s = time.perf_counter() - t0
     with hf.use(model, runner):
-        toks, decode_s = decode(model, dense["first"], cache, steps)
-    return {"tokens": toks, "prefill_s": dense["prefill_s"] + replay_s, "decode_s": decode_s,
+        toks, first_s, decode_s = decode(model, dense["first"], cache, steps)
+    return {"tokens": toks, "prefill_s": dense["dense_prefill_s"] + replay_s + first_s, "decode_s": decode_s,
             "kv_bytes": cache_bytes(cache)}
 
 
@@ -146,16 +149,18 @@ def run_prefill(model: nn.Module, setup: M.Setup, ids: Tensor, steps: int) -> di
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - t0
-        toks, decode_s = decode(model, out.logits[:, -1].argmax(-1), cache, steps)
-    return {"tokens": toks, "prefill_s": prefill_s, "decode_s": decode_s, "kv_bytes": cache_bytes(cache)}
+        toks, first_s, decode_s = decode(model, out.logits[:, -1].argmax(-1), cache, steps)
+    return {"tokens": toks, "prefill_s": prefill_s + first_s, "decode_s": decode_s, "kv_bytes": cache_bytes(cache)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------
-def configs(names: Sequence[str], budgets: Sequence[float]) -> list[tuple[M.Method, float, str]]:
-    """``(method, budget, protocol)`` for every asked method, budget and protocol it supports."""
-    return [(M.get(n), float(b), p) for n in names for b in budgets for p in M.get(n).protocols]
+def configs(names: Sequence[str], budgets: Sequence[float],
+            protocols: Sequence[str] = ("prefill", "press")) -> list[tuple[M.Method, float, str]]:
+    """``(method, budget, protocol)`` for every asked method, budget and protocol it supports (of
+    ``protocols``)."""
+    return [(M.get(n), float(b), p) for n in names for b in budgets for p in M.get(n).protocols if p in protocols]
 
 
 def context(model: nn.Module, tok: Any) -> M.Context:
@@ -172,13 +177,16 @@ def _key(rec: dict[str, Any]) -> tuple:
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``samples.jsonl``, the last one per (model, task, length, sample, method, budget,
+    protocol) (a redone sample appends new lines; the old ones are superseded)."""
     if not path.is_file():
         return []
-    out = []
+    out: dict[tuple, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            out.append(json.loads(line))
-    return out
+            rec = json.loads(line)
+            out[_key(rec)] = rec
+    return list(out.values())
 
 
 def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs, *, model_name: str,
@@ -191,13 +199,14 @@ def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs,
 
     def record(method: str, budget: float | None, protocol: str, family: str, res: dict[str, Any]) -> dict:
         text = tok.decode(res["tokens"][0].tolist(), skip_special_tokens=True)
-        n_steps = res["tokens"].shape[1] - 1
+        n_steps = res["tokens"].shape[1] - 2  # steady-state steps: after the first decode step
         return {**base, "method": method, "budget": budget, "protocol": protocol, "family": family,
                 "score": sample.score(text), "text": text, "kv_bytes": res["kv_bytes"],
                 "prefill_s": res["prefill_s"],
                 "decode_tok_s": n_steps / res["decode_s"] if n_steps and res["decode_s"] > 0 else None}
 
-    dense = run_dense(model, ids, steps, capture=any(p == "press" for _, _, p in cfgs))
+    # always captured: the dense run takes one path (attnlab's dispatch) whichever methods are asked for
+    dense = run_dense(model, ids, steps, capture=True)
     out = [record("dense", None, "dense", "dense", dense)]
     # the dense run this sample's configurations are paired with (a resumed run may redo dense later)
     base["dense"] = {k: out[0][k] for k in ("prefill_s", "decode_tok_s", "kv_bytes")}
@@ -213,7 +222,7 @@ def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs,
             out.append(record(meth.name, budget, protocol, meth.family, res))
         except Exception as e:  # one broken configuration must not lose the run: recorded, reported
             out.append({**base, "method": meth.name, "budget": budget, "protocol": protocol, "family": meth.family,
-                        "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)})
+                        "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=-3)})
         if advance:
             advance(f"{model_name} {sample.task} {sample.length} {meth.name} {budget} {protocol}")
     dense.pop("captured", None)
@@ -290,12 +299,13 @@ def depth_table(records: Sequence[dict[str, Any]]) -> str:
 
 def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
              lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
-             progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+             progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print,
+             protocols: Sequence[str] = ("prefill", "press")) -> list[dict]:
     """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new)."""
     path = run_dir / "samples.jsonl"
     records = load_records(path)
-    done = {_key(r) for r in records}
-    cfgs = configs(method_names, budgets)
+    done = {_key(r) for r in records if "error" not in r}  # a failed configuration is retried
+    cfgs = configs(method_names, budgets, protocols)
     for name in models:
         model, tok = hf.load_model(name)
         ctx = context(model, tok)
@@ -325,7 +335,7 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
         finally:
             if ctxmgr:
                 ctxmgr.__exit__(None, None, None)
-        del model
+        del model, ctx
     return records
 
 
