@@ -157,3 +157,20 @@ def test_cli_refuses_unknown_names():
         main(["frontier", "--methods", "nope"])
     with pytest.raises(SystemExit, match="unknown task"):
         main(["frontier", "--tasks", "nope", "--methods", "snapkv"])
+
+
+def test_calibrations_persist_in_the_run_folder(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.arange(6.0).view(2, 3)
+
+    first = M.Context(None, None, 2, 3, 1, (0, 1), store=tmp_path)
+    a = first.calibrated("probe", make)
+    again = M.Context(None, None, 2, 3, 1, (0, 1), store=tmp_path)  # a resumed run: a new process
+    b = again.calibrated("probe", make)
+    assert calls == [1] and torch.equal(a, b)
+    plan = M.get("stream").build(R.context(tiny("llama"), Tok()), 0.25, L).plan
+    again.calibrated("moa-x", lambda: plan)
+    assert M.Context(None, None, 2, 3, 1, (0, 1), store=tmp_path).calibrated("moa-x", make) == plan

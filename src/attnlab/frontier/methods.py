@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..plans.plan import HeadPlan, HeadPolicy
@@ -54,11 +55,42 @@ class Context:
     q_per_kv: int
     full_layers: tuple[int, ...]
     cache: dict[str, Any] = field(default_factory=dict)
+    #: a folder where calibrations are kept between runs (``calibration-<model>/`` in a frontier run folder)
+    store: Path | None = None
 
     def calibrated(self, key: str, make: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
+        """``make()`` once per model: kept in memory and, with a ``store``, on disk (tensors as safetensors,
+        plans as JSON), so a resumed run reuses the calibration its first part computed."""
+        if key in self.cache:
+            return self.cache[key]
+        value = _load(self.store, key) if self.store is not None else None
+        if value is None:
+            value = make()
+            if self.store is not None:
+                _save(self.store, key, value)
+        self.cache[key] = value
+        return value
+
+
+def _load(store: Path, key: str) -> Any:
+    from safetensors.torch import load_file
+
+    if (store / f"{key}.safetensors").is_file():
+        return load_file(str(store / f"{key}.safetensors"))["value"]
+    if (store / f"{key}.json").is_file():
+        return HeadPlan.load(store / f"{key}.json")
+    return None
+
+
+def _save(store: Path, key: str, value: Any) -> None:
+    from safetensors.torch import save_file
+    from torch import Tensor
+
+    store.mkdir(parents=True, exist_ok=True)
+    if isinstance(value, Tensor):
+        save_file({"value": value.detach().contiguous().cpu()}, str(store / f"{key}.safetensors"))
+    elif isinstance(value, HeadPlan):
+        value.save(store / f"{key}.json")
 
 
 @dataclass(frozen=True)

@@ -163,13 +163,14 @@ def configs(names: Sequence[str], budgets: Sequence[float],
     return [(M.get(n), float(b), p) for n in names for b in budgets for p in M.get(n).protocols if p in protocols]
 
 
-def context(model: nn.Module, tok: Any) -> M.Context:
+def context(model: nn.Module, tok: Any, store: Path | None = None) -> M.Context:
+    """The methods' view of ``model``; ``store``: where its calibrations are kept between runs."""
     from ..plans.sources import model_windows
 
     geo = hf.geometry(model)
     windows = model_windows(model)
     full = tuple(i for i, w in enumerate(windows) if w is None)
-    return M.Context(model, tok, geo.num_layers, geo.num_kv_heads, geo.group, full)
+    return M.Context(model, tok, geo.num_layers, geo.num_kv_heads, geo.group, full, store=store)
 
 
 def _key(rec: dict[str, Any]) -> tuple:
@@ -308,7 +309,7 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
     cfgs = configs(method_names, budgets, protocols)
     for name in models:
         model, tok = hf.load_model(name)
-        ctx = context(model, tok)
+        ctx = context(model, tok, run_dir / f"calibration-{name}")
         lens = lengths.get(name, ()) if isinstance(lengths, dict) else lengths
         units = [(task, L, i, s) for task in tasks for L in lens for i, s in enumerate(samples(tok, task, L, n, seed))]
         todo = [u for u in units if any((name, u[0], u[1], u[2], m.name, b, p) not in done for m, b, p in cfgs)
