@@ -174,3 +174,11 @@ def test_calibrations_persist_in_the_run_folder(tmp_path):
     plan = M.get("stream").build(R.context(tiny("llama"), Tok()), 0.25, L).plan
     again.calibrated("moa-x", lambda: plan)
     assert M.Context(None, None, 2, 3, 1, (0, 1), store=tmp_path).calibrated("moa-x", make) == plan
+
+
+def test_solvable_rows_keep_the_cells_dense_solves():
+    rows = [{"model": "m", "task": t, "length": 10, "method": meth, "accuracy": a}
+            for t, a_dense in (("easy", 1.0), ("hard", 0.0), ("half", 0.5)) for meth, a in (("dense", a_dense),
+                                                                                            ("x", 0.2))]
+    kept = R.solvable_rows(rows)
+    assert sorted({r["task"] for r in kept}) == ["easy", "half"] and len(kept) == 4

@@ -298,6 +298,14 @@ def depth_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def solvable_rows(rows: Sequence[dict[str, Any]], threshold: float = 0.5) -> list[dict[str, Any]]:
+    """The rows of the (model, task, length) cells whose dense accuracy is at least ``threshold`` (a method
+    cannot lose what the dense model never had: the suite mean over these cells is the fairer comparison)."""
+    ok = {(r["model"], r["task"], r["length"]) for r in rows
+          if r["method"] == "dense" and r.get("accuracy") is not None and r["accuracy"] >= threshold}
+    return [r for r in rows if (r["model"], r["task"], r["length"]) in ok]
+
+
 def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
              lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
              progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print,
@@ -340,5 +348,5 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
     return records
 
 
-__all__ = ["GRID", "depth_table", "samples", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
+__all__ = ["GRID", "depth_table", "samples", "solvable_rows", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
            "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample"]

@@ -67,17 +67,25 @@ def _unembed(model: nn.Module) -> nn.Module:
 def rms_gain(norm: nn.Module) -> tuple[Tensor, float]:
     """``(gain (d,), eps)`` of an RMSNorm module, so that ``norm(x) = gain * x / sqrt(mean(x^2) + eps)``.
 
-    The gain is read by running the module on a vector of ones (Llama's ``w`` and Gemma's ``1 + w`` alike).
+    The gain is read by running the module on a vector of ones (Llama's ``w`` and Gemma's ``1 + w`` alike);
+    when it matches ``w`` or ``1 + w`` (the norms upcast to float32 inside), the exact parameter is used.
     """
     if "RMSNorm" not in type(norm).__name__:
         raise ValueError(f"only RMSNorm final / post-attention norms are supported, got {type(norm).__name__}")
     eps = getattr(norm, "variance_epsilon", None)
-    eps = getattr(norm, "eps", 1e-6) if eps is None else eps
-    p = next(norm.parameters())
+    eps = float(getattr(norm, "eps", 1e-6) if eps is None else eps)
+    w = getattr(norm, "weight", None)
+    p = w if w is not None else next(norm.parameters(), None)
+    if p is None:
+        raise ValueError(f"{type(norm).__name__} has no gain parameter to read its size from")
     d = p.shape[-1]
     with torch.no_grad():
-        gain = norm(torch.ones(1, d, dtype=p.dtype, device=p.device))[0].double() * math.sqrt(1.0 + eps)
-    return gain, float(eps)
+        probe = norm(torch.ones(1, d, dtype=p.dtype, device=p.device))[0].double().cpu() * math.sqrt(1.0 + eps)
+        if w is not None:
+            for exact in (w.detach().double().cpu(), 1.0 + w.detach().double().cpu()):
+                if torch.allclose(probe, exact, rtol=1e-3, atol=1e-5):
+                    return exact, eps
+    return probe, eps
 
 
 def _inv_rms(x: Tensor, eps: float) -> Tensor:
@@ -110,6 +118,7 @@ class _Trace:
     z: list[Tensor]  # (1, H, T, Dv)
 
 
+@torch.no_grad()
 def _trace(model: nn.Module, ids: Tensor) -> _Trace:
     base = _base(model)
     L = len(base.layers)
@@ -415,12 +424,12 @@ def path_patching(
 
         with hf.hooks(model, {name: patch for name in targets}):
             m = float(metric(model(input_ids=corrupt_ids, use_cache=False).logits))
-    done = tuple(sorted((hook_layer(name), name.rsplit(".", 1)[1], i) for name, idx in targets.items()
+    done = tuple(sorted((_hook_layer(name), name.rsplit(".", 1)[1], i) for name, idx in targets.items()
                         for i in idx))
     return PathPatchResult(float(_normalize(m, m_clean, m_corrupt)), m, m_clean, m_corrupt, done)
 
 
-def hook_layer(name: str) -> int:
+def _hook_layer(name: str) -> int:
     return int(name.split(".")[1])
 
 
@@ -512,6 +521,7 @@ class DLAResult:
     logit: Tensor
 
 
+@torch.no_grad()
 def direct_logit_attribution(
     model: nn.Module, ids: Tensor, target_tokens: int | tuple[int, int], position: int | None = -1,
 ) -> DLAResult:
@@ -589,6 +599,7 @@ class LensResult:
     head_logits: Tensor | None = None
 
 
+@torch.no_grad()
 def logit_lens(
     model: nn.Module, ids: Tensor, position: int = -1, top: int = 5, *, heads: bool = False,
     full_heads: bool = False,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import hf
+from .causal import rms_gain
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,10 @@ def _layer_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _gain(norm: nn.Module | None, d: int) -> Tensor:
-    """The elementwise gain of an RMSNorm (``w`` or Gemma's ``1 + w``), read by normalizing a vector of ones."""
+    """The elementwise gain of an RMSNorm (``w`` or Gemma's ``1 + w``); ones without a norm."""
     if norm is None:
         return torch.ones(d, dtype=torch.float64)
-    eps = getattr(norm, "variance_epsilon", None)
-    eps = getattr(norm, "eps", 1e-6) if eps is None else eps
-    p = next(norm.parameters())
-    with torch.no_grad():
-        return norm(torch.ones(1, d, dtype=p.dtype, device=p.device))[0].double().cpu() * (1.0 + eps) ** 0.5
+    return rms_gain(norm)[0]
 
 
 @dataclass(frozen=True)
@@ -140,8 +137,9 @@ def ov_circuit(model: nn.Module, layer: int, head: int, *, fold_norm: bool = Tru
 
 
 def _embed_unembed(model: nn.Module, vocab: int | None, seed: int) -> Tensor:
-    """``W_E^T`` restricted ... returns ``E U := W_E^T-side product (d, d) = sum_t e_t u_t^T``: the ``(d, d)``
-    matrix ``W_E W_U`` (column convention: ``W_E (d, V)``, ``W_U (V, d)``) over the (sub)vocabulary."""
+    """The ``(d, d)`` matrix ``W_E W_U = sum_t e_t u_t^T`` (column convention: ``W_E (d, V)`` holds the
+    embeddings as columns, ``W_U (V, d)`` the unembedding rows) over the vocabulary or a random subset of it.
+    The final norm is ignored, as in Elhage et al."""
     emb = model.get_input_embeddings().weight.detach().double().cpu()  # (V, d): column t is e_t
     unemb = model.get_output_embeddings().weight.detach().double().cpu()  # (V, d): row t is u_t
     V = emb.shape[0]
