@@ -354,14 +354,15 @@ def test_dla_head_term_by_hand():
     r = direct_logit_attribution(model, ids, 11, position=2)
     _, cache = hf.run_with_cache(model, ids, ["blocks.1.attn.z"])
     final = {}
-    h = model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("x", a[0]))
-    model(input_ids=ids)
+    h = model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
     h.remove()
     x = final["x"][0, 2]
     inv = 1 / torch.sqrt((x ** 2).mean() + model.config.rms_norm_eps)
     z = cache["blocks.1.attn.z"][0, 3, 2]  # layer 1, head 3, position 2
     contrib = model.model.layers[1].self_attn.o_proj.weight[:, 24:32] @ z
-    want = float((contrib * inv * model.model.norm.weight) @ model.lm_head.weight[11])
+    want = float(((contrib * inv * model.model.norm.weight) @ model.lm_head.weight[11]).detach())
     assert float(r.heads[1, 3]) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 

@@ -2,7 +2,9 @@
 
 Entry points: ``build_atlas(model, tok, probes)`` -> ``HeadAtlas`` (save/load JSON, CSV, ``kv_scores()``),
 ``write_report(atlas, out_dir, compare=None)``, ``quick_atlas(out_dir)`` (SmolLM2 on the built-in probes),
-and the ``attnlab inspect`` command. See docs/inspect.md.
+and the ``attnlab inspect`` command. Causal tools (``causal``: activation and path patching, attention knockout,
+direct logit attribution, logit lens) and weights-only circuits (``circuits``: QK/OV circuits, composition and
+copying scores) run on the hook seam. See docs/inspect.md.
 """
 
 from __future__ import annotations
@@ -10,6 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atlas import HeadAtlas, RoleThresholds, assign_roles, build_atlas
+from .causal import (
+    activation_patching,
+    attention_knockout,
+    direct_logit_attribution,
+    knockout_effect,
+    logit_lens,
+    path_patching,
+)
+from .circuits import composition_scores, copying_scores, ov_circuit, qk_circuit
 from .metrics import MetricConfig, ProbeSpec, head_metrics
 from .report import write_report
 
@@ -32,5 +43,7 @@ def quick_atlas(out_dir: str | Path, model: str = "smollm2", progress: bool = Tr
     return write_report(atlas, out_dir)["html"]
 
 
-__all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "assign_roles", "build_atlas",
-           "head_metrics", "quick_atlas", "write_report"]
+__all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activation_patching", "assign_roles",
+           "attention_knockout", "build_atlas", "composition_scores", "copying_scores", "direct_logit_attribution",
+           "head_metrics", "knockout_effect", "logit_lens", "ov_circuit", "path_patching", "qk_circuit",
+           "quick_atlas", "write_report"]
