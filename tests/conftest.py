@@ -8,3 +8,16 @@ torch.manual_seed(0)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def gtok():
+    """Gemma 3's tokenizer (from the converted cache; converting the model first if needed)."""
+    from transformers import AutoTokenizer
+
+    from attnlab.models import hf
+
+    folder = hf.cache_root() / "models" / "gemma3-270m"
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return hf.load_model("gemma3")[1]

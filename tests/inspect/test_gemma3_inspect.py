@@ -29,17 +29,6 @@ def tiny_gemma3(vocab: int) -> Gemma3ForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def gtok():
-    """Gemma 3's tokenizer (from the converted cache; converting it first if needed)."""
-    from transformers import AutoTokenizer
-
-    folder = hf.cache_root() / "models" / "gemma3-270m"
-    if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return hf.load_model("gemma3")[1]
-
-
-@pytest.fixture(scope="module")
 def g3(gtok):
     return tiny_gemma3(len(gtok)), gtok
 

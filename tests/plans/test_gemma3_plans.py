@@ -38,17 +38,6 @@ def g3():
 
 
 @pytest.fixture(scope="module")
-def gtok():
-    """Gemma 3's tokenizer (from the converted cache; converting it first if needed)."""
-    from transformers import AutoTokenizer
-
-    folder = hf.cache_root() / "models" / "gemma3-270m"
-    if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return hf.load_model("gemma3")[1]
-
-
-@pytest.fixture(scope="module")
 def g3_vocab(gtok):
     """The tiny Gemma 3 with the real vocabulary (the profiling code builds passkey prompts)."""
     return tiny_gemma3(vocab=len(gtok)), gtok

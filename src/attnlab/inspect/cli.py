@@ -35,6 +35,51 @@ def register(subparsers) -> None:
     p.add_argument("--flow-tokens", type=int, default=12, help="attention flow on this many tokens (0: off)")
     p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
     p.set_defaults(func=run)
+    # `attnlab inspect causal ...`: optional, so `attnlab inspect --model M` keeps building the atlas
+    sub = p.add_subparsers(dest="inspect_command", metavar="{causal}", required=False)
+    c = sub.add_parser(
+        "causal", help="activation patching, direct logit attribution and composition scores on a small task",
+        description="Build clean and corrupted prompts offline with the model's tokenizer (induction: repeated "
+        "random tokens; ioi-lite: 'When A and B ..., B gave a drink to' -> A), patch each head's z from the clean "
+        "run into the corrupted one, attribute the clean logits to heads (DLA), score Q/K/V composition from the "
+        "weights, and write JSON + Markdown + PNG heatmaps (layers x heads) under runs/causal-*/.",
+    )
+    c.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local HF folder or a .gguf file")
+    c.add_argument("--task", default="induction", choices=["induction", "ioi-lite"])
+    c.add_argument("--n", type=int, default=None,
+                   help="induction: random tokens per copy (default 20); ioi-lite: prompt pairs (default 4)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--top", type=int, default=10, help="heads in the printed table and the report")
+    c.add_argument("--batch", type=int, default=16, help="patched runs per forward pass")
+    c.add_argument("--out", default="runs", help="root folder: the report goes to <out>/causal-<stamp>/")
+    c.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    c.set_defaults(func=run_causal)
+
+
+def run_causal(args: argparse.Namespace) -> int:
+    from ..bench.common import new_run_dir, progress
+    from ..models.hf import ModelLoadError, load_model
+    from .causal_report import causal_analysis, print_top_heads, write_causal_report
+
+    try:
+        model, tok = load_model(args.model)
+    except ModelLoadError as e:
+        print(f"error: {e}")
+        return 2
+    n_prompts = 1 if args.task == "induction" else (4 if args.n is None else args.n)
+    name = Path(args.model).name
+    try:
+        with progress(2 * n_prompts + 1, f"causal {name} / {args.task}") as advance:
+            a = causal_analysis(model, tok, args.task, args.n, seed=args.seed, name=name,
+                                batch=args.batch, progress=advance)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    out = new_run_dir("causal", args.out)
+    paths = write_causal_report(a, out, pngs=not args.no_png, top=args.top)
+    print_top_heads(a, args.top)
+    print(f"report: {paths['md']}\njson:   {paths['json']}  ({a.seconds:.1f} s)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,8 +6,13 @@ runs the same code on a whole weight tensor, which is how the known-answer tests
 
 Definitions (``A[i, j]``: weight of query ``i`` on key ``j``; means are over query rows):
 
-* ``sink``        -- mean attention to the first token, ``mean_i A[i, 0]`` (Gu et al., "When Attention Sink
-  Emerges", A83-style sink metric with threshold ``eps``; ``is_sink = sink > eps``).
+* ``sink``        -- mean attention to the first token, ``alpha = mean_i A[i, 0]`` over every query row (Gu et
+  al., "When Attention Sink Emerges in Language Models: An Empirical View", A262: their importance score
+  ``alpha_h^l[1]``, rows ``i >= 1`` of a causal model, i.e. all of them).
+* ``is_sink``     -- 1.0 where ``sink > eps`` (``MetricConfig.eps``, the paper's 0.3), else 0.0: the per-head
+  indicator of A262; ``sink_ratio`` averages it over layers and heads into the model's ``Sink^eps``.
+* ``sink_rows``   -- share of query rows whose own first-token weight exceeds ``eps`` (a row-level view of the
+  same threshold: a head with ``sink_rows`` near 1 sinks on every row, not just on average).
 * ``entropy``     -- ``mean_i -sum_j A log A`` in nats; ``entropy_norm`` divides each row by ``log(visible)``.
 * ``distance``    -- mean attention distance ``mean_i sum_j A |i - j|`` (in tokens).
 * ``locality``    -- share within ``window``: ``sum_{|i-j| < window} A``, over rows that see more than
@@ -36,7 +41,7 @@ import torch
 from torch import Tensor
 
 HEAD_METRICS = (
-    "sink", "entropy", "entropy_norm", "distance", "locality", "streaming", "prev_token", "induction",
+    "sink", "is_sink", "sink_rows", "entropy", "entropy_norm", "distance", "locality", "streaming", "prev_token", "induction",
     "lookback", "basin",
 )
 
@@ -52,6 +57,11 @@ class MetricConfig:
     profile_bins: int = 8
     chunk: int = 256  # query rows per chunk
     rollout_max: int = 512  # keep head-averaged full maps (for rollout) up to this length
+
+    def __post_init__(self):
+        # eps is a threshold on a probability: outside [0, 1) no head (or every head) would be a sink
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"MetricConfig.eps must be in [0, 1) (a share of attention), got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class HeadStats:
     def __init__(self, heads: int, T: int, cfg: MetricConfig, spec: ProbeSpec | None = None):
         self.H, self.T, self.cfg, self.spec = heads, T, cfg, spec or ProbeSpec()
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.sums = {k: z(heads) for k in ("sink", "entropy", "entropy_norm", "distance", "prev_token",
+        self.sums = {k: z(heads) for k in ("sink", "sink_rows", "entropy", "entropy_norm", "distance", "prev_token",
                                             "locality", "streaming", "induction", "lookback", "loc_all",
                                             "str_all")}
         self.counts = dict.fromkeys(("rows", "prev", "ind", "look", "prof"), 0)
@@ -105,6 +115,7 @@ class HeadStats:
         s = self.sums
         self.counts["rows"] += c
         s["sink"] += w[:, :, 0].sum(1).double()
+        s["sink_rows"] += (w[:, :, 0] > cfg.eps).sum(1).double()
         ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # (H, c)
         s["entropy"] += ent.sum(1).double()
         nv = n_visible.to(torch.float64).expand(H, c)
@@ -175,6 +186,7 @@ class HeadStats:
         div = lambda x, k: x / n[k] if n[k] else nan.clone()  # noqa: E731
         out = {
             "sink": div(s["sink"], "rows"),
+            "sink_rows": div(s["sink_rows"], "rows"),
             "entropy": div(s["entropy"], "rows"),
             "entropy_norm": torch.where(hc["rows_norm"] > 0, s["entropy_norm"] / hc["rows_norm"].clamp_min(1),
                                         nan),
@@ -187,6 +199,7 @@ class HeadStats:
         has = hc["loc"] > 0
         for name, every in (("locality", "loc_all"), ("streaming", "str_all")):
             out[name] = torch.where(has, s[name] / hc["loc"].clamp_min(1), div(s[every], "rows"))
+        out["is_sink"] = is_sink(out["sink"], self.cfg.eps)
         prof = self.profile()
         out["basin"] = basin_score(prof) if prof is not None else nan.clone()
         return out
@@ -198,6 +211,32 @@ class HeadStats:
     def attention_map(self) -> Tensor:
         """``(H, nb, nb)`` pooled map: mean over the queries of a bin of the mass on each key bin."""
         return (self.map_sum / self.map_cnt.clamp_min(1).view(1, -1, 1)).float()
+
+
+def is_sink(sink: Tensor, eps: float = 0.3) -> Tensor:
+    """Per-head sink indicator of Gu et al. (A262): ``sink (...) -> (...)`` float64, 1.0 where the mean
+    first-token weight exceeds ``eps``, 0.0 where it does not, NaN where ``sink`` is NaN (not measured)."""
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1) (a share of attention), got {eps}")
+    sink = torch.as_tensor(sink)
+    # compare in the input's own dtype: a float32 0.3 is "at", not above, eps = 0.3
+    flags = (sink > eps).double()
+    return torch.where(sink.isnan(), torch.full_like(flags, float("nan")), flags)
+
+
+def sink_ratio(sink: Tensor, eps: float = 0.3) -> float:
+    """The model-level ``Sink^eps`` of Gu et al. (A262): the share of heads whose mean first-token weight
+    ``alpha = mean_i A[i, 0]`` exceeds ``eps``, ``(1/L) sum_l (1/H) sum_h 1[alpha_h^l > eps]``.
+
+    ``sink``: per-head ``alpha``, ``(L, H)`` (or any shape; heads not measured, NaN, are left out). With the
+    same number of heads per layer the mean over all heads equals the paper's mean of per-layer means.
+    Returns a float in [0, 1].
+    """
+    flags = is_sink(sink, eps).flatten()
+    flags = flags[~flags.isnan()]
+    if flags.numel() == 0:
+        raise ValueError("sink_ratio: no measured head (empty or all-NaN sink scores)")
+    return float(flags.mean())
 
 
 def basin_score(profile: Tensor) -> Tensor:

@@ -134,7 +134,7 @@ class Neighborhood(GridPattern):
 
     Args:
         grid: grid shape, e.g. ``(96, 96)``; ``seq_len = prod(grid)``.
-        kernel_size: keys per axis (int or per-axis tuple; odd on non-causal axes).
+        kernel_size: keys per axis (int or per-axis tuple; odd or even).
         dilation: per axis, split the axis into ``dilation`` interleaved groups (positions with equal
             ``i % dilation``); the window lives inside the query's group, with neighbours ``dilation`` apart.
         stride: GNA stride; per axis, consecutive runs of ``stride`` queries (in group coordinates) share
@@ -146,6 +146,8 @@ class Neighborhood(GridPattern):
     Window on a non-causal axis, in group coordinates (``ii = i // d`` inside a group of length ``Lg``):
     ``start = clamp(leader - k//2, 0, Lg - k)``, keys ``start .. start + k - 1``: centred, shifted at the
     borders so every query sees exactly ``k`` positions when ``Lg >= k`` (the whole group otherwise).
+    An even ``k`` follows NATTEN: ``k/2`` keys before the leader and ``k/2 - 1`` after it, i.e.
+    ``leader - k/2 .. leader + k/2 - 1`` in the interior (the same ``start`` formula covers both parities).
     """
 
     grid: tuple[int, ...]
@@ -162,8 +164,6 @@ class Neighborhood(GridPattern):
         s = int_tuple("stride", self.stride, n)
         c = as_bools("causal", self.causal, n)
         for a in range(n):
-            if not c[a] and k[a] % 2 == 0:
-                raise ValueError(f"kernel_size[{a}] must be odd on a non-causal axis, got {k[a]}")
             if s[a] > k[a]:
                 raise ValueError(f"stride[{a}] must be <= kernel_size[{a}] (GNA), got {s[a]} > {k[a]}")
         for name, v in (("kernel_size", k), ("dilation", d), ("stride", s), ("causal", c)):
@@ -207,15 +207,17 @@ class Neighborhood(GridPattern):
                     lead = min(first + s - 1, n - 1)
                     window = [m for m in members[max(0, lead - k + 1) : lead + 1] if m <= pos]
                 else:
+                    # neighbours before / after the leader: (k-1)/2 each when odd, k/2 and k/2 - 1 when even
+                    before, after = k // 2, (k - 1) // 2
                     lead = min(first + s // 2, n - 1)
                     if n <= k:
                         window = members
-                    elif lead - k // 2 < 0:
+                    elif lead - before < 0:
                         window = members[:k]
-                    elif lead + k // 2 >= n:
+                    elif lead + after >= n:
                         window = members[n - k :]
                     else:
-                        window = members[lead - k // 2 : lead + k // 2 + 1]
+                        window = members[lead - before : lead + after + 1]
                 t[pos, window] = True
         return t
 

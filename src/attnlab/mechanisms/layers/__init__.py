@@ -21,3 +21,5 @@ from . import mae  # noqa: F401
 from . import mhe  # noqa: F401
 from . import cascaded  # noqa: F401
 from . import diff  # noqa: F401
+from . import shvit  # noqa: F401
+from . import deconstructing  # noqa: F401
