@@ -293,7 +293,7 @@ def test_stochastic_is_seeded_and_never_empty():
 @pytest.mark.parametrize(
     "make,arg",
     [
-        (lambda: Neighborhood((8, 8), 4), "kernel_size"),
+        (lambda: Neighborhood((8, 8), 0), "kernel_size"),
         (lambda: Neighborhood((8, 8), (3, 3, 3)), "kernel_size"),
         (lambda: Neighborhood((8, 8), 3, dilation=0), "dilation"),
         (lambda: Neighborhood((8, 8), 3, stride=4), "stride"),

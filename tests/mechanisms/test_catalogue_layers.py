@@ -40,6 +40,8 @@ CASES: dict[str, tuple[dict, int | None, int]] = {
     "rcmha": ({}, None, 5),
     "relu_attn": (dict(chunk=4), None, 5),
     "sentinel": ({}, None, 5),
+    "shvit": ({}, None, 5),
+    "deconstructing": (dict(max_len=16), None, 5),
     "shared_diff": (dict(heads=2, rank=2), None, 5),
     "super_attn": (dict(max_len=16), None, 5),
     # routing
