@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from attnlab.cli import main
-from attnlab.inspect.causal_report import build_tasks, causal_analysis, induction_task, ioi_task
+from attnlab.inspect.causal import direct_logit_attribution
+from attnlab.inspect.causal_report import (
+    build_tasks,
+    causal_analysis,
+    induction_task,
+    ioi_task,
+    write_causal_report,
+)
 from tests.inspect.test_causal import BOS, IND_HEAD, NV, PREV_HEAD, planted
 from tests.models.hf_tiny import VOCAB, tiny
 
@@ -54,9 +61,9 @@ def test_induction_prompts():
         build_tasks(model, tok, "copying")
 
 
-def test_planted_circuit_is_found(circuit):
+def test_planted_circuit_is_found(circuit, tmp_path):
     tok = SimpleNamespace(all_special_ids=[BOS], bos_token_id=BOS)
-    a = causal_analysis(circuit, tok, "induction", 7, seed=1)
+    a = causal_analysis(circuit, tok, "induction", 7, seed=1, dla_rows=None)
     assert a.patch.shape == a.dla.shape == (2, 4)
     assert float(a.patch[1, IND_HEAD]) == pytest.approx(1.0, abs=0.02)
     others = a.patch.clone()
@@ -69,6 +76,14 @@ def test_planted_circuit_is_found(circuit):
     assert (top["layer"], top["head"]) == (1, IND_HEAD)
     assert (top["k_source"]["layer"], top["k_source"]["head"]) == (0, PREV_HEAD)
     assert a.top_pairs("k", 1)[0]["writer"] == [0, PREV_HEAD] and a.top_pairs("k", 1)[0]["reader"] == [1, IND_HEAD]
+    # DLA on 2 of the 6 rows (the first and the last): the mean over exactly those rows
+    b = causal_analysis(circuit, tok, "induction", 7, seed=1, dla_rows=2, composition=False)
+    t = b.tasks[0]
+    want = sum(direct_logit_attribution(circuit, t.clean, t.targets[i], position=t.rows[i]).heads for i in (0, 5)) / 2
+    torch.testing.assert_close(b.dla, want)
+    assert b.composition == {} and "k_source" not in b.top_heads(1)[0]
+    paths = write_causal_report(b, tmp_path, pngs=False)
+    assert "| 1 | L1.H0 |" in paths["md"].read_text() and set(paths) == {"json", "md"}
 
 
 def test_cli_on_a_saved_planted_model(circuit, tmp_path):

@@ -243,12 +243,16 @@ class CausalAnalysis:
 
 def causal_analysis(
     model: nn.Module, tok, task: str = "induction", n: int | None = None, *, seed: int = 0,
-    name: str = "model", batch: int = 16, progress: Callable[[str], None] | None = None,
+    name: str = "model", batch: int = 16, dla_rows: int | None = 5, composition: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> CausalAnalysis:
     """Build ``task``'s prompts with ``tok`` and run patching (z per head), DLA and composition on ``model``.
 
     ``tok`` only needs ``all_special_ids``/``bos_token_id``/``decode`` (induction; all optional) or a
-    ``__call__`` returning ``input_ids`` (ioi-lite). Returns a :class:`CausalAnalysis`.
+    ``__call__`` returning ``input_ids`` (ioi-lite). ``dla_rows``: DLA on at most that many of a prompt's metric
+    rows, evenly spaced (each row is one traced forward pass with its own target; None: all rows).
+    ``composition=False`` skips the weights-only scores (their cost grows with layers^2: minutes on a busy CPU
+    for 30 layers); the report then has no source heads. Returns a :class:`CausalAnalysis`.
     """
     from .causal import activation_patching, direct_logit_attribution
     from .circuits import composition_scores
@@ -267,17 +271,20 @@ def causal_analysis(
         m_clean += res.clean_metric
         m_bad += res.corrupt_metric
         tick(f"patching {k + 1}/{len(tasks)}")
-        pairs = zip(t.rows, t.targets, t.baselines or [None] * len(t.rows))
+        pairs = list(zip(t.rows, t.targets, t.baselines or [None] * len(t.rows)))
+        if dla_rows is not None and len(pairs) > dla_rows:
+            pick = torch.linspace(0, len(pairs) - 1, dla_rows).round().long().unique().tolist()
+            pairs = [pairs[i] for i in pick]
         for row, tg, bl in pairs:
             r = direct_logit_attribution(model, t.clean, tg if bl is None else (tg, bl), position=row)
-            dla += r.heads / len(t.rows)
+            dla += r.heads / len(pairs)
         tick(f"DLA {k + 1}/{len(tasks)}")
     N = len(tasks)
     patched, dla, m_clean, m_bad = patched / N, dla / N, m_clean / N, m_bad / N
     if m_clean == m_bad:
         raise ValueError(f"the mean metric is the same on clean and corrupted prompts ({m_clean})")
     effect = (patched - m_bad) / (m_clean - m_bad)
-    comp = composition_scores(model)
+    comp = composition_scores(model) if composition else {}
     tick("composition")
     return CausalAnalysis(name, task, tasks, m_clean, m_bad, effect, dla, comp, time.perf_counter() - t0)
 
@@ -323,8 +330,10 @@ def write_causal_report(a: CausalAnalysis, out: str | Path, *, pngs: bool = True
     if pngs:
         images = {"patch": ("patch_z.png", a.patch, "activation patching of z (normalized effect)", True),
                   "dla": ("dla.png", a.dla, "direct logit attribution (clean run)", True),
-                  "k_comp": ("k_comp.png", a.composition["k"].flatten(0, 1).max(0).values,
-                             "K-composition: max over writer heads", False)}
+                  }
+        if "k" in a.composition:
+            images["k_comp"] = ("k_comp.png", a.composition["k"].flatten(0, 1).max(0).values,
+                                "K-composition: max over writer heads", False)
         for key, (fname, M, title, signed) in images.items():
             _heatmap(out / fname, M, f"{a.model} / {a.task}: {title}", signed)
             paths[key] = out / fname
@@ -340,9 +349,11 @@ def write_causal_report(a: CausalAnalysis, out: str | Path, *, pngs: bool = True
         lines.append(f"| {i} | L{r['layer']}.H{r['head']} | {r['patch']:.3f} | {r['dla']:.3f} | "
                      f"{_fmt_src(r.get('k_source'))} | {_fmt_src(r.get('q_source'))} | "
                      f"{_fmt_src(r.get('v_source'))} |")
-    lines += ["", "Top K-composition pairs (writer -> reader): " + ", ".join(
-        f"L{p['writer'][0]}.H{p['writer'][1]} -> L{p['reader'][0]}.H{p['reader'][1]} ({p['score']:.2f})"
-        for p in d["top_pairs"]["k"][:5]), ""]
+    if "k" in d["top_pairs"]:
+        lines += ["", "Top K-composition pairs (writer -> reader): " + ", ".join(
+            f"L{p['writer'][0]}.H{p['writer'][1]} -> L{p['reader'][0]}.H{p['reader'][1]} ({p['score']:.2f})"
+            for p in d["top_pairs"]["k"][:5])]
+    lines.append("")
     for key in images:
         lines.append(f"![{key}]({paths[key].name})")
     paths["md"].write_text("\n".join(lines) + "\n")

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     c.add_argument("--top", type=int, default=10, help="heads in the printed table and the report")
     c.add_argument("--batch", type=int, default=16, help="patched runs per forward pass")
     c.add_argument("--out", default="runs", help="root folder: the report goes to <out>/causal-<stamp>/")
+    c.add_argument("--dla-rows", type=int, default=5, help="DLA on at most this many metric rows per prompt")
+    c.add_argument("--no-composition", action="store_true",
+                   help="skip the weights-only composition scores (layers^2 cost; minutes on a busy CPU)")
     c.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
     c.set_defaults(func=run_causal)
 
@@ -71,7 +74,8 @@ def run_causal(args: argparse.Namespace) -> int:
     try:
         with progress(2 * n_prompts + 1, f"causal {name} / {args.task}") as advance:
             a = causal_analysis(model, tok, args.task, args.n, seed=args.seed, name=name,
-                                batch=args.batch, progress=advance)
+                                batch=args.batch, dla_rows=args.dla_rows, composition=not args.no_composition,
+                                progress=advance)
     except ValueError as e:
         print(f"error: {e}")
         return 2
