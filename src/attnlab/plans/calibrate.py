@@ -63,7 +63,7 @@ class Intervention:
     """Base of the calibrations: ``hooks()`` -> ``{hook point: fn}``; ``attach(model)`` applies them."""
 
     def hooks(self) -> dict[str, HookFn]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define hooks() -> {{hook point: fn}}")
 
     def attach(self, model: nn.Module) -> AbstractContextManager:
         """``with calibration.attach(model): model(...)`` -- the hooks are removed when the block ends."""
