@@ -402,12 +402,21 @@ def test_layout_from_dense_round_trip(qb, kb):
         assert ids == want
 
 
-def test_pattern_layout_is_the_pattern():
-    pat = Causal() & (Sinks(3) | SlidingWindow(150))  # with 64-row layout blocks: some full, some partial
-    plan = S.plan_pattern(pat, 250, 270, q_offset=20, q_block=32)
+@pytest.mark.parametrize("kb", [None, 32, 128])
+def test_pattern_layout_is_the_pattern(kb, monkeypatch):
+    # the layout's block is the machine's tuned choice (a benchmark may have stored any of native._BLOCKS):
+    # size the case from it so that it has full blocks (the window spans two blocks) and partial ones
+    from attnlab.core.sparse import plan as plan_mod
+
+    if kb is not None:
+        monkeypatch.setattr(plan_mod, "layout_block", lambda device_type="cpu": kb)
+    b = plan_mod.layout_block("cpu")
+    tq = 4 * b - 6
+    pat = Causal() & (Sinks(3) | SlidingWindow(2 * b + 22))
+    plan = S.plan_pattern(pat, tq, tq + 20, q_offset=20, q_block=32)
     lay = plan.layout()
     assert plan.layout() is lay  # built once
-    assert torch.equal(lay.to_dense()[0], pat.dense(250, 270, 20))
+    assert lay.q_block == b and torch.equal(lay.to_dense()[0], pat.dense(tq, tq + 20, 20))
     assert lay.full.any() and lay.bits is not None
 
 
