@@ -859,6 +859,44 @@ std::vector<at::Tensor> backward(const at::Tensor& dout_in, const at::Tensor& q,
   return res;
 }
 
+// In-place log-sum-exp merge of a query-gathered partial result into natural-order rows (inference only):
+// for every row i with hit[i], (out[i], lse[i]) <- merge((out[i], lse[i]), (po[src[i]], plse[src[i]])).
+// Each row is touched by one iteration, so rows run in parallel without atomics.
+void merge_gathered_(at::Tensor& out, at::Tensor& lse, const at::Tensor& po, const at::Tensor& plse,
+                     const at::Tensor& src, const at::Tensor& hit) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && po.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat &&
+                  plse.scalar_type() == at::kFloat, "merge_gathered_: float32 tensors only");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && po.is_contiguous() && plse.is_contiguous() &&
+                  src.is_contiguous() && hit.is_contiguous(), "merge_gathered_: contiguous tensors only");
+  TORCH_CHECK(out.dim() == 2 && po.dim() == 2 && out.size(1) == po.size(1), "merge_gathered_: out (n, Dv), po (P, Dv)");
+  const int64_t n = out.size(0), Dv = out.size(1), P = po.size(0);
+  TORCH_CHECK(lse.numel() == n && plse.numel() == P && src.numel() == n && hit.numel() == n,
+              "merge_gathered_: lse (n,), plse (P,), src (n,), hit (n,)");
+  TORCH_CHECK(src.scalar_type() == at::kLong && hit.scalar_type() == at::kBool, "merge_gathered_: src int64, hit bool");
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  const float* p = po.data_ptr<float>();
+  const float* pl = plse.data_ptr<float>();
+  const int64_t* sp = src.data_ptr<int64_t>();
+  const bool* hp = hit.data_ptr<bool>();
+  at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      if (!hp[i]) continue;
+      const int64_t j = sp[i];
+      TORCH_CHECK(j >= 0 && j < P, "merge_gathered_: src entry out of range");
+      const float l1 = l[i], l2 = pl[j];
+      const float m = std::max(l1, l2);
+      if (m == NEG_INF) continue;  // neither part saw a key
+      const float w1 = l1 == NEG_INF ? 0.f : std::exp(l1 - m), w2 = l2 == NEG_INF ? 0.f : std::exp(l2 - m);
+      const float s = w1 + w2, a = w1 / s, b = w2 / s;
+      float* orow = o + i * Dv;
+      const float* prow = p + j * Dv;
+      for (int64_t c = 0; c < Dv; ++c) orow[c] = a * orow[c] + b * prow[c];
+      l[i] = m + std::log(s);
+    }
+  });
+}
+
 void set_gemm(int64_t which) {
   TORCH_CHECK(which == 0 || which == 1, "gemm engine must be 0 (own) or 1 (brgemm)");
 #ifndef CPUBLAS_BRGEMM_F32F32F32
@@ -875,6 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward -> (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward -> (dq, dk, dv, dbias, dtemp)");
   m.def("transpose_layout", &transpose_layout, "per key block, the (query block, slot) pairs visiting it");
+  m.def("merge_gathered_", &merge_gathered_, "in-place lse merge of a gathered partial result (inference)");
   m.def("set_gemm", &set_gemm, "tile product engine: 0 own micro-kernel, 1 cpublas::brgemm");
   m.def("get_gemm", &get_gemm, "tile product engine in use");
   m.def("vec_size", []() { return static_cast<int64_t>(fVec::size()); }, "floats per ATen vector in this build");

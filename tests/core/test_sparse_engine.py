@@ -546,6 +546,42 @@ def test_key_centric_selection_runs_on_the_kernel(n, monkeypatch):
     assert max_err(ga, gb) <= 40 * tol
 
 
+@pytest.mark.parametrize("n, diag", [(1, True), (2, True), (2, False)])
+def test_key_centric_inference_merges_in_place_exactly(n, diag, monkeypatch):
+    """Without autograd the gathered calls merge into natural-order rows in place (native.merge_gathered_):
+    same output and log-sum-exp as the float64 reference, rows chosen several times (n = 2) included."""
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    from attnlab.core.sparse import native
+
+    kb = native.default_block()
+    B, H, Hkv, blk = 1, 4, 2, 2 * kb
+    T = 4 * blk
+    q, k, v = (t.detach() for t in qkv(B, H, Hkv, T, D=16, dtype=torch.float32))
+    sel, valid = _moba_like(B, H, T, blk, n, seed=7 + n)
+    plan = S.plan_selection(sel, valid, _block_sets(T, blk), Hkv, T, 0, True, q_block=32,
+                            diag_block=blk if diag else 0)
+    mask = S.selection_mask(sel, valid, _block_sets(T, blk), T, 0, True)
+    if diag:
+        own = torch.arange(T) // blk
+        mask = mask | (torch.ones(T, T, dtype=torch.bool).tril() & (own.view(T, 1) == own.view(1, T)))
+    calls = []
+    real = native.merge_gathered_
+    monkeypatch.setattr(native, "merge_gathered_", lambda *a: (calls.append(1), real(*a)))
+    with torch.no_grad():
+        out, lse = S.run_lse(q, k, v, plan, 0.25, engine="native")
+    assert calls  # the in-place merge ran
+    qd, kd, vd = q.double(), k.double(), v.double()
+    ref = S.masked_reference(qd, kd, vd, mask, scale=0.25)
+    s = (qd @ kd.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    tol = tolerance(torch.float32, sdpa_error(q, k, v, mask, scale=0.25))
+    seen = mask.any(-1).expand_as(ref_lse)
+    assert max_err(out, ref) <= 4 * tol
+    assert max_err(lse[seen], ref_lse[seen]) <= 4 * tol and torch.isneginf(lse[~seen]).all()
+    assert (out[~seen] == 0).all()
+
+
 def test_moba_op_reaches_the_kernel(monkeypatch):
     if not _native_available():
         pytest.skip("native kernel not built")  # pragma: no cover

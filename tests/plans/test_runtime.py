@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnlab.core.patterns import Causal
 from attnlab.core.reference import reference_attention
 from attnlab.core.sparse import DEFAULT_Q_BLOCK
 from attnlab.models.hf import attnlab_attention
@@ -53,6 +54,28 @@ def test_mixed_plan_matches_reference(tiny):
     with torch.no_grad():
         assert (tiny(input_ids=IDS).logits - ref).abs().max() > 1e-2  # the plan really changes the model
     assert (native - ref).abs().max() < 1e-4
+
+
+def test_mixed_layers_prefill_in_one_per_head_call_then_decode(tiny, monkeypatch):
+    """A layer mixing full and stream heads runs its first call as one per-head pattern call (no head split);
+    the result, and decoding from the cache that call filled, equal the float64 reference."""
+    import attnlab.plans.runtime as rt
+
+    s = HeadPolicy.stream(2, 16)
+    plan = HeadPlan(((HeadPolicy.full(), s), (s, HeadPolicy.full())), q_per_kv=2, name="mix2")
+    ref = reference_logits(tiny, plan, IDS)
+    calls = []
+    real = rt.attention
+    monkeypatch.setattr(rt, "attention", lambda *a, **kw: (calls.append(kw["pattern"]), real(*a, **kw))[1])
+    cache = PlanCache(plan)
+    with torch.no_grad(), use_plan(tiny, plan):
+        outs = [tiny(input_ids=IDS[:, :150], cache=cache, use_cache=True).logits]
+        for t in range(150, T):
+            outs.append(tiny(input_ids=IDS[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert len(calls) == 2  # one per layer, prefill only
+    assert [p.patterns[::2] for p in calls] == [(Causal(), s.pattern()), (s.pattern(), Causal())]
+    assert (torch.cat(outs, 1) - ref).abs().max() < 1e-4
+    assert cache.held_positions() == plan.kv_positions(T)
 
 
 def test_chunked_prefill_and_decode_match_reference(tiny):

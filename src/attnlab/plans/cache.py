@@ -38,6 +38,8 @@ class LayerKV:
     batch: int = 1
     head_dim: int = 0
     cached: bool = True
+    #: this call's keys and values over every kv head, ``(B, Hkv, q_len, D)`` (a cache-free view: every key)
+    call: tuple[Tensor, Tensor] | None = None
 
     @property
     def kv_len(self) -> int:
@@ -142,7 +144,7 @@ class PlanLayer(CacheLayerMixin):
             holds = g.policy.kept(T) > 0
             out.append(GroupKV(g, idx, self._split(keys, idx) if holds else None,
                                self._split(values, idx) if holds else None, T - q_len, q_len, cached=False))
-        return LayerKV(self, out, T - q_len, q_len, Hkv, B, D, cached=False)
+        return LayerKV(self, out, T - q_len, q_len, Hkv, B, D, cached=False, call=(keys, values))
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[LayerKV, LayerKV]:
         """Store ``key_states``/``value_states`` ``(B, Hkv, q_len, D)``; return what this call attends to
@@ -159,7 +161,7 @@ class PlanLayer(CacheLayerMixin):
             kb, vb = g.policy.append(g, self._split(key_states, idx), self._split(value_states, idx), past)
             out.append(GroupKV(g, idx, kb, vb, past, C, cached=True))
         self.seen = past + C
-        lkv = LayerKV(self, out, past, C, Hkv, B, D, cached=True)
+        lkv = LayerKV(self, out, past, C, Hkv, B, D, cached=True, call=(key_states, value_states))
         return lkv, lkv
 
 

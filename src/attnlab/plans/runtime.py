@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.attention import attention
+from ..core.patterns import PerHead
 from ..core.score_mods import ScoreMod
 from ..core.softmax import weights_chunks
 from ..models.hf import geometry, use
@@ -67,6 +69,7 @@ class PlanRunner:
         self.timer = Timer({})
         self.timing = False
         self._views: dict[int, PlanLayer] = {}
+        self._prefill: dict[tuple, PerHead | None] = {}
         # layer -> (LayerKV, its dense keys): weights_mask called with keys from dense_kv reads the cache
         self._dense: dict[int, tuple[LayerKV, Tensor]] = {}
 
@@ -142,10 +145,32 @@ class PlanRunner:
                 qg = q if len(lkv.groups) == 1 else q.index_select(1, _q_index(g.index, qpk))
                 g.policy.observe(qg, g, scale=scale)
 
+    def prefill_pattern(self, lkv: LayerKV, heads: int) -> PerHead | None:
+        """One per-query-head pattern for a layer's first call when every policy of the layer has a static
+        prefill pattern (:meth:`Policy.prefill_pattern`) and there is more than one policy; else None."""
+        pols = lkv.layer.policies
+        key = (pols, heads)
+        if key not in self._prefill:
+            pats = [p.prefill_pattern() for p in pols]
+            qpk = heads // len(pols)
+            ok = len(set(pols)) > 1 and all(p is not None for p in pats)
+            self._prefill[key] = PerHead(tuple(pats[h // qpk] for h in range(heads))) if ok else None
+        return self._prefill[key]
+
     def _attend(self, q: Tensor, lkv: LayerKV, scale: float, mask: Tensor | None) -> Tensor:
         B, H, Tq, D = q.shape
         qpk = H // lkv.num_kv_heads
         single = len(lkv.groups) == 1
+        if mask is None and lkv.past == 0 and lkv.call is not None and not single:
+            # first call of a mixed layer: every head in one per-head pattern call (K/V read in place, no
+            # head split, one engine call instead of one per policy)
+            pat = self.prefill_pattern(lkv, H)
+            if pat is not None:
+                t0 = time.perf_counter() if self.timing else 0.0
+                out = attention(q, *lkv.call, pattern=pat, scale=scale, q_offset=0)
+                if self.timing:
+                    self.timer.add("per_head/prefill", time.perf_counter() - t0)
+                return out
         out = None
         for g in lkv.groups:
             if g.keys is None and single:

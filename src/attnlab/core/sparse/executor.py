@@ -706,6 +706,18 @@ def _native_tiles(native, q, k, v, plan: Plan, scale: float, mods: dict) -> tupl
         outs.append(native.block_attention(q, k, v, lay, scale, **mods))
     qf = q.reshape(n, D)
     ninf = float("-inf")
+    if q.dtype == torch.float32 and not _needs_grad(q, k, v, *(t for t in mods.values() if isinstance(t, Tensor))):
+        # inference: merge each gathered call straight into the natural-order rows (one pass per rank, in place)
+        if outs:
+            out, lse = outs[0][0].reshape(n, Dv).contiguous(), outs[0][1].reshape(n).contiguous()
+        else:
+            out, lse = q.new_zeros(n, Dv), q.new_full((n,), ninf)
+        for lay, rows, maps in cached:
+            o, lg = native.block_attention(qf.index_select(0, rows).view(B, H, -1, D), k, v, lay, scale, **mods)
+            o, lg = o.reshape(-1, Dv).contiguous(), lg.reshape(-1).contiguous()
+            for src, hit in maps:
+                native.merge_gathered_(out, lse, o, lg, src, hit)
+        return out.view(B, H, Tq, Dv), lse.view(B, H, Tq)
     for lay, rows, maps in cached:
         qg = qf.index_select(0, rows).view(B, H, -1, D)
         o, lse = native.block_attention(qg, k, v, lay, scale, **mods)

@@ -358,7 +358,16 @@ def block_attention(
     return _BlockAttention.apply(q, k, v, bias, temperature, alibi, layout, float(scale), softcap, *orders)
 
 
+def merge_gathered_(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor, src: Tensor, hit: Tensor) -> None:
+    """Inference-only, in place: merge a query-gathered partial result into natural-order rows by log-sum-exp.
+
+    out (n, Dv), lse (n,): the running result (float32, contiguous); part_out (P, Dv), part_lse (P,): a kernel call
+    on gathered rows; row i takes slot ``src[i]`` where ``hit[i]`` (src (n,) int64, hit (n,) bool). One pass, no
+    gathered copies; not differentiable (callers use ``lse_merge`` under autograd)."""
+    _ext().merge_gathered_(out, lse, part_out, part_lse, src, hit)
+
+
 __all__ = [
-    "DEFAULT_BLOCK", "available", "block_attention", "build", "cache_root", "default_block", "gemm", "save_tuning",
+    "DEFAULT_BLOCK", "merge_gathered_", "available", "block_attention", "build", "cache_root", "default_block", "gemm", "save_tuning",
     "set_gemm", "supports_backward",
 ]

@@ -282,6 +282,12 @@ class Policy(metaclass=_PolicyMeta):
         """What a query may see without a cache (None: nothing, the head outputs zero)."""
         return Causal()
 
+    def prefill_pattern(self) -> Pattern | None:
+        """The static pattern :meth:`attend` computes on a layer's first call (nothing held yet, no padding
+        mask), or None when it is not one. A layer whose every policy answers runs its first call as one
+        per-head pattern call over all heads (no head split); None keeps the per-policy path."""
+        return None
+
     # ---- the cache ---------------------------------------------------------------------------------------
     def kept(self, seq_len: int) -> int:
         """Positions the cache holds per key/value head after ``seq_len`` tokens (prompt + generated)."""

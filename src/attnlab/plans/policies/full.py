@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...core.patterns import Causal, Pattern
 from .base import Policy, register_policy
 
 
@@ -19,6 +20,9 @@ class Full(Policy):
     kind = "full"
     symbol = "F"
     op = "sdpa"
+
+    def prefill_pattern(self) -> Pattern:
+        return Causal()
 
 
 __all__ = ["Full"]

@@ -94,6 +94,9 @@ class Stream(Policy):
     def pattern(self) -> Pattern:
         return stream_pattern(self.sinks, self.window)
 
+    def prefill_pattern(self) -> Pattern:
+        return stream_pattern(self.sinks, self.window)
+
     def kept(self, seq_len: int) -> int:
         return min(seq_len, self.sinks + self.window - 1)
 
