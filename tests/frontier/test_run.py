@@ -14,6 +14,7 @@ from hf_tiny import VOCAB, tiny  # noqa: E402
 
 from attnlab.frontier import methods as M  # noqa: E402
 from attnlab.frontier import run as R  # noqa: E402
+from attnlab.plans.plan import HeadPolicy  # noqa: E402
 from attnlab.plans.runtime import greedy_generate  # noqa: E402
 from attnlab.plans.tasks import Sample  # noqa: E402
 
@@ -88,6 +89,48 @@ def test_gemma3_methods_act_on_full_layers_only():
     assert plan.policies[0][0].kind == "stream" and plan.policies[0][0].window == 4
     assert plan.policies[1][0].kind == "snap"
     assert set(M.get("moba").build(ctx, 0.25, L).ops) == {1}
+
+
+def test_gemma3_budgets_cover_the_local_layers_unless_kept():
+    """local="shrink" (the default) shrinks the sliding layers to the budget's share of their window, so the
+    cache can go under the local layers' own share; local="keep" leaves them whole (and labels the model)."""
+    from attnlab.plans.sources import local_policy
+
+    assert local_policy(512) == local_policy(512, 1.0) == HeadPolicy.stream(0, 512)
+    shrunk = local_policy(512, 0.25)
+    assert shrunk.sinks == 4 and abs(shrunk.kept(4096) - 0.25 * 511) <= 1
+    assert local_policy(4, 0.25) == HeadPolicy.stream(0, 4)  # too short to shrink
+    with pytest.raises(ValueError, match="budget"):
+        local_policy(512, 0.0)
+    model = tiny("gemma3", sliding_window=64)
+    T = 200
+    s = sample(4, length=T)
+    ids = torch.tensor([s.ids])
+    dense = R.run_dense(model, ids, 2, capture=True)
+    held = {}
+    for local in M.LOCAL_MODES:
+        ctx = R.context(model, Tok(), local=local)
+        plan = M.get("snapkv").build(ctx, 0.25, T).plan
+        held[local] = R.run_press(model, plan, dense, 2)["kv_bytes"]
+        local_share = 63 / (63 + T + 1)  # the sliding layer holds 63 keys, the full one every position
+        if local == "keep":
+            assert plan.policies[0][0] == HeadPolicy.stream(0, 64)
+            assert R.model_label("gemma3", ctx) == "gemma3:own-windows"
+            assert held[local] > local_share * dense["kv_bytes"]
+        else:
+            assert plan.policies[0][0] == local_policy(64, 0.25)
+            assert R.model_label("gemma3", ctx) == "gemma3"
+            assert held[local] <= 0.3 * dense["kv_bytes"]
+            # press: the prompt ran densely (the same first token), the compressed local cache changes what follows
+            # when the window the model reads is shorter; the plan's own prefill reads the short window at once
+            press = R.run_press(model, plan, dense, 2)["tokens"]
+            own = greedy_generate(model, ids, plan, max_new_tokens=3)["tokens"]
+            assert press[0, 0] == dense["tokens"][0, 0]
+            assert not torch.equal(own[0, :1], dense["tokens"][0, :1]) or not torch.equal(press, own)
+    assert held["shrink"] < held["keep"]
+    with pytest.raises(ValueError, match="local"):
+        M.Context(None, None, 2, 2, 2, (1,), local="drop")
+    assert R.model_label("smollm2", R.context(tiny("llama"), Tok(), local="keep")) == "smollm2"
 
 
 def test_run_sample_records_and_aggregate(tmp_path):

@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 1024,2048,4096)")
     p.add_argument("--protocols", default="prefill,press", help="prefill (compress while prefilling), press (dense "
                                                                 "prefill, then compress), or both")
+    p.add_argument("--local-windows", dest="local", choices=M.LOCAL_MODES, default="shrink",
+                   help="sliding-window layers (Gemma 3) under a KV budget: shrink them to the same fraction "
+                        "(default; the budget covers every layer) or keep the model's own window (records are "
+                        "labelled MODEL:own-windows)")
     p.add_argument("--n", type=int, default=None, help="samples per task and length (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few minutes: SmolLM2, passkey + kv at 1024, n=2, "
@@ -72,10 +76,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
             "lengths": lengths if isinstance(lengths, dict) else list(lengths), "n": n, "seed": args.seed,
+            "local_windows": args.local,
             **machine_info()}
     print(f"frontier run in {run_dir}")
     records = frontier(models, names, budgets, tasks, lengths, n, run_dir, seed=args.seed,
-                       progress=lambda total: progress(total, "frontier"), protocols=protocols)
+                       progress=lambda total: progress(total, "frontier"), protocols=protocols,
+                       local=args.local)
     errors = sorted({f"{r['model']} {r['method']} {r['budget']} {r['protocol']}: {r['error']}"
                      for r in records if "error" in r})
     meta["errors"] = errors

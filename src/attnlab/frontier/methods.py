@@ -18,9 +18,13 @@ Families (the Sparse Frontier's distinction, B294): ``prefill`` methods make the
 MoBA, HiP, streaming prefill), ``decode`` methods make the cache smaller or the decode step cheaper (SnapKV,
 PyramidKV, Ada-KV, key-norm, TOVA, H2O, Quest, Recycled, DELTA).
 
-On models with sliding-window layers (Gemma 3) every method acts on the full layers; the local layers keep
-the model's own window (:func:`attnlab.plans.sources.with_model_windows`), and budgets are fractions of what
-the full layers would hold.
+On models with sliding-window layers (Gemma 3) every method acts on the full layers. The local layers
+(:attr:`Context.local`) either shrink to the same fraction of their own window, StreamingLLM-style
+(``"shrink"``, the default: the budget then covers every layer's cache, as it does on SmolLM2), or keep the
+model's own window (``"keep"``: the budget covers the full layers only, and the cache can never go below the
+local layers' share -- 0.38x of Gemma 3's dense cache at 4k tokens). See
+:func:`attnlab.plans.sources.with_model_windows`. Ops-based setups (Recycled, DELTA, MoBA, HiP, MInference)
+keep the whole cache and act on the full layers; the local layers run the model's own window.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class Setup:
     ops: dict[int, tuple[str, dict[str, Any]]] | None = None
 
 
+LOCAL_MODES = ("shrink", "keep")
+
+
 @dataclass
 class Context:
     """What a method may read to build its setup: the model, its tokenizer, its layers that are full (the
@@ -57,6 +64,18 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
     #: a folder where calibrations are kept between runs (``calibration-<model>/`` in a frontier run folder)
     store: Path | None = None
+    #: sliding-window layers under a KV budget: "shrink" (to the budget's fraction of their window) or "keep"
+    local: str = "shrink"
+
+    def __post_init__(self) -> None:
+        if self.local not in LOCAL_MODES:
+            raise ValueError(f"local must be one of {LOCAL_MODES}, got {self.local!r}")
+
+    def windows(self, plan: HeadPlan, f: float) -> HeadPlan:
+        """``plan`` with the model's sliding-window layers as :attr:`local` says (budget ``f``)."""
+        from ..plans.sources import with_model_windows
+
+        return with_model_windows(self.model, plan, f if self.local == "shrink" else None)
 
     def calibrated(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` once per model: kept in memory and, with a ``store``, on disk (tensors as safetensors,
@@ -128,19 +147,15 @@ def _tokens(f: float, L: int, minus: int = 0, floor: int = 1) -> int:
     return max(floor, int(round(f * L)) - minus)
 
 
-def _uniform(ctx: Context, policy: Policy, name: str) -> Setup:
-    """``policy`` on every key/value head of the full layers (the model's windows elsewhere)."""
-    from ..plans.sources import with_model_windows
-
+def _uniform(ctx: Context, policy: Policy, name: str, f: float) -> Setup:
+    """``policy`` on every key/value head of the full layers (the sliding layers as ``ctx.local`` says)."""
     plan = HeadPlan.uniform(ctx.num_layers, ctx.num_kv_heads, policy, ctx.q_per_kv, name=name)
-    return Setup(plan=with_model_windows(ctx.model, plan))
+    return Setup(plan=ctx.windows(plan, f))
 
 
-def _per_layer(ctx: Context, policies: list[Policy], name: str) -> Setup:
-    from ..plans.sources import with_model_windows
-
+def _per_layer(ctx: Context, policies: list[Policy], name: str, f: float) -> Setup:
     rows = tuple((p,) * ctx.num_kv_heads for p in policies)
-    return Setup(plan=with_model_windows(ctx.model, HeadPlan(rows, ctx.q_per_kv, name)))
+    return Setup(plan=ctx.windows(HeadPlan(rows, ctx.q_per_kv, name), f))
 
 
 def _on_full_layers(ctx: Context, op: str, options: dict[str, Any]) -> Setup:
@@ -156,13 +171,13 @@ def stream_window(f: float, L: int, sinks: int = 4) -> int:
 @method("stream", "decode", ("prefill", "press"), ("I30",),
         "StreamingLLM: 4 attention sinks + a window on every head")
 def _stream(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, HeadPolicy.stream(4, stream_window(f, L)), "stream")
+    return _uniform(ctx, HeadPolicy.stream(4, stream_window(f, L)), "stream", f)
 
 
 @method("snapkv", "decode", ("press",), (), "SnapKV: the prompt keys the last 32 queries attend to most "
         "(max-pooled, kernel 7) + those 32")
 def _snapkv(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, HeadPolicy.snap(_tokens(f, L, 32), 32, 7), "snapkv")
+    return _uniform(ctx, HeadPolicy.snap(_tokens(f, L, 32), 32, 7), "snapkv", f)
 
 
 @method("pyramidkv", "decode", ("press",), (), "PyramidKV: SnapKV with per-layer budgets falling linearly from "
@@ -175,37 +190,37 @@ def _pyramid(ctx: Context, f: float, L: int) -> Setup:
     for rank, layer in enumerate(full):  # the pyramid over the layers the method acts on
         t = rank / max(1, len(full) - 1)
         budgets[layer] = max(1, int(round(mean * (1.5 - t))))
-    return _per_layer(ctx, [HeadPolicy.snap(budgets[i], 32, 7) for i in range(n)], "pyramidkv")
+    return _per_layer(ctx, [HeadPolicy.snap(budgets[i], 32, 7) for i in range(n)], "pyramidkv", f)
 
 
 @method("adakv", "decode", ("press",), (), "Ada-KV on SnapKV: the layer's heads share the budget, allocated "
         "by score across heads (each head keeps at least 20% of its share)")
 def _adakv(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, Policy("ada", budget=_tokens(f, L, 32), window=32, kernel=7, alpha=0.2), "adakv")
+    return _uniform(ctx, Policy("ada", budget=_tokens(f, L, 32), window=32, kernel=7, alpha=0.2), "adakv", f)
 
 
 @method("knorm", "decode", ("press",), (), "key-norm eviction: keep the prompt keys of lowest L2 norm + the "
         "last 32")
 def _knorm(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, Policy("knorm", budget=_tokens(f, L, 32), window=32), "knorm")
+    return _uniform(ctx, Policy("knorm", budget=_tokens(f, L, 32), window=32), "knorm", f)
 
 
 @method("tova", "decode", ("press",), (), "TOVA: a fixed cache; each step evicts the entry the current query "
         "attends to least")
 def _tova(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, Policy("tova", budget=_tokens(f, L, floor=2)), "tova")
+    return _uniform(ctx, Policy("tova", budget=_tokens(f, L, floor=2)), "tova", f)
 
 
 @method("h2o", "decode", ("press",), (), "H2O: heavy hitters by accumulated attention + the recent half")
 def _h2o(ctx: Context, f: float, L: int) -> Setup:
     budget = _tokens(f, L, floor=4)
-    return _uniform(ctx, Policy("h2o", budget=budget, recent=budget // 2), "h2o")
+    return _uniform(ctx, Policy("h2o", budget=budget, recent=budget // 2), "h2o", f)
 
 
 @method("quest", "decode", ("prefill",), (), "Quest: dense prefill; each decode step reads the top pages of 16 "
         "keys by the score bound (the whole cache stays)")
 def _quest(ctx: Context, f: float, L: int) -> Setup:
-    return _uniform(ctx, HeadPolicy.topk(max(1, _tokens(f, L) // 16), 16), "quest")
+    return _uniform(ctx, HeadPolicy.topk(max(1, _tokens(f, L) // 16), 16), "quest", 1.0)  # keeps every key
 
 
 @method("recycled", "decode", ("prefill",), ("D27",), "Recycled attention: a full step every 8 positions records the "
@@ -229,7 +244,7 @@ def _split(f: float, L: int) -> tuple[float, int]:
 
 
 def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setup:
-    from ..plans.sources import from_scores, with_model_windows
+    from ..plans.sources import from_scores
 
     full_fraction, window = _split(f, L)
     if len(ctx.full_layers) < ctx.num_layers:  # rank the full layers' heads only (the others keep their window)
@@ -238,7 +253,7 @@ def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setu
         scores[keep] = float("-inf")
         full_fraction *= len(ctx.full_layers) / ctx.num_layers
     plan = from_scores(scores, ctx.q_per_kv, full_fraction, 4, window, name=name, source=name)
-    return Setup(plan=with_model_windows(ctx.model, plan))
+    return Setup(plan=ctx.windows(plan, f))
 
 
 @method("probe", "decode", ("prefill", "press"), ("A28",), "retrieval-probe plan: full heads where passkey "
@@ -262,10 +277,10 @@ def _duo(ctx: Context, f: float, L: int) -> Setup:
 @method("moa", "decode", ("prefill", "press"), ("I58",), "MoA plan: per-head windows minimizing the profiled "
         "lost attention mass within the budget")
 def _moa(ctx: Context, f: float, L: int) -> Setup:
-    from ..plans.sources import moa_plan, with_model_windows
+    from ..plans.sources import moa_plan
 
     plan = ctx.calibrated(f"moa-{f}-{L}", lambda: moa_plan(ctx.model, ctx.tok, kv_budget=f, at_length=L))
-    return Setup(plan=with_model_windows(ctx.model, plan.renamed("moa")))
+    return Setup(plan=ctx.windows(plan.renamed("moa"), f))
 
 
 # ---- prefill-sparse ops on the model's own queries and keys -----------------------------------------------

@@ -163,14 +163,21 @@ def configs(names: Sequence[str], budgets: Sequence[float],
     return [(M.get(n), float(b), p) for n in names for b in budgets for p in M.get(n).protocols if p in protocols]
 
 
-def context(model: nn.Module, tok: Any, store: Path | None = None) -> M.Context:
-    """The methods' view of ``model``; ``store``: where its calibrations are kept between runs."""
+def context(model: nn.Module, tok: Any, store: Path | None = None, local: str = "shrink") -> M.Context:
+    """The methods' view of ``model``; ``store``: where its calibrations are kept between runs; ``local``:
+    what a KV budget does to sliding-window layers (:attr:`attnlab.frontier.methods.Context.local`)."""
     from ..plans.sources import model_windows
 
     geo = hf.geometry(model)
     windows = model_windows(model)
     full = tuple(i for i, w in enumerate(windows) if w is None)
-    return M.Context(model, tok, geo.num_layers, geo.num_kv_heads, geo.group, full, store=store)
+    return M.Context(model, tok, geo.num_layers, geo.num_kv_heads, geo.group, full, store=store, local=local)
+
+
+def model_label(name: str, ctx: M.Context) -> str:
+    """The name records carry: ``name``, or ``name:own-windows`` when a model with sliding-window layers
+    keeps them whole under every budget (so the two conventions never share cells)."""
+    return f"{name}:own-windows" if ctx.local == "keep" and len(ctx.full_layers) < ctx.num_layers else name
 
 
 def _key(rec: dict[str, Any]) -> tuple:
@@ -309,16 +316,18 @@ def solvable_rows(rows: Sequence[dict[str, Any]], threshold: float = 0.5) -> lis
 def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
              lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
              progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print,
-             protocols: Sequence[str] = ("prefill", "press")) -> list[dict]:
-    """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new)."""
+             protocols: Sequence[str] = ("prefill", "press"), local: str = "shrink") -> list[dict]:
+    """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new).
+    ``local``: what budgets do to sliding-window layers ("shrink" or "keep", see :class:`methods.Context`)."""
     path = run_dir / "samples.jsonl"
     records = load_records(path)
     done = {_key(r) for r in records if "error" not in r}  # a failed configuration is retried
     cfgs = configs(method_names, budgets, protocols)
-    for name in models:
-        model, tok = hf.load_model(name)
-        ctx = context(model, tok, run_dir / f"calibration-{name}")
-        lens = lengths.get(name, ()) if isinstance(lengths, dict) else lengths
+    for load_name in models:
+        model, tok = hf.load_model(load_name)
+        ctx = context(model, tok, run_dir / f"calibration-{load_name}", local)
+        name = model_label(load_name, ctx)
+        lens = lengths.get(load_name, ()) if isinstance(lengths, dict) else lengths
         units = [(task, L, i, s) for task in tasks for L in lens for i, s in enumerate(samples(tok, task, L, n, seed))]
         todo = [u for u in units if any((name, u[0], u[1], u[2], m.name, b, p) not in done for m, b, p in cfgs)
                 or (name, u[0], u[1], u[2], "dense", None, "dense") not in done]
@@ -348,5 +357,5 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
     return records
 
 
-__all__ = ["GRID", "depth_table", "samples", "solvable_rows", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context",
+__all__ = ["GRID", "depth_table", "samples", "solvable_rows", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context", "model_label",
            "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample"]
