@@ -4,7 +4,9 @@ Entry points: ``build_atlas(model, tok, probes)`` -> ``HeadAtlas`` (save/load JS
 ``write_report(atlas, out_dir, compare=None)``, ``quick_atlas(out_dir)`` (SmolLM2 on the built-in probes),
 and the ``attnlab inspect`` command. Causal tools (``causal``: activation and path patching, attention knockout,
 direct logit attribution, logit lens) and weights-only circuits (``circuits``: QK/OV circuits, composition and
-copying scores) run on the hook seam. See docs/inspect.md.
+copying scores) run on the hook seam. Norm-based maps, collapse and massive activations (``norms``), episodic
+lag-CRP measures (``episodic``) and BERT-style token-kind attention and head clustering (``encoder``) read the
+same hook points. See docs/inspect.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from .causal import (
     path_patching,
 )
 from .circuits import composition_scores, copying_scores, ov_circuit, qk_circuit
+from .encoder import classical_mds, encoder_analysis, js_distances
+from .episodic import cmr_fit, episodic_scan, lag_crp
 from .metrics import MetricConfig, ProbeSpec, head_metrics
+from .norms import collapse_by_layer, find_massive, massive_intervention, mixing_ratio, norm_maps
 from .report import write_report
 
 
@@ -44,6 +49,7 @@ def quick_atlas(out_dir: str | Path, model: str = "smollm2", progress: bool = Tr
 
 
 __all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activation_patching", "assign_roles",
-           "attention_knockout", "build_atlas", "composition_scores", "copying_scores", "direct_logit_attribution",
-           "head_metrics", "knockout_effect", "logit_lens", "ov_circuit", "path_patching", "qk_circuit",
-           "quick_atlas", "write_report"]
+           "attention_knockout", "build_atlas", "classical_mds", "cmr_fit", "collapse_by_layer", "composition_scores",
+           "copying_scores", "direct_logit_attribution", "encoder_analysis", "episodic_scan", "find_massive",
+           "head_metrics", "js_distances", "knockout_effect", "lag_crp", "logit_lens", "massive_intervention",
+           "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report"]
