@@ -20,6 +20,7 @@ SECTIONS: dict[str, str] = {
     "routing": "attnlab.bench.routing:run",
     "linear": "attnlab.bench.linear:run",
     "layers": "attnlab.bench.layers:run",
+    "plan": "attnlab.bench.plan_prefill:run",
 }
 
 
