@@ -582,6 +582,31 @@ def test_key_centric_inference_merges_in_place_exactly(n, diag, monkeypatch):
     assert (out[~seen] == 0).all()
 
 
+def test_key_sets_smaller_than_the_tuned_block_still_reach_the_kernel(monkeypatch):
+    """A method's 64-key blocks on a machine tuned to 128-key layout blocks run on the kernel with 64-key tiles."""
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    from attnlab.core.sparse import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "layout_block", lambda device_type="cpu": 128)
+    B, H, Hkv, blk = 1, 4, 2, 64
+    T = 6 * blk
+    q, k, v = qkv(B, H, Hkv, T, D=16, dtype=torch.float32)
+    sel, valid = _moba_like(B, H, T, blk, 2, seed=3)
+    plan = S.plan_selection(sel, valid, _block_sets(T, blk), Hkv, T, 0, True, q_block=32, diag_block=blk)
+    assert S.choose_engine(q, k, v, plan) == "native"
+    seen = _spy_native(monkeypatch)
+    out = S.run(q, k, v, plan, 0.25)
+    assert seen and all(lay.k_block == 64 for lay, _, _ in seen)
+    own = torch.arange(T) // blk
+    mask = S.selection_mask(sel, valid, _block_sets(T, blk), T, 0, True)
+    mask = mask | (torch.ones(T, T, dtype=torch.bool).tril() & (own.view(T, 1) == own.view(1, T)))
+    ref = S.masked_reference(q.double(), k.double(), v.double(), mask, scale=0.25)
+    tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), mask, scale=0.25))
+    assert max_err(out, ref) <= 4 * tol
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) <= 40 * tol
+
+
 def test_moba_op_reaches_the_kernel(monkeypatch):
     if not _native_available():
         pytest.skip("native kernel not built")  # pragma: no cover

@@ -596,9 +596,14 @@ def _native_tile_kb(plan: Plan) -> int | None:
         return None
     from .plan import layout_block
 
-    kb = layout_block("cpu")
     sizes = [t.block for t in plan.parts] + ([plan.diag_block] if plan.diag_block else [])
-    return kb if all(s % kb == 0 for s in sizes) else None
+    # the tuned block when it divides every key set, else the largest smaller kernel block that does (a method's
+    # 64-key blocks still reach the kernel on a machine tuned to 128)
+    tuned = layout_block("cpu")
+    for kb in (tuned, *(b for b in (128, 64, 32) if b < tuned)):
+        if all(s % kb == 0 for s in sizes):
+            return kb
+    return None
 
 
 def _block_tiles_layout(bt: BlockTiles, B: int, H: int, Tq: int, Tk: int, kb: int, q_offset: int):
