@@ -42,6 +42,8 @@ CASES: dict[str, tuple[dict, int | None, int]] = {
     "sentinel": ({}, None, 5),
     "shvit": ({}, None, 5),
     "deconstructing": (dict(max_len=16), None, 5),
+    "headmask": (dict(n_mask=0), None, 5),  # training masks are random per forward: the checks compare unmasked
+    "dual_attn": (dict(rel_dim=2, max_len=16), None, 5),
     "shared_diff": (dict(heads=2, rank=2), None, 5),
     "super_attn": (dict(max_len=16), None, 5),
     # routing

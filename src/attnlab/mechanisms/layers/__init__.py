@@ -23,3 +23,5 @@ from . import cascaded  # noqa: F401
 from . import diff  # noqa: F401
 from . import shvit  # noqa: F401
 from . import deconstructing  # noqa: F401
+from . import headmask  # noqa: F401
+from . import dual_attn  # noqa: F401

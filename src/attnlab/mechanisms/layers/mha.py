@@ -149,8 +149,9 @@ class MultiHeadAttention(PatternLayer):
                              backend=self.cfg.backend, q_offset=q_offset)
         return super().attend(q, k, v, q_offset, state)
 
-    def reference(self, x: Tensor) -> Tensor:
-        """The formula head by head: O = sum_i softmax(Q_i K_g^T / sqrt(d)) V_g W_O^i (dense scores)."""
+    def reference(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """The formula head by head: O = sum_i softmax(Q_i K_g^T / sqrt(d)) V_g W_O^i (dense scores); heads where
+        ``skip`` (H,) bool is True are left out of the sum (HeadMask's masked heads)."""
         cfg = self.cfg
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
@@ -162,6 +163,8 @@ class MultiHeadAttention(PatternLayer):
         out = x.new_zeros(B, T, cfg.dim) + (self.o_proj.bias if self.o_proj.bias is not None else 0)
         group = cfg.heads // cfg.kvh
         for i in range(cfg.heads):
+            if skip is not None and bool(skip[i]):
+                continue
             g = i // group
             q, k, v = x @ Wq[i] + bq[i], x @ Wk[g] + bk[g], x @ Wv[g] + bv[g]  # (B, T, d)
             if cfg.qk_norm:
