@@ -25,16 +25,7 @@ from attnlab.inspect.episodic import (  # noqa: E402
 )
 from attnlab.inspect.metrics import ProbeSpec  # noqa: E402
 from attnlab.inspect.probes import induction_probe  # noqa: E402
-
-
-def causal_uniform(T: int) -> torch.Tensor:
-    return torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).view(T, 1)
-
-
-def one_hot_rows(T: int, cols: list[int]) -> torch.Tensor:
-    w = torch.zeros(T, T)
-    w[torch.arange(T), torch.tensor(cols)] = 1.0
-    return w
+from tests.inspect.test_metrics import causal_uniform, one_hot_rows  # noqa: E402
 
 
 def lag_head(T: int, lay: RepeatLayout, lag: int) -> torch.Tensor:

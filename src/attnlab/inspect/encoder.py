@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..models import hf
 from .capture import forward_kwargs
+from .metrics import check_weights
 from .probes import token_labels
 
 KINDS = ("cls", "sep", "punct", "next", "prev")
@@ -126,12 +127,7 @@ def _check_maps(weights: Tensor, valid: Tensor | None) -> Tensor:
         raise ValueError(f"valid must be a bool (batch, T) = ({B}, {T}) mask, got {valid.dtype} {tuple(valid.shape)}")
     if not bool(valid.any()):
         raise ValueError("valid marks no token")
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError("weights contain NaN or inf")
-    if float(weights.min()) < -1e-6:
-        raise ValueError(f"weights must be non-negative (attention probabilities), min is {float(weights.min()):.3g}")
-    if float(weights.sum(-1).max()) > 1 + 1e-3:
-        raise ValueError(f"attention rows must sum to at most 1, max row sum is {float(weights.sum(-1).max()):.4g}")
+    check_weights(weights)
     return valid
 
 

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..models import hf
 from .capture import forward_kwargs
-from .metrics import ProbeSpec, head_metrics
+from .metrics import ProbeSpec, check_weights, head_metrics
 from .probes import induction_probe
 
 
@@ -103,12 +103,7 @@ def _check_weights(weights: Tensor, layout: RepeatLayout, q_offset: int | None) 
     first_q, last_q = layout.start + layout.length, layout.end - 1
     if first_q < q0 or last_q >= q0 + Tq:
         raise ValueError(f"the repeat queries [{first_q}, {last_q}] are not all among the rows [{q0}, {q0 + Tq})")
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError("weights contain NaN or inf")
-    if float(weights.min()) < -1e-6:
-        raise ValueError(f"weights must be non-negative (attention probabilities), min is {float(weights.min()):.3g}")
-    if float(weights.sum(-1).max()) > 1 + 1e-3:
-        raise ValueError(f"attention rows must sum to at most 1, max row sum is {float(weights.sum(-1).max()):.4g}")
+    check_weights(weights)
     return q0
 
 

@@ -213,6 +213,17 @@ class HeadStats:
         return (self.map_sum / self.map_cnt.clamp_min(1).view(1, -1, 1)).float()
 
 
+def check_weights(weights: Tensor) -> None:
+    """Attention probabilities ``(..., Tk)``: finite, non-negative, rows summing to at most 1 (a masked or
+    partial row may sum to less); raises ``ValueError`` naming what is wrong."""
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights contain NaN or inf")
+    if float(weights.min()) < -1e-6:
+        raise ValueError(f"weights must be non-negative (attention probabilities), min is {float(weights.min()):.3g}")
+    if float(weights.sum(-1).max()) > 1 + 1e-3:
+        raise ValueError(f"attention rows must sum to at most 1, max row sum is {float(weights.sum(-1).max()):.4g}")
+
+
 def is_sink(sink: Tensor, eps: float = 0.3) -> Tensor:
     """Per-head sink indicator of Gu et al. (A262): ``sink (...) -> (...)`` float64, 1.0 where the mean
     first-token weight exceeds ``eps``, 0.0 where it does not, NaN where ``sink`` is NaN (not measured)."""
