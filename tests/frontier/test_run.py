@@ -3,6 +3,7 @@ method's own prefill builds, a full budget reproduces dense decoding, records ag
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -191,6 +192,13 @@ def test_cli_writes_the_report_and_resumes(smol, tmp_path, capsys):
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 4
     md = (run_dir / "results.md").read_text()
     assert "snapkv" in md and "stream" in md
+    # a new budget on a resumed run: only its configurations run (and the dense run they are paired with)
+    more = [a if a != "0.5" else "0.5,0.25" for a in args]
+    assert main(more + ["--resume", str(run_dir)]) == 0
+    recs = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    added = recs[4:]
+    assert sorted((r["method"], r["budget"]) for r in added) == [
+        ("dense", None), ("snapkv", 0.25), ("stream", 0.25), ("stream", 0.25)]
 
 
 def test_cli_refuses_unknown_names():

@@ -338,11 +338,14 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
         warm = make_samples(tok, "passkey", min(512, min(lens)), 1, seed + 999)[0]
         run_sample(model, tok, ctx, warm, [c for c in cfgs if c[0].name not in CALIBRATED][:4], model_name=name,
                    index=-1)
-        ctxmgr = progress(len(todo) * (1 + len(cfgs))) if progress else None
+        total = sum(1 + sum((name, t, L, i, m.name, b, p) not in done for m, b, p in cfgs) for t, L, i, _ in todo)
+        ctxmgr = progress(total) if progress else None
         advance = ctxmgr.__enter__() if ctxmgr else None
         try:
             for task, L, i, sample in todo:
-                recs = run_sample(model, tok, ctx, sample, cfgs, model_name=name, index=i, advance=advance)
+                # only the configurations this sample lacks (dense always reruns: the others are paired with it)
+                need = [c for c in cfgs if (name, task, L, i, c[0].name, c[1], c[2]) not in done]
+                recs = run_sample(model, tok, ctx, sample, need, model_name=name, index=i, advance=advance)
                 with path.open("a") as f:
                     for r in recs:
                         f.write(json.dumps(r) + "\n")
