@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs attnlab and everything it needs on a fresh machine; safe to run again.
 #   bash scripts/setup.sh          # library, CLI, embedded models
-#   bash scripts/setup.sh --test   # the same plus test tools and headless Chromium for the report tests
+#   bash scripts/setup.sh --test   # the same plus test tools, Ray (the ray extra: its executor is tested) and
+#                                  # headless Chromium for the report tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,7 +11,7 @@ PY=${PYTHON:-python3}
 # On a GPU machine install your CUDA torch first; pip keeps it when it already satisfies the pin.
 $PY -m pip install -q "torch==2.13.0"
 if [ "${1:-}" = "--test" ]; then
-  $PY -m pip install -q -e ".[test]"
+  $PY -m pip install -q -e ".[test,ray]"
 else
   $PY -m pip install -q -e .
 fi

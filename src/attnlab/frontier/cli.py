@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..sweep import Executor, add_executor_args
 from . import methods as M
 from .run import DEFAULT_BUDGETS, DEFAULT_LENGTHS, DEFAULT_TASKS, FULL_LENGTHS
 
@@ -39,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, help="a run folder to continue (finished samples are skipped)")
     p.add_argument("--out", default="runs", help="folder for the run directory")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    add_executor_args(p, workers=1, workers_help="samples run at once on this machine (default 1: this process; "
+                                                  "more: a process each, loading the model once; ray: sizes a "
+                                                  "local instance, a cluster decides its own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per sample (default: torch's; a Ray task reserves as many CPUs, 1 if unset)")
     p.set_defaults(func=run)
 
 
@@ -51,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         for m in M.METHODS.values():
             print(f"{m.name:18s} {m.family:8s} {'/'.join(m.protocols):15s} {m.summary}")
         return 0
+    try:  # a bad --executor/--address/--workers, or --executor ray without Ray, fails before anything loads
+        executor = Executor.from_args(args, threads=args.threads)
+        executor.check()
+    except (ImportError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     q = QUICK if args.quick else {}
     models = _csv(args.models) or q.get("models", ("smollm2", "gemma3"))
     names = _csv(args.methods) or (M.QUICK if args.quick else tuple(M.METHODS))
@@ -76,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
             "lengths": lengths if isinstance(lengths, dict) else list(lengths), "n": n, "seed": args.seed,
-            "local_windows": args.local,
+            "local_windows": args.local, "executor": args.executor + (f" ({args.address})" if args.address else ""),
+            "workers": args.workers,
             **machine_info()}
     print(f"frontier run in {run_dir}")
     records = frontier(models, names, budgets, tasks, lengths, n, run_dir, seed=args.seed,
                        progress=lambda total: progress(total, "frontier"), protocols=protocols,
-                       local=args.local)
+                       local=args.local, executor=executor)
     errors = sorted({f"{r['model']} {r['method']} {r['budget']} {r['protocol']}: {r['error']}"
                      for r in records if "error" in r})
     meta["errors"] = errors

@@ -16,6 +16,10 @@ Greedy decoding runs the sample's ``max_new_tokens`` steps; the score is the tas
 KV bytes are the storage the cache holds after decoding. Results are appended to ``samples.jsonl`` as each
 sample finishes (``--resume DIR`` skips finished samples), then aggregated into one row per (model, method,
 budget, protocol, task, length) for :mod:`attnlab.frontier.report`.
+
+Samples run in this process by default; with an :class:`attnlab.sweep.Executor` (``--executor ray``, or
+``--workers N``) each sample with the configurations it lacks is a :class:`Unit` run in a worker that loads the
+model once, with the calibrations computed on the driver first.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ..plans.cache import PlanCache
 from ..plans.plan import HeadPlan
 from ..plans.runtime import PlanRunner
 from ..plans.tasks import Sample, depth_grid, make_samples
+from ..sweep import Executor
 from . import methods as M
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)
@@ -313,18 +318,134 @@ def solvable_rows(rows: Sequence[dict[str, Any]], threshold: float = 0.5) -> lis
     return [r for r in rows if (r["model"], r["task"], r["length"]) in ok]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# sweep units: one sample with the configurations it lacks, run anywhere (attnlab.sweep)
+# ---------------------------------------------------------------------------------------------------------
+Cfg = tuple[str, float, str]  # (method name, budget, protocol): what a unit ships (method objects stay here)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Unit:
+    """One (model, task, length, sample) with the configurations it still lacks: what one worker runs
+    (:func:`run_unit`). Dense always runs with them (the others are paired with it).
+
+    ``calibrations``: every :meth:`~attnlab.frontier.methods.Context.calibrated` value the configurations read,
+    computed once on the driver (and stored in its run folder) before dispatch, so workers never compute one
+    (concurrently, or differently from a local run). ``loader``: a picklable ``name -> (model, tokenizer)``
+    (None: :func:`attnlab.models.hf.load_model`)."""
+
+    model: str
+    label: str
+    sample: Sample
+    index: int
+    cfgs: tuple[Cfg, ...]
+    local: str
+    calibrations: dict[str, Any]
+    warm: Sample
+    warm_cfgs: tuple[Cfg, ...]
+    loader: Callable[[str], tuple[Any, Any]] | None = None
+
+    def base(self) -> dict[str, Any]:
+        return {"model": self.label, "task": self.sample.task, "length": self.sample.length, "sample": self.index,
+                "depth": self.sample.depth}
+
+
+class _ShippedContext(M.Context):
+    """A worker's context: the calibrations the driver shipped; one not shipped is an error, never computed
+    here (several workers would compute it at once, and it could differ from the driver's)."""
+
+    def calibrated(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            raise RuntimeError(f"calibration {key!r} was not computed before dispatch (see the driver's log)")
+        return self.cache[key]
+
+
+#: this worker process's model: (loader, name, local) -> (model, tokenizer, context); one model at a time
+_LOADED: dict[tuple, tuple[nn.Module, Any, M.Context]] = {}
+
+
+def _methods(cfgs: Sequence[Cfg]) -> list[tuple[M.Method, float, str]]:
+    return [(M.get(name), budget, protocol) for name, budget, protocol in cfgs]
+
+
+def run_unit(unit: Unit) -> dict[str, Any]:
+    """Run one unit in this process: ``{"records": [...]}`` (dense first), as :func:`run_sample` writes them.
+    The model loads once per process (the first unit also runs the untimed warm-up)."""
+    key = (unit.loader, unit.model, unit.local)
+    if key not in _LOADED:
+        _LOADED.clear()  # a frontier runs its models one after another: hold one
+        model, tok = (unit.loader or hf.load_model)(unit.model)
+        ctx = _ShippedContext(**vars(context(model, tok, None, unit.local)))
+        ctx.cache.update(unit.calibrations)
+        run_sample(model, tok, ctx, unit.warm, _methods(unit.warm_cfgs), model_name=unit.label, index=-1)
+        _LOADED[key] = (model, tok, ctx)
+    model, tok, ctx = _LOADED[key]
+    ctx.cache.update(unit.calibrations)
+    return {"records": run_sample(model, tok, ctx, unit.sample, _methods(unit.cfgs), model_name=unit.label,
+                                  index=unit.index)}
+
+
+def unit_error(unit: Unit, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a unit that did not return (its model did not load, dense failed, its worker died): an
+    error record for dense and each configuration, so the report names them and a rerun retries them."""
+    err = {"error": row.get("error", "no result"), "trace": row.get("trace", "")}
+    out = [{**unit.base(), "method": "dense", "budget": None, "protocol": "dense", "family": "dense", **err}]
+    for meth, budget, protocol in _methods(unit.cfgs):
+        out.append({**unit.base(), "method": meth.name, "budget": budget, "protocol": protocol,
+                    "family": meth.family, **err})
+    return out
+
+
+def calibrate(ctx: M.Context, needs: dict[int, set[tuple[M.Method, float]]],
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build every (method, budget) at its lengths once on the driver, so that every calibration they read is
+    computed (or loaded from the run folder) here; returns them (``ctx.cache``). A build that fails is logged:
+    its configurations fail again in the workers and are recorded as errors."""
+    for L in sorted(needs):
+        for meth, budget in sorted(needs[L], key=lambda mb: (mb[0].name, mb[1])):
+            try:
+                meth.build(ctx, budget, L)
+            except Exception as e:  # noqa: BLE001 - recorded by the workers' records
+                log(f"  {meth.name} {budget} at {L}: {type(e).__name__}: {e}")
+    return dict(ctx.cache)
+
+
+def _write(path: Path, recs: list[dict[str, Any]], records: list[dict[str, Any]],
+           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Append ``recs`` to ``samples.jsonl``; the records with them superseding their keys."""
+    with path.open("a") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    new = {_key(x) for x in recs}
+    for r in recs:
+        if "error" in r:
+            log(f"  error: {r['method']} {r['budget']} {r['protocol']} on {r['task']} {r['length']}: {r['error']}")
+    return [r for r in records if _key(r) not in new] + recs
+
+
 def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequence[float], tasks: Sequence[str],
              lengths: Sequence[int] | dict[str, Sequence[int]], n: int, run_dir: Path, seed: int = 0,
              progress: Callable[[int], Any] | None = None, log: Callable[[str], None] = print,
-             protocols: Sequence[str] = ("prefill", "press"), local: str = "shrink") -> list[dict]:
+             protocols: Sequence[str] = ("prefill", "press"), local: str = "shrink",
+             executor: Executor | None = None,
+             loader: Callable[[str], tuple[Any, Any]] | None = None) -> list[dict]:
     """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new).
-    ``local``: what budgets do to sliding-window layers ("shrink" or "keep", see :class:`methods.Context`)."""
+    ``local``: what budgets do to sliding-window layers ("shrink" or "keep", see :class:`methods.Context`).
+
+    ``executor`` (:mod:`attnlab.sweep`; default: this process): where the samples run. In this process every
+    sample runs in turn on the loaded model; otherwise each (model, task, length, sample) with the
+    configurations it lacks is a :class:`Unit` run by :func:`run_unit` in a worker (a local process or a Ray
+    task), with the calibrations computed here first. The records are the same either way; the timings are
+    each worker's own (every speed ratio pairs a configuration with the dense run of its own sample and
+    worker). ``loader``: a picklable ``name -> (model, tokenizer)`` (default :func:`attnlab.models.hf.load_model`)."""
+    executor = executor or Executor()
+    executor.check()
     path = run_dir / "samples.jsonl"
     records = load_records(path)
     done = {_key(r) for r in records if "error" not in r}  # a failed configuration is retried
     cfgs = configs(method_names, budgets, protocols)
     for load_name in models:
-        model, tok = hf.load_model(load_name)
+        model, tok = (loader or hf.load_model)(load_name)
         ctx = context(model, tok, run_dir / f"calibration-{load_name}", local)
         name = model_label(load_name, ctx)
         lens = lengths.get(load_name, ()) if isinstance(lengths, dict) else lengths
@@ -336,23 +457,38 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
             continue
         # warm-up (untimed, a short prompt): the first calls build kernels' layouts and warm the allocators
         warm = make_samples(tok, "passkey", min(512, min(lens)), 1, seed + 999)[0]
-        run_sample(model, tok, ctx, warm, [c for c in cfgs if c[0].name not in CALIBRATED][:4], model_name=name,
-                   index=-1)
-        total = sum(1 + sum((name, t, L, i, m.name, b, p) not in done for m, b, p in cfgs) for t, L, i, _ in todo)
+        warm_cfgs = [c for c in cfgs if c[0].name not in CALIBRATED][:4]
+        # only the configurations a sample lacks (dense always reruns: the others are paired with it)
+        need = {(t, L, i): [c for c in cfgs if (name, t, L, i, c[0].name, c[1], c[2]) not in done]
+                for t, L, i, _ in todo}
+        total = sum(1 + len(need[t, L, i]) for t, L, i, _ in todo)
+        if executor.in_process:
+            if executor.threads:
+                torch.set_num_threads(executor.threads)
+            run_sample(model, tok, ctx, warm, warm_cfgs, model_name=name, index=-1)
+        else:
+            lengths_needed: dict[int, set[tuple[M.Method, float]]] = {warm.length: {(m, b) for m, b, _ in warm_cfgs}}
+            for t, L, i, _ in todo:
+                lengths_needed.setdefault(L, set()).update((m, b) for m, b, _ in need[t, L, i])
+            calibrations = calibrate(ctx, lengths_needed, log)
+            jobs = [Unit(load_name, name, sample, i, tuple((m.name, b, p) for m, b, p in need[t, L, i]), local,
+                         calibrations, warm, tuple((m.name, b, p) for m, b, p in warm_cfgs), loader)
+                    for t, L, i, sample in todo]
         ctxmgr = progress(total) if progress else None
         advance = ctxmgr.__enter__() if ctxmgr else None
         try:
-            for task, L, i, sample in todo:
-                # only the configurations this sample lacks (dense always reruns: the others are paired with it)
-                need = [c for c in cfgs if (name, task, L, i, c[0].name, c[1], c[2]) not in done]
-                recs = run_sample(model, tok, ctx, sample, need, model_name=name, index=i, advance=advance)
-                with path.open("a") as f:
+            if executor.in_process:
+                for task, L, i, sample in todo:
+                    recs = run_sample(model, tok, ctx, sample, need[task, L, i], model_name=name, index=i,
+                                      advance=advance)
+                    records = _write(path, recs, records, log)
+            else:
+                for unit, row in executor.map_unordered(run_unit, jobs):
+                    recs = row["records"] if "records" in row else unit_error(unit, row)
+                    records = _write(path, recs, records, log)
                     for r in recs:
-                        f.write(json.dumps(r) + "\n")
-                records = [r for r in records if _key(r) not in {_key(x) for x in recs}] + recs
-                for r in recs:
-                    if "error" in r:
-                        log(f"  error: {r['method']} {r['budget']} {r['protocol']} on {task} {L}: {r['error']}")
+                        if advance:
+                            advance(f"{name} {r['task']} {r['length']} {r['method']} {r['budget']} {r['protocol']}")
         finally:
             if ctxmgr:
                 ctxmgr.__exit__(None, None, None)
@@ -361,4 +497,5 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
 
 
 __all__ = ["GRID", "depth_table", "samples", "solvable_rows", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context", "model_label",
-           "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample"]
+           "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample",
+           "Unit", "calibrate", "run_unit", "unit_error"]

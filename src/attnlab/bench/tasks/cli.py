@@ -4,6 +4,7 @@
     attnlab bench tasks --suite quick --name q1            # resumable: rerun to finish an interrupted run
     attnlab bench tasks --mechanisms softmax "mha:window=4" --tasks mqar-64x16 --budget 30
     attnlab bench tasks --suite quick --compare runs/tasks-quick-20250101-120000
+    attnlab bench tasks --suite full --executor ray --address auto --name f1   # on a Ray cluster
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ...sweep import Executor, add_executor_args
 from ..common import new_run_dir
 
 
@@ -28,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="also stop after this many steps (a step-matched comparison, independent of speed)")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="learning-rate grid (default: the suite's)")
-    p.add_argument("--workers", type=int, default=None, help="configurations trained in parallel")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    add_executor_args(p, workers=None, workers_help="configurations trained at once on this machine (default: the "
+                                                    "suite's; ray: sizes a local instance, a cluster decides its own)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per configuration (a Ray task reserves "
+                                                          "as many CPUs)")
     p.add_argument("--compare", default=None, help="an earlier run folder (or its results.json): print what changed")
     p.add_argument("--out", default="runs", help="folder for the run directory")
     p.add_argument("--name", default=None, help="run folder name under --out; an existing one is resumed")
@@ -74,18 +78,26 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         console.print(f"[yellow]not in the catalogue (skipped): {', '.join(missing)}[/yellow]")
     workers = args.workers or suite.workers
+    try:  # a bad --executor/--address/--workers, or --executor ray without Ray, fails here with its reason
+        executor = Executor(args.executor, args.address, workers, args.threads)
+        executor.check()
+    except (ImportError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     run_dir = Path(args.out) / args.name if args.name else None
     done = set()
     if run_dir is not None and (run_dir / "results.jsonl").exists():
         from .runner import load_rows
 
-        done = {r["key"] for r in load_rows(run_dir / "results.jsonl")}
+        done = {r["key"] for r in load_rows(run_dir / "results.jsonl") if "error" not in r}
     todo = [c for c in configs if c.key not in done]
     bound = sum(c.train.budget_s for c in todo) / max(workers, 1)
+    where = (f"Ray tasks on {args.address}, {args.threads} thread(s) each; training takes at most "
+             f"{_duration(sum(c.train.budget_s for c in todo))} of task time" if args.address else
+             f"{workers} {'Ray task' if args.executor == 'ray' else 'worker'}(s) x {args.threads} thread(s); "
+             f"training takes at most {_duration(bound)}")
     console.print(
         f"{suite.name} suite: {len(configs)} configurations ({len(configs) - len(todo)} already done), "
-        f"{workers} worker(s) x {args.threads} thread(s); training takes at most "
-        f"{_duration(bound)} plus evaluation (early stops make it shorter)"
+        f"{where} plus evaluation (early stops make it shorter)"
     )
     if args.dry_run:
         for c in todo:
@@ -97,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = _load()
-    rows, ran = execute(configs, run_dir, workers=workers, threads=args.threads)
+    rows, ran = execute(configs, run_dir, executor=executor)
     order = {k: i for i, k in enumerate(dict.fromkeys((c.task_label, c.mech.label) for c in configs))}
     agg = sorted(aggregate(rows), key=lambda r: order.get((r["task"], r["mechanism"]), len(order)))
     meta = {
@@ -108,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         "configurations": len(configs),
         "trained_now": ran,
+        "executor": args.executor + (f" ({args.address})" if args.address else ""),
         "workers": workers,
         "threads_per_worker": args.threads,
         "wall_seconds_now": round(time.time() - started, 1),

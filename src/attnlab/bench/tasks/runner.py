@@ -3,7 +3,9 @@ backbone, appended to ``results.jsonl`` as it finishes, then aggregated into a t
 
 Resuming: a configuration is identified by a key hashed from everything that decides its result (task config,
 mechanism layers and options, backbone, training config, seed); rerunning into the same run folder skips the
-keys already in ``results.jsonl``, so an interrupted run loses only the configurations in flight.
+keys already in ``results.jsonl`` (a row with an ``error`` is run again), so an interrupted run loses only the
+configurations in flight. The configurations run through :func:`attnlab.sweep.run_sweep`: in this process, a
+local process pool or as Ray tasks (``--executor ray``), with the same rows.
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..common import Report, progress
+from ...sweep import Executor, load_rows, run_sweep
+from ..common import Report
 from .backbone import Backbone, BackboneConfig, causality_leak
 from .base import Task
 from .mechanisms import MechSpec, build_layer
@@ -154,76 +155,29 @@ def run_one(rc: RunConfig, threads: int | None = None) -> dict[str, Any]:
 
 
 # ---- the run folder --------------------------------------------------------------------------------------------
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``results.jsonl``; a line cut short by a crash is ignored."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    # a line cut short by a crash has no newline: start a fresh line so this row stays readable
-    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with path.open("a") as f:
-        f.write(("\n" if torn else "") + json.dumps(row, default=repr) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def execute(
     configs: Sequence[RunConfig],
     run_dir: Path,
     workers: int = 1,
     threads: int | None = None,
     show_progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Run the configurations not yet in ``run_dir/results.jsonl``; returns (all rows, number run now)."""
+    """Run the configurations not yet in ``run_dir/results.jsonl`` (rows with an ``error`` are run again);
+    returns (their rows, number run now). ``executor``: where they run (default: ``workers`` local processes,
+    ``threads`` torch threads each; see :mod:`attnlab.sweep`)."""
     path = run_dir / "results.jsonl"
-    done = {r["key"] for r in load_rows(path)}
-    todo = [rc for rc in configs if rc.key not in done]
-    if todo:
-        bar = progress(len(todo), "tasks") if show_progress else _no_progress()
-        with bar as advance:
-            if workers <= 1:
-                for rc in todo:
-                    row = run_one(rc, threads)
-                    append_row(path, row)
-                    advance(_label(row))
-            else:
-                _execute_parallel(todo, path, workers, threads, advance)
-    wanted = {rc.key for rc in configs}
-    return [r for r in load_rows(path) if r["key"] in wanted], len(todo)
+    executor = executor or Executor(workers=workers, threads=threads)
+    done = {r["key"] for r in load_rows(path) if "error" not in r}
+    ran = sum(rc.key not in done for rc in configs)
+    rows = run_sweep(run_one, configs, key=lambda rc: rc.key, path=path, executor=executor, label=_label,
+                     description="tasks", show_progress=show_progress, error_fields=_ident)
+    return rows, ran
 
 
-def _execute_parallel(todo, path, workers, threads, advance) -> None:
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-    pending: set[Future] = set()
-    queue = list(todo)
-    try:
-        while queue or pending:
-            while queue and len(pending) < workers:
-                pending.add(pool.submit(run_one, queue.pop(0), threads))
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                row = fut.result()
-                append_row(path, row)
-                advance(_label(row))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _no_progress:
-    def __enter__(self):
-        return lambda label=None: None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+def _ident(rc: RunConfig) -> dict[str, Any]:
+    """What a row of ``rc`` says about it (the fields of an error row whose worker never returned)."""
+    return {**rc.ident(), "lr": rc.train.lr, "score": None}
 
 
 def _label(row: dict[str, Any]) -> str:
