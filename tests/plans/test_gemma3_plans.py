@@ -232,3 +232,34 @@ def test_real_gemma3_probe_plan_and_full_plan_decode(gemma3):
     d = dense_generate(model, ids, 4)
     assert r["tokens"].tolist() == d["tokens"].tolist()
     assert r["kv_bytes"] == d["kv_bytes"]
+
+
+@pytest.mark.parametrize("budget", ["raw", None, 0.6, 0.3])
+def test_window_prefill_runs_the_band_and_equals_the_masked_call(monkeypatch, budget):
+    """On the model's sliding layers the plan's prefill patterns ANDed with the window (sparse engine, no mask)
+    give the same logits and decode as the model's dense window mask applied to the policies' calls."""
+    from attnlab.plans import runtime
+
+    g3 = tiny_gemma3(kv_heads=2)
+    base = HeadPlan.uniform(3, 2, HeadPolicy.full(), 2).with_policy(1, 1, HeadPolicy.stream(1, 3))
+    # raw: full policies on the local layers, only the model's mask bounds what they read
+    plan = base if budget == "raw" else sources.with_model_windows(g3, base, budget=budget)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        runner = runtime.PlanRunner(plan)
+        runner.timing = True
+        with torch.no_grad(), hf.use(g3, runner) as h:
+            out = g3(input_ids=ids, cache=h.new_cache(), use_cache=True).logits
+        return out, runner.timer
+
+    fast, timer = run()
+    assert "window/prefill" in timer.seconds
+    monkeypatch.setattr(runtime, "_model_window", lambda module, mask: None)
+    slow, timer2 = run()
+    assert "window/prefill" not in timer2.seconds
+    assert torch.allclose(fast, slow, atol=1e-5)
+    if budget == "raw":  # a one-key-wider band changes the logits: the band used is the model's window
+        monkeypatch.setattr(runtime, "_model_window", lambda module, mask: WINDOW + 1 if mask is not None else None)
+        wide, _ = run()
+        assert (wide - fast).abs().max() > 1e-4

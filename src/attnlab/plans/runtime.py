@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.attention import attention
-from ..core.patterns import PerHead
+from ..core.patterns import Pattern, PerHead, SlidingWindow
 from ..core.score_mods import ScoreMod
 from ..core.softmax import weights_chunks
 from ..models.hf import geometry, use
@@ -53,6 +53,19 @@ class Timer:
 
     def add(self, key: str, dt: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
+
+
+def _model_window(module: nn.Module | None, mask: Tensor | None) -> int | None:
+    """The layer's own sliding window when ``mask`` is exactly its causal band (a causal sliding-window layer,
+    no padding), else None (the mask then says more and is applied as it is)."""
+    if mask is None or module is None:
+        return None
+    call = module.__dict__.get("_attnlab_call")
+    if call is None or not call.sliding or not getattr(module, "is_causal", False):
+        return None
+    if call.padding is not None and not bool(call.padding.all()):
+        return None
+    return int(call.sliding)
 
 
 class PlanRunner:
@@ -100,6 +113,14 @@ class PlanRunner:
         if q_offset is not None and q_offset != lkv.past:
             raise ValueError(f"layer {layer}: q_offset {q_offset} but the cache has seen {lkv.past} positions")
         self.observe(q, lkv, scale=scale)
+        window = _model_window(module, mask)
+        if window is not None and lkv.past == 0 and lkv.call is not None:
+            # the model's sliding window on an unpadded prompt: its mask is exactly the causal band, so the
+            # layer's prefill patterns ANDed with it replace the dense masked call (only the band is computed)
+            pat = self.prefill_pattern(lkv, q.shape[1], window=window)
+            if pat is not None:
+                return self._timed("window/prefill", lambda: attention(q, *lkv.call, pattern=pat, scale=scale,
+                                                                       q_offset=0))
         return self._attend(q, lkv, scale, mask)
 
     def dense_kv(self, layer: int, k: Tensor | LayerKV, *, q: Tensor | None = None,
@@ -145,17 +166,34 @@ class PlanRunner:
                 qg = q if len(lkv.groups) == 1 else q.index_select(1, _q_index(g.index, qpk))
                 g.policy.observe(qg, g, scale=scale)
 
-    def prefill_pattern(self, lkv: LayerKV, heads: int) -> PerHead | None:
+    def prefill_pattern(self, lkv: LayerKV, heads: int, window: int | None = None) -> Pattern | None:
         """One per-query-head pattern for a layer's first call when every policy of the layer has a static
-        prefill pattern (:meth:`Policy.prefill_pattern`) and there is more than one policy; else None."""
+        prefill pattern (:meth:`Policy.prefill_pattern`) and there is more than one policy; else None.
+        ``window``: the model's own sliding window on this layer, ANDed into every head's pattern (then a single
+        policy gets its pattern too)."""
         pols = lkv.layer.policies
-        key = (pols, heads)
+        key = (pols, heads, window)
         if key not in self._prefill:
             pats = [p.prefill_pattern() for p in pols]
             qpk = heads // len(pols)
-            ok = len(set(pols)) > 1 and all(p is not None for p in pats)
-            self._prefill[key] = PerHead(tuple(pats[h // qpk] for h in range(heads))) if ok else None
+            ok = (len(set(pols)) > 1 or window is not None) and all(p is not None for p in pats)
+            if ok and window is not None:
+                pats = [p & SlidingWindow(window) for p in pats]
+            if not ok:
+                self._prefill[key] = None
+            elif len(set(pats)) == 1:
+                self._prefill[key] = pats[0]
+            else:
+                self._prefill[key] = PerHead(tuple(pats[h // qpk] for h in range(heads)))
         return self._prefill[key]
+
+    def _timed(self, label: str, fn: Any) -> Tensor:
+        if not self.timing:
+            return fn()
+        t0 = time.perf_counter()
+        out = fn()
+        self.timer.add(label, time.perf_counter() - t0)
+        return out
 
     def _attend(self, q: Tensor, lkv: LayerKV, scale: float, mask: Tensor | None) -> Tensor:
         B, H, Tq, D = q.shape
@@ -166,11 +204,8 @@ class PlanRunner:
             # head split, one engine call instead of one per policy)
             pat = self.prefill_pattern(lkv, H)
             if pat is not None:
-                t0 = time.perf_counter() if self.timing else 0.0
-                out = attention(q, *lkv.call, pattern=pat, scale=scale, q_offset=0)
-                if self.timing:
-                    self.timer.add("per_head/prefill", time.perf_counter() - t0)
-                return out
+                return self._timed("per_head/prefill", lambda: attention(q, *lkv.call, pattern=pat, scale=scale,
+                                                                         q_offset=0))
         out = None
         for g in lkv.groups:
             if g.keys is None and single:
