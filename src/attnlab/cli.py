@@ -14,6 +14,7 @@ COMMANDS = [
     "attnlab.demo",
     "attnlab.plans.cli",
     "attnlab.frontier.cli",
+    "attnlab.cost.cli",
 ]
 
 
