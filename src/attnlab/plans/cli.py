@@ -1,5 +1,6 @@
 """``attnlab plan`` (build a per-head plan, print its grid) and ``attnlab eval`` (run plans on long-context
-tasks: accuracy, KV bytes, prefill time, decode speed).
+tasks: accuracy, KV bytes, prefill time, decode speed; with ``--intervention``, score training-free
+interventions against the plain model on the same samples: :mod:`attnlab.interventions`).
 
 Models with sliding-window layers (Gemma 3): every plan, built here or loaded from JSON, runs those layers
 with the model's own window (:func:`attnlab.plans.sources.with_model_windows`); budgets cover the full
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from ..sweep import add_executor_args
 
 SOURCES = ("probe", "atlas", "duo", "moa", "uniform")
 MODEL_HELP = ("smollm2 (SmolLM2-135M, the default), gemma3 (Gemma 3 270M: its sliding-window layers keep their "
@@ -39,21 +42,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.set_defaults(func=run_plan)
 
-    e = sub.add_parser("eval", help="evaluate plans on long-context tasks (accuracy, KV bytes, prefill, decode)")
-    e.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable); none: a probe plan")
-    e.add_argument("--model", default="smollm2", help=MODEL_HELP)
-    e.add_argument("--tasks", default="passkey", help="comma list of " + ",".join(_tasks()))
-    e.add_argument("--lengths", default=None, help="comma list of prompt lengths in tokens (default 1024,2048,4096)")
-    e.add_argument("--n", type=int, default=None, help="samples per task and length (default 10; --quick: 20)")
+    e = sub.add_parser("eval", help="evaluate plans on long-context tasks (accuracy, KV bytes, prefill, decode); "
+                                    "with --intervention, score interventions against the plain model")
+    e.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable); none: a probe plan. With "
+                                                               "--intervention: at most one, run by every arm")
+    e.add_argument("--intervention", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="an intervention arm scored against the plain model on the same samples (repeatable; "
+                        "A+B composes two in one arm); knobs left unset are fitted on a validation split. "
+                        "Names: zerotuning, act, fim, scale_dim, headmask, decore, dagcd, lookback, pause, moa "
+                        "(--list-interventions for their knobs)")
+    e.add_argument("--list-interventions", action="store_true", help="list the interventions and their knobs")
+    e.add_argument("--model", default=None, help=MODEL_HELP + " (default smollm2; with --intervention a comma list, "
+                                                              "e.g. smollm2,gemma3)")
+    e.add_argument("--tasks", default=None, help="comma list of " + ",".join(_tasks()) + " (default passkey); with "
+                                                 "--intervention also " + ",".join(_intervention_tasks()) +
+                                                 " (default: each intervention's tasks from its paper)")
+    e.add_argument("--lengths", default=None, help="comma list of prompt lengths in tokens (default 1024,2048,4096; "
+                                                   "--intervention: each task's own)")
+    e.add_argument("--n", type=int, default=None, help="samples per task and length (default 10; --quick: 20; "
+                                                       "--intervention: 20, --quick 4)")
+    e.add_argument("--n-val", type=int, default=None, help="--intervention: validation samples per fit (default "
+                                                           "12; --quick 2)")
+    e.add_argument("--resume", default=None, help="--intervention: a run folder to continue (done arms and fits "
+                                                  "are reused; its config.json fills what is not given)")
+    e.add_argument("--threads", type=int, default=None, help="--intervention: torch threads (1 is fastest on a "
+                                                             "busy machine)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--chunk", type=int, default=None, help="chunked prefill: tokens per chunk")
     e.add_argument("--full", action="store_true", help="also 8k tokens")
     e.add_argument("--quick", action="store_true",
                    help="the headline check: passkey at 4096 tokens (--quick-length), 20 samples (--n), dense vs a "
-                        "probe plan with 64%% of kv heads streaming (4 sinks + 256 window)")
+                        "probe plan with 64%% of kv heads streaming (4 sinks + 256 window). With --intervention: "
+                        "small validation grids, n 4, length 512")
     e.add_argument("--quick-length", type=int, default=4096, help="--quick: prompt length in tokens")
     e.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     e.add_argument("--out-root", default="runs")
+    add_executor_args(e)
     e.set_defaults(func=run_eval)
 
 
@@ -61,6 +85,12 @@ def _tasks() -> tuple[str, ...]:
     from .tasks import TASKS
 
     return TASKS
+
+
+def _intervention_tasks() -> tuple[str, ...]:
+    from ..interventions.data import task_names
+
+    return tuple(t for t in task_names() if t not in _tasks())
 
 
 def build_plan(args: Any, model, tok):
@@ -166,6 +196,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from .plan import HeadPlan
     from .tasks import DEFAULT_LENGTHS, FULL_LENGTHS, TASKS
 
+    if args.intervention or args.list_interventions or args.resume:
+        from ..interventions.cli import run_eval as run_interventions
+
+        return run_interventions(args)
+    args.model = args.model or "smollm2"
+    args.tasks = args.tasks or "passkey"
     model, tok = load_model(args.model)
     if args.quick:
         figures = quick_check(model, tok, n=args.n or 20, length=args.quick_length,
