@@ -114,19 +114,10 @@ CLOCKS = ("thread", "wall")
 
 
 def thread_times(fn: Any, reps: int = 5, warmup: int = 1, max_seconds: float = 10.0) -> list[float]:
-    """CPU seconds of this thread for each of ``reps`` calls after ``warmup`` calls (torch on one thread runs
-    its kernels here, so time spent waiting for a core on a busy machine is not counted)."""
-    for _ in range(warmup):
-        fn()
-    out: list[float] = []
-    start = time.thread_time()
-    for _ in range(reps):
-        t0 = time.thread_time()
-        fn()
-        out.append(time.thread_time() - t0)
-        if time.thread_time() - start > max_seconds and len(out) >= 2:
-            break
-    return out
+    """CPU seconds of this thread per call (:func:`attnlab.bench.common.time_fn` on ``time.thread_time``)."""
+    from ..bench.common import time_fn
+
+    return time_fn(fn, reps=reps, warmup=warmup, max_seconds=max_seconds, clock=time.thread_time)
 
 
 def ceilings(clock: str = "thread") -> Hardware:
