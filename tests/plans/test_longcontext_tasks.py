@@ -157,3 +157,14 @@ def test_depth_grid_kv_pair_at_the_asked_depth(smol):
             assert idx == len(pairs) - 1 and re.search(f'"{s.answers[0]}",\\s*}}\\nKey:', text)
         if s.depth == 0.0:
             assert idx == 0
+
+
+def test_filler_that_encodes_to_nothing_is_a_clear_error():
+    """A tokenizer that drops whitespace (BERT's) cannot fill kv / cwe prompts with " ": an error, not a hang."""
+
+    class DropsSpaces:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 50 for c in text if not c.isspace()]}
+
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        make_samples(DropsSpaces(), "kv", 300, 1)

@@ -94,6 +94,8 @@ class _Hay:
 
     def __init__(self, tok: Any, sentences: list[str]) -> None:
         self.parts = [_enc(tok, s) for s in sentences]
+        if not any(self.parts):  # take() would never fill (BERT's tokenizer encodes " " as nothing)
+            raise ValueError(f"haystack {sentences[:3]!r} encodes to no tokens with this tokenizer")
 
     def take(self, n: int, start: int = 0) -> list[int]:
         out: list[int] = []
