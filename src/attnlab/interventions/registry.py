@@ -31,8 +31,12 @@ from torch import Tensor, nn
 
 from ..models import hf
 from ..plans import calibrate as C
+from . import buckets as BK
 from . import decoding as D
 from . import fit as F
+from . import focus as FO
+from . import repshift as RS
+from . import specprefill as SP
 
 KINDS = ("hooks", "decode", "prompt", "plan")
 
@@ -535,6 +539,93 @@ register(Spec(
     (Knob("budget", "float", 0.5, "mean kept fraction of the keys at each profiled length"),
      Knob("sinks", "int", 4, "initial tokens every streaming head keeps")),
     _POSITION, _build_moa, F.fit_moa, lambda k: True))
+
+
+_PREFILL = ("mdqa", "niah")  # SpecPrefill (I117): LongBench / RULER; Representation Shift (I232) on the same pipeline
+_TOOL = ("toolcall", "mdqa")  # Attention Buckets (I147): ToolBench tool use, then RAG / multi-document QA
+_DISTRACT = ("mdqa", "kv")  # Focus directions (I128): long contexts with irrelevant (distracting) documents
+
+
+def _prefill_config(knobs: dict[str, Any]) -> SP.SpecPrefill:
+    return SP.SpecPrefill(keep=float(knobs["keep"]), draft_layers=knobs.get("draft_layers"),
+                          queries=int(knobs["queries"]), chunk=int(knobs["chunk"]), keep_last=int(knobs["keep_last"]))
+
+
+_PREFILL_KNOBS = (
+    Knob("keep", "float", 0.5, "fraction of the prompt's tokens prefilled (whole chunks, the last tokens always)"),
+    Knob("draft_layers", "int", None, "the model's first decoder layers that make the draft", unset="half of them"),
+    Knob("queries", "int", 16, "SpecPrefill scorer: the last prompt rows whose attention scores the tokens"),
+    Knob("chunk", "int", 32, "selection granularity in tokens (1: token level)"),
+    Knob("keep_last", "int", 16, "the last prompt tokens always kept (the question)"),
+)
+
+
+def _build_specprefill(model, tok, knobs, tensors) -> Applied:
+    return Applied("specprefill", "decode", _json(knobs), loop=partial(SP.loop, config=_prefill_config(knobs)))
+
+
+def _build_repshift(model, tok, knobs, tensors) -> Applied:
+    shift = RS.RepShift(knobs.get("layer"), str(knobs["site"]), str(knobs["distance"]))
+    if knobs["use"] == "kv":
+        cfg = RS.RepShiftKV(float(knobs["keep"]), int(knobs["chunk"]), int(knobs["keep_last"]), shift)
+        return Applied("repshift", "decode", _json(knobs), loop=partial(RS.kv_loop, config=cfg))
+    return Applied("repshift", "decode", _json(knobs),
+                   loop=partial(RS.prefill_loop, config=_prefill_config(knobs), shift=shift))
+
+
+def _build_buckets(model, tok, knobs, tensors) -> Applied:
+    bases = BK.parse_bases(knobs["bases"]) if knobs.get("bases") is not None else None
+    cfg = BK.AttentionBuckets(bases=bases, n=int(knobs["n"]), merge=str(knobs["merge"]), rope=knobs.get("rope"))
+    return Applied("buckets", "decode", _json(knobs), loop=partial(BK.loop, config=cfg))
+
+
+def _build_focus(model, tok, knobs, tensors) -> Applied:
+    if "directions" not in tensors:
+        raise ValueError("focus needs its contextual heads and directions (fit on the validation split)")
+    fd = FO.from_tensors(tensors, float(knobs["alpha"] or 0.0))
+    if fd.alpha == 0:
+        return Applied("focus", "hooks", _json(knobs))  # the fit kept the plain model
+    return Applied("focus", "hooks", _json(knobs), attach=fd.attach)
+
+
+register(Spec(
+    "specprefill", "decode", ("I117",),
+    "SpecPrefill: the model's first layers score the prompt's tokens by the question's attention (max over heads, "
+    "summed over the last rows); only the best chunks are prefilled, at their original positions",
+    _PREFILL_KNOBS, _PREFILL, _build_specprefill))
+
+register(Spec(
+    "repshift", "decode", ("I232",),
+    "Representation Shift: ||h_out - h_in|| of a layer as token importance (no attention weights: SDPA stays); "
+    "use=prefill prunes the prompt on SpecPrefill's pipeline, use=kv prunes the dense prefill's cache",
+    (Knob("use", "str", "prefill", "prefill (SpecPrefill's pipeline) or kv (a KV-cache keep score)",
+          ("prefill", "kv")),
+     *_PREFILL_KNOBS,
+     Knob("layer", "int", None, "the layer scored", unset="prefill: the draft's last; kv: the middle layer"),
+     Knob("site", "str", "block", "what changes the token: the whole layer, its attention or its MLP",
+          RS.SITES),
+     Knob("distance", "str", "l2", "l2 (the paper's), l1, or cos (block only)", RS.DISTANCES)),
+    _PREFILL, _build_repshift))
+
+register(Spec(
+    "buckets", "decode", ("I147",),
+    "Attention Buckets: parallel passes with different RoPE bases (one cache each), next-token distributions "
+    "averaged; bases searched so the waveforms' troughs do not coincide",
+    (Knob("n", "int", 3, "buckets when the bases are searched"),
+     Knob("bases", "str", None, "RoPE bases, 100000/150000", unset="searched at the prompt's length (the "
+          "model's own base, then greedily the one raising the envelope's lowest point)"),
+     Knob("merge", "str", "mean-prob", "mean of probabilities, or of log-probabilities", BK.MERGES),
+     Knob("rope", "str", None, "the rotary table the bases go to", unset="the one with the largest base")),
+    _TOOL, _build_buckets))
+
+register(Spec(
+    "focus", "hooks", ("I128",),
+    "Focus directions: the contextual heads' queries shifted along the mean key difference between relevant and "
+    "irrelevant context (alpha in units of the head's query norm)",
+    (Knob("k", "int", 8, "contextual heads (most attention on the relevant span on validation)"),
+     Knob("alpha", "float", None, "strength, in query-norm units (None: searched on validation)"),
+     Knob("tail", "int", 32, "last prompt tokens (the question) left out of the irrelevant context")),
+    _DISTRACT, _build_focus, FO.fit_focus, lambda k: True))
 
 
 def default_tasks(choices: Sequence[Choice], available: Sequence[str]) -> list[str]:
