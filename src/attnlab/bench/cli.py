@@ -11,6 +11,11 @@ BENCH_COMMANDS = [
     "attnlab.bench.selection",
     "attnlab.bench.native",
     "attnlab.bench.tasks.cli",
+    "attnlab.bench.stability",
+    "attnlab.bench.numerics",
+    "attnlab.bench.prefix",
+    "attnlab.bench.saliency",
+    "attnlab.bench.scbench",
 ]
 
 
