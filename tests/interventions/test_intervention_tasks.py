@@ -122,6 +122,11 @@ def test_faithful_context_overrides_a_known_fact(tok):
         assert s.prior == truth[country] and s.answers == (stated,)
         assert stated != s.prior and s.prior not in text
         assert s.choices == (stated, s.prior)
+    # without the hint: the same facts, asked as a plain question
+    for h, p in zip(_make(tok, "faithful", n=3), _make(tok, "faithful", n=3, hint=False)):
+        assert (h.answers, h.prior) == (p.answers, p.prior) and len(p.ids) == len(h.ids)
+        assert "according to the text" not in _text(tok, p.ids).lower()
+        assert _text(tok, h.ids).count("According to the text") == 2
 
 
 # --- icl ----------------------------------------------------------------------------------------------------

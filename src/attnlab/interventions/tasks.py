@@ -25,8 +25,8 @@ long-context tasks of :mod:`attnlab.plans.tasks`:
 
 The haystack tasks (mdqa, faithful, planted) are *exactly* ``length`` tokens (whole filler sentences with the
 needles between them, the last sentence cut to fit); icl_cls, icl_map and toolcall are as long as their
-demonstrations and log, and ``length`` is their cap. ``chat=True`` wraps the request in the tokenizer's chat template (an instruction-tuned model's user
-turn; the answer cue opens the assistant's turn).
+demonstrations and log, and ``length`` is their cap. ``chat=True`` wraps the request in the tokenizer's chat
+template (an instruction-tuned model's user turn; the answer cue opens the assistant's turn).
 
 :func:`make` draws ``n`` samples of a task; ``split="val"`` draws from a stream disjoint from ``"test"`` (for fitting
 an intervention's knobs). :func:`solvability` checks that the plain model solves a task above chance, by a
@@ -297,11 +297,13 @@ def fact_split(country: str) -> str:
 
 
 def faithful(tok: Any, length: int = DEFAULT_LENGTHS["faithful"], seed: Any = 0, depth: float | None = None, *,
-             facts: Sequence[tuple[str, str]] | None = None, split: str = "test", chat: bool = False) -> TaskSample:
+             facts: Sequence[tuple[str, str]] | None = None, hint: bool = True, split: str = "test",
+             chat: bool = False) -> TaskSample:
     """Context faithfulness: a passage of filler states ``The capital of <country> is <other capital>.`` for a
     real country (from ``facts``, default :data:`FACTS`, restricted to the split's facts by :func:`fact_split`);
-    the question asks the capital according to the text. Score: the first capital named is the context's;
-    ``prior`` holds the real one. Chance: 0.5 (a coin between the two)."""
+    the question asks the capital -- ``hint``: "according to the text" (instruction, question and answer cue);
+    without it the request is a plain question, where the prior competes harder. Score: the first capital named
+    is the context's; ``prior`` holds the real one. Chance: 0.5 (a coin between the two)."""
     facts = FACTS if facts is None else tuple(facts)
     pool = [f for f in facts if fact_split(f[0]) == split]
     if not pool:
@@ -311,10 +313,15 @@ def faithful(tok: Any, length: int = DEFAULT_LENGTHS["faithful"], seed: Any = 0,
     others = sorted({c for _, c in (*facts, *FACTS)} - {prior})
     context = rng.choice(others)
     depth = rng.uniform(0.05, 0.95) if depth is None else depth
-    head = "Read the text and answer the question according to the text.\n\n"
     needle = f"The capital of {country} is {context}. "
-    question = f"\n\nQuestion: According to the text, what is the capital of {country}?"
-    cue = f"\nAnswer: According to the text, the capital of {country} is"
+    if hint:
+        head = "Read the text and answer the question according to the text.\n\n"
+        question = f"\n\nQuestion: According to the text, what is the capital of {country}?"
+        cue = f"\nAnswer: According to the text, the capital of {country} is"
+    else:
+        head = "Read the text and answer the question.\n\n"
+        question = f"\n\nQuestion: What is the capital of {country}?"
+        cue = f"\nAnswer: The capital of {country} is"
     ids, _ = _haystack(tok, length, head, [(depth, needle)], question, cue, rng, chat)
     return TaskSample("faithful", tuple(ids), (context,), length, depth, 6, mode="first", choices=(context, prior),
                       prior=prior, chance=0.5, split=split)
@@ -454,7 +461,8 @@ def toolcall(tok: Any, length: int = DEFAULT_LENGTHS["toolcall"], seed: Any = 0,
     body += f"Who bought the {goods[gold]}, and for how much?\n"
     ids = _short(tok, length, head, body, "Tool call:", chat)
     call = f'call(name="{people[gold]}", value={amounts[gold]})'
-    return TaskSample("toolcall", tuple(ids), (call,), len(ids), gold / max(records - 1, 1), 24, mode="call",
+    new = len(_enc(tok, " " + call)) + 2  # the call and a little slack; a longer continuation can't score more
+    return TaskSample("toolcall", tuple(ids), (call,), len(ids), gold / max(records - 1, 1), new, mode="call",
                       fields=(("name", people[gold]), ("value", str(amounts[gold]))), chance=1.0 / records,
                       split=split)
 
