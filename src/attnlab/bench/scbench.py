@@ -762,7 +762,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ANSWER_TOKENS", "Config", "DEFAULT_METHODS", "PROTOCOLS", "QUICK", "SharedSample", "Turn", "aggregate",
-           "configs", "degradation", "history", "markdown", "method_runner", "model_and_tokenizer", "plot",
-           "prefill_dense", "question", "register", "run", "run_config", "run_dense", "run_prefill", "run_press",
-           "run_turns", "shared_sample", "step", "write"]
+__all__ = ["ANSWER_TOKENS", "Config", "DEFAULT_METHODS", "HISTORIES", "PROTOCOLS", "QUICK", "SharedSample", "Turn",
+           "aggregate", "configs", "degradation", "history", "markdown", "method_runner", "model_and_tokenizer",
+           "needle", "plot", "prefill_dense", "question", "register", "run", "run_config", "run_dense", "run_prefill",
+           "run_press", "run_turns", "shared_sample", "step", "write"]
