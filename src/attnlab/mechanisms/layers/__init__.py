@@ -25,3 +25,8 @@ from . import shvit  # noqa: F401
 from . import deconstructing  # noqa: F401
 from . import headmask  # noqa: F401
 from . import dual_attn  # noqa: F401
+from . import combiner  # noqa: F401
+from . import sdm  # noqa: F401
+from . import gmm_attn  # noqa: F401
+from . import dca  # noqa: F401
+from . import monotonic_loc  # noqa: F401

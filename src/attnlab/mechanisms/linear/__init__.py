@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     agent,
+    agent_pooled,
     care,
     flowformer,
     inline,
