@@ -1,7 +1,7 @@
 """attnlab.sweep: resume semantics (a rerun runs nothing, a new configuration runs alone, an error is retried),
 every executor turns a raising configuration into an error row, the process pool gives the in-process rows,
 ``--executor ray`` without Ray fails naming the install command, and on a local 2-CPU Ray instance the quality
-benchmark and the frontier give the local executor's results."""
+benchmark, the frontier and the interventions runner give the local executor's results."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "interventions"))
 import hf_tiny  # noqa: E402
+import ivhelpers  # noqa: E402
 from hf_tiny import VOCAB, tiny  # noqa: E402
 
 from attnlab import sweep  # noqa: E402
@@ -146,12 +148,12 @@ def ray_2cpu():
     """One local Ray instance of 2 CPUs for this module's Ray tests; shut down after them."""
     ray = pytest.importorskip("ray", reason="the ray extra: pip install -e .[ray] (scripts/setup.sh --test)")
     # the test helpers travel by value (Ray's workers cannot import this folder)
-    for mod in (sys.modules[__name__], hf_tiny):
+    for mod in (sys.modules[__name__], hf_tiny, ivhelpers):
         ray.cloudpickle.register_pickle_by_value(mod)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-    for mod in (sys.modules[__name__], hf_tiny):
+    for mod in (sys.modules[__name__], hf_tiny, ivhelpers):
         ray.cloudpickle.unregister_pickle_by_value(mod)
 
 
@@ -298,3 +300,50 @@ def test_a_unit_that_did_not_return_records_an_error_per_configuration():
                                                             ("snapkv", "press")]
     assert all(r["error"] == "MemoryError: out" and r["sample"] == 0 and r["model"] == "tiny" for r in recs)
     assert R.aggregate(recs) == []  # errors are reported, never aggregated
+
+
+# the interventions runner: fits on the driver, scoring on Ray's workers, the tiny world shipped by value
+def iv_run_config(cfg):
+    """The runner's configuration function; in a Ray worker it first installs the test's tiny model and tasks."""
+    from attnlab.interventions import data
+    from attnlab.interventions import runner as RN
+
+    if "tiny" not in RN._MODELS:  # a fresh worker process
+        torch.set_num_threads(1)
+        data.make = ivhelpers.fake_make
+        RN._MODELS["tiny"] = (tiny("llama"), ivhelpers.Tok())
+    return RN.run_config(cfg)
+
+
+def _iv_records(run_dir: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in recs), key=lambda r: r["key"])
+
+
+def test_ray_interventions_runner_equals_the_local_executor(ray_2cpu, tmp_path, monkeypatch):
+    from attnlab.interventions import data
+    from attnlab.interventions import runner as RN
+
+    monkeypatch.setattr(data, "make", ivhelpers.fake_make)
+    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), ivhelpers.Tok()))
+    RN._SAMPLES.clear()
+    arms = ("zerotuning:gamma=2.0,heads=all", "decore:alpha=2.0,heads=1.0/1.1", "act")  # act: fitted on the driver
+    run = RN.Run(("tiny",), arms, ("kv",), (40,), 2, 0, True, 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        local = RN.score(run, tmp_path / "local", show_progress=False)
+        with monkeypatch.context() as m:  # what travels to the workers
+            m.setattr(RN, "run_config", iv_run_config)
+            ray_out = RN.score(run, tmp_path / "ray", executor=Executor("ray", workers=2), show_progress=False)
+    finally:
+        torch.set_num_threads(before)
+        RN._SAMPLES.clear()
+    assert not [r for r in ray_out["records"] if "error" in r]
+    assert _iv_records(tmp_path / "ray") == _iv_records(tmp_path / "local")
+    assert len(_iv_records(tmp_path / "ray")) == 2 * (1 + len(arms))
+    untimed = [[{k: v for k, v in r.items() if "time" not in k and "seconds" not in k} for r in out["rows"]]
+               for out in (ray_out, local)]
+    assert untimed[0] == untimed[1] and {r["arm"] for r in untimed[0]} >= set(arms)
+    assert {p.name for p in (tmp_path / "ray" / "fits").iterdir()} == {
+        p.name for p in (tmp_path / "local" / "fits").iterdir()}  # act's fit, made on the driver

@@ -20,6 +20,7 @@ from attnlab.core.patterns import Causal, Sinks, SlidingWindow  # noqa: E402
 from attnlab.cost import check, tts  # noqa: E402
 from attnlab.cost import methods as CM  # noqa: E402
 from attnlab.cost import model as C  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 from attnlab.plans.plan import HeadPolicy  # noqa: E402
 from attnlab.plans.tasks import Sample  # noqa: E402
 
@@ -294,7 +295,7 @@ def test_vote_and_scores():
 
 
 def test_tts_runner_on_a_tiny_model_resumes(tmp_path, monkeypatch):
-    monkeypatch.setitem(tts.LOADERS, "tiny", lambda: (tiny("llama"), Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), Tok()))
     monkeypatch.setitem(tts.TASK_MAKERS, "digits", _digits)
     cfgs = tts.configs("tiny", "digits", 40, 2, [("dense", 1.0), ("stream", 0.25)], n=3, seed=1)
     rows = tts.run_tts(cfgs, tmp_path, show_progress=False)

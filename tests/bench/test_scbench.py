@@ -19,6 +19,7 @@ from hf_tiny import tiny  # noqa: E402
 from attnlab.bench import scbench as S  # noqa: E402
 from attnlab.frontier import methods as M  # noqa: E402
 from attnlab.frontier import run as R  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 from attnlab.plans.plan import HeadPlan, HeadPolicy  # noqa: E402
 
 VOCAB = 512
@@ -252,7 +253,7 @@ def _args(tmp_path, **kw) -> argparse.Namespace:
 
 
 def test_command_writes_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setitem(S._MODELS, "tiny", (model(), TOK))
+    monkeypatch.setitem(hf.SHARED, "tiny", (model(), TOK))
     assert S.run(_args(tmp_path)) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("scbench-")]
     lines = (run_dir / "results.jsonl").read_text().splitlines()
@@ -276,13 +277,10 @@ def test_command_writes_and_resumes(tmp_path, monkeypatch):
     assert calls == [] and (run_dir / "results.jsonl").read_text().splitlines() == lines
 
 
-def test_run_config_records_errors():
+def test_run_config_records_errors(monkeypatch):
     cfg = S.Config("tiny-missing", 0, "snapkv", 0.25, "prefill", L)
-    S._MODELS["tiny-missing"] = (model(), TOK)
-    try:
-        out = S.run_config(cfg)  # SnapKV has no prefill protocol
-    finally:
-        del S._MODELS["tiny-missing"]
+    monkeypatch.setitem(hf.SHARED, "tiny-missing", (model(), TOK))
+    out = S.run_config(cfg)  # SnapKV has no prefill protocol
     assert "error" in out and "press" in out["error"]
 
 

@@ -131,6 +131,34 @@ def test_snap_records_the_window_then_keeps_budget_plus_window():
         assert layer.held_positions() == budget + window + (b - prompt)
 
 
+def test_snap_compresses_once_then_a_second_turn_appends():
+    """Shared-context multi-turn (SCBench): the prompt is compressed at the first decode step; a later multi-row
+    call (the next turn's question) and its decode steps attend to the kept keys plus everything after the first
+    prompt, and nothing is selected again (a second selection over the held buffer used to crash)."""
+    budget, window, kernel = 4, 3, 3
+    prompt = 30
+    q, k, v = qkv(1, 2, 1, 44, seed=5)
+    pol = Snap(budget, window, kernel)
+    layer = PlanLayer((pol,))
+    runner = PlanRunner(HeadPlan(((pol,),), q_per_kv=2))
+    calls = [(0, 13), (13, 30), (30, 31), (31, 32), (32, 40), (40, 41), (41, 42), (42, 44)]
+    kept = None
+    for a, b in calls:
+        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
+        out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
+        if a == prompt:
+            kept = layer.groups[0].state["_kept"][0, 0].tolist()
+        if kept is None:
+            allowed = causal(b - a, b)
+        else:
+            allowed = torch.zeros(1, 1, b - a, b, dtype=torch.bool)
+            allowed[..., kept + list(range(prompt, b))] = True
+            allowed &= causal(b - a, b)
+            assert layer.held_positions() == budget + window + (b - prompt)
+            assert layer.groups[0].state["_kept"][0, 0].tolist() == kept  # selected once
+        assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed)).abs().max() < 1e-12
+
+
 def test_topk_page_extrema_follow_chunks_and_decode_reads_top_pages():
     pages, block = 2, 4
     q, k, v = qkv(1, 2, 1, 34, seed=3)

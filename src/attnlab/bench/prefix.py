@@ -345,19 +345,10 @@ def kv_set(tok: Any, task: str, n: int, seed: int, pairs: int = 4, shots: int = 
     return torch.tensor(xs), torch.tensor(ys)
 
 
-_HF: dict[str, Any] = {}
-
-
 def _hf_model(name: str):
-    if name not in _HF:
-        from ..models import hf
+    from ..models import hf
 
-        model, tok = hf.load_model(name)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _HF[name] = (model, tok)
-    return _HF[name]
+    return hf.shared_model(name)  # frozen: only the prefixes train
 
 
 def _hf_accuracy(logits_fn, X: Tensor, Y: Tensor, batch: int = 16) -> float:

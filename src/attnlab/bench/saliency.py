@@ -319,19 +319,10 @@ class SaliencyConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-_MODELS: dict[str, Any] = {}
-
-
 def _load(name: str):
-    if name not in _MODELS:
-        from ..models import hf
+    from ..models import hf
 
-        model, tok = hf.load_model(name)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _MODELS[name] = (model, tok)
-    return _MODELS[name]
+    return hf.shared_model(name)  # frozen: the saliency gradients are taken w.r.t. the input embeddings
 
 
 def _prompts(tok: Any, cfg: SaliencyConfig, length: int, tasks: tuple[str, ...]) -> list[tuple[Tensor, str]]:

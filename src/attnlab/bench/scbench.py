@@ -381,19 +381,16 @@ class Config:
 
 
 #: per-process caches: a worker loads each model once, builds each sample once, keeps the last capture
-_MODELS: dict[str, tuple[nn.Module, Any]] = {}
 _CONTEXTS: dict[tuple, Any] = {}
 _SAMPLES: dict[tuple, SharedSample] = {}
 _CAPTURE: dict[tuple, tuple[dict, Tensor]] = {}
 
 
 def model_and_tokenizer(name: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of ``name``, loaded once per process (:func:`attnlab.models.hf.load_model`)."""
-    if name not in _MODELS:
-        from ..models import hf
+    """``(model, tokenizer)`` of ``name``, loaded once per process (:func:`attnlab.models.hf.shared_model`)."""
+    from ..models import hf
 
-        _MODELS[name] = hf.load_model(name)
-    return _MODELS[name]
+    return hf.shared_model(name)
 
 
 def _sample(cfg: Config, tok: Any) -> SharedSample:

@@ -321,7 +321,9 @@ def run_tts(args: argparse.Namespace, executor: Executor) -> int:
     rows = [r for r in tts.run_tts(cfgs, run_dir, executor) if "error" not in r]
     if not rows:
         raise SystemExit(f"no configuration finished; see {run_dir / 'results.jsonl'}")
-    m, _ = tts._model(model) if model in tts._MODELS else (None, None)
+    from ..models import hf
+
+    m, _ = hf.SHARED.get(model, (None, None))  # loaded by the runs in this process
     shape = ModelShape.from_config(m.config, model) if m is not None else ModelShape.load(model)
     points = tts.aggregate(rows, shape, hw)
     same = tts.equal_cost(points)

@@ -30,17 +30,8 @@ from typing import Any
 TTS_TASKS = ("passkey", "niah", "multikey")
 
 
-def _load_hf(name: str) -> Callable[[], tuple[Any, Any]]:
-    def load() -> tuple[Any, Any]:
-        from ..models import hf
-
-        return hf.load_model(name)
-
-    return load
-
-
-#: model name -> loader returning (model, tokenizer); tests add tiny models here
-LOADERS: dict[str, Callable[[], tuple[Any, Any]]] = {"smollm2": _load_hf("smollm2"), "gemma3": _load_hf("gemma3")}
+#: the embedded decoders the test-time-compute runs take (tests add tiny models to ``hf.SHARED``)
+MODELS = ("smollm2", "gemma3")
 
 
 def _plan_tasks(task: str) -> Callable[[Any, int, int, int], list[Any]]:
@@ -55,7 +46,6 @@ def _plan_tasks(task: str) -> Callable[[Any, int, int, int], list[Any]]:
 #: task name -> ``make(tok, length, n, seed) -> [Sample]``; tests add token-level tasks here
 TASK_MAKERS: dict[str, Callable[[Any, int, int, int], list[Any]]] = {t: _plan_tasks(t) for t in TTS_TASKS}
 
-_MODELS: dict[str, tuple[Any, Any]] = {}
 _SAMPLES: dict[tuple, list[Any]] = {}
 _PREFILL: dict[tuple, dict[str, Any]] = {}  # the last prompt's dense prefill (configs of a prompt run together)
 
@@ -95,11 +85,11 @@ def configs(model: str, task: str, length: int, prompts: int, methods: Sequence[
 
 
 def _model(name: str) -> tuple[Any, Any]:
-    if name not in _MODELS:
-        if name not in LOADERS:
-            raise ValueError(f"unknown tts model {name!r}; choose from {', '.join(LOADERS)}")
-        _MODELS[name] = LOADERS[name]()
-    return _MODELS[name]
+    from ..models import hf
+
+    if name not in MODELS and name not in hf.SHARED:
+        raise ValueError(f"unknown tts model {name!r}; choose from {', '.join(MODELS)}")
+    return hf.shared_model(name)
 
 
 def _samples(cfg: TTSConfig, tok: Any) -> list[Any]:
@@ -348,5 +338,5 @@ def run_tts(cfgs: Sequence[TTSConfig], run_dir: Path, executor: Any = None,
                      show_progress=show_progress)
 
 
-__all__ = ["LOADERS", "TASK_MAKERS", "TTSConfig", "TTS_TASKS", "aggregate", "configs", "cost_of", "equal_cost",
+__all__ = ["MODELS", "TASK_MAKERS", "TTSConfig", "TTS_TASKS", "aggregate", "configs", "cost_of", "equal_cost",
            "first_number", "n_grid", "plan_for", "plot", "prompt_scores", "run_one", "run_tts", "vote"]

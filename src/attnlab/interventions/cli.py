@@ -79,6 +79,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "solvability", False):
+        return run_solvability(args)
     run, run_dir = resolve(args)
     lengths = ", ".join(map(str, run.lengths)) or "each task's own"
     print(f"run folder {run_dir}; arms {', '.join(run.arms)}; tasks {', '.join(run.tasks)}; lengths {lengths}; "
@@ -91,4 +93,33 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT", "QUICK", "resolve", "run_eval"]
+def run_solvability(args: argparse.Namespace) -> int:
+    """``attnlab eval --solvability``: the plain model on each task's test samples, accuracy vs chance."""
+    from ..bench.common import new_run_dir
+    from ..sweep import Executor
+    from . import solvability as S
+    from . import tasks as T
+
+    if args.intervention or args.plan:
+        raise SystemExit("--solvability scores the plain model alone (no --intervention, no --plan)")
+    from . import registry as R
+
+    models = _csv(args.model) or ["smollm2"]
+    # default: every intervention task, then the long-context tasks the interventions target
+    tasks = _csv(args.tasks) or list(dict.fromkeys([*T.TASKS, *(t for n_ in R.names()
+                                                                 for t in R.get(n_).default_tasks)]))
+    n = args.n or (QUICK if args.quick else DEFAULT)["n"]
+    lengths = [int(x) for x in _csv(args.lengths)] or None
+    run_dir = Path(args.resume) if args.resume else new_run_dir("solvability", args.out_root)
+    print(f"run folder {run_dir}; tasks {', '.join(tasks)}; n {n}; models {', '.join(models)}")
+    try:
+        rep = S.run(models, tasks, n, run_dir, lengths=lengths, quick=bool(args.quick), seed=args.seed,
+                    executor=Executor.from_args(args, threads=args.threads))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    rep.print("attnlab eval --solvability (plain model; solvable: accuracy above chance, p < 0.05)")
+    print(f"wrote {run_dir} ({rep.meta['seconds']:.0f} s)")
+    return 0
+
+
+__all__ = ["DEFAULT", "QUICK", "resolve", "run_eval", "run_solvability"]

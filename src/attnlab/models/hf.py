@@ -281,6 +281,25 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
     return model.eval(), tok
 
 
+#: name -> (model, tokenizer) of :func:`shared_model` in this process; tests put tiny models here
+SHARED: dict[str, tuple[nn.Module, Any]] = {}
+
+
+def shared_model(name: str) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of ``name``, loaded once per process and shared by every caller: what the sweep
+    functions (interventions, SCBench, saliency, prefix tuning, the cost model's test-time-compute runs) use, so a
+    worker loads each model once whichever command it serves.
+
+    Shared models are for inference: eval mode, parameters frozen (gradients still flow to inputs, gates and
+    prefixes). Train a copy from :func:`load_model` instead."""
+    if name not in SHARED:
+        model, tok = load_model(name)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        SHARED[name] = (model.eval(), tok)
+    return SHARED[name]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------------------------------------
@@ -1131,5 +1150,6 @@ __all__ = [
     "ATTN_NAME", "AttnCallback", "CallInfo", "HookContext", "HookHandle", "ModelGeometry", "ModelLoadError", "NativeRunner",
     "OFFLINE_ENV", "OpCache", "OpRunner", "Runner", "Use", "WeightsSummary", "add_hook", "attention_modules",
     "attnlab_attention", "cache_root", "causal_mask", "default_attention", "geometry", "hooks", "load_model",
+    "SHARED", "shared_model",
     "gemma3_gguf", "minilm_dir", "register_attention", "resolve_mask", "run_with_cache", "smollm2_gguf", "use",
 ]

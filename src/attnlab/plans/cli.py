@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Names: zerotuning, act, fim, scale_dim, headmask, decore, dagcd, lookback, pause, moa "
                         "(--list-interventions for their knobs)")
     e.add_argument("--list-interventions", action="store_true", help="list the interventions and their knobs")
+    e.add_argument("--solvability", action="store_true",
+                   help="is each --tasks task within the plain model's reach at its length? (accuracy vs chance, "
+                        "one-sided exact binomial test; default: every intervention task, n 20, --quick 4)")
     e.add_argument("--model", default=None, help=MODEL_HELP + " (default smollm2; with --intervention a comma list, "
                                                               "e.g. smollm2,gemma3)")
     e.add_argument("--tasks", default=None, help="comma list of " + ",".join(_tasks()) + " (default passkey); with "
@@ -196,7 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .plan import HeadPlan
     from .tasks import DEFAULT_LENGTHS, FULL_LENGTHS, TASKS
 
-    if args.intervention or args.list_interventions or args.resume:
+    if args.intervention or args.list_interventions or args.resume or args.solvability:
         from ..interventions.cli import run_eval as run_interventions
 
         return run_interventions(args)

@@ -4,7 +4,8 @@
   attention, summed over the group's query heads (through :func:`attnlab.core.softmax.weights_chunks`);
 * cache: everything during the prompt; at the first decode step the recorded scores, max-pooled over
   ``kernel`` neighbours, pick the ``budget`` prompt keys attended most, and the cache keeps those plus the
-  last ``window`` prompt keys (``budget + window``), then appends each generated token;
+  last ``window`` prompt keys (``budget + window``), then appends each generated token; a later multi-row
+  call (another turn over the same context) is appended too: the prompt is compressed once;
 * decode: SDPA over the held buffer (its entries are in increasing position order, so causality at buffer
   indices is exact).
 
@@ -103,7 +104,8 @@ class Snap(Policy):
         return torch.cat([kept, after], dim=-1)
 
     def observe(self, q: Tensor, view: GroupKV, *, scale: float) -> None:
-        if view.cached and q.shape[2] > 1:
+        # the prompt is compressed once: a later multi-row call (the next turn of a shared context) appends
+        if view.cached and q.shape[2] > 1 and "_kept" not in view.slot.state:
             view.slot.state["_scores"] = snap_scores(q, view.keys, scale=scale, window=self.window)
 
 
