@@ -139,7 +139,7 @@ def test_full_plan_and_full_budgets_equal_dense_across_turns():
     s = sample(3, turns=3)
     ctx = R.context(m, TOK)
     dense = S.run_dense(m, s, keep_logits=True)
-    captured = S.prefill_dense(m, s.context, capture=True)[2]
+    captured = R.prefill_dense(m, s.context, capture=True)[2]
     full = HeadPlan.uniform(ctx.num_layers, ctx.num_kv_heads, HeadPolicy.full(), ctx.q_per_kv)
     _same_as_dense(S.run_press(m, full, captured, s, keep_logits=True), dense)
     _same_as_dense(S.run_prefill(m, M.Setup(plan=full), s, keep_logits=True), dense)
@@ -161,7 +161,7 @@ def test_compressed_caches_stay_within_budget_after_every_turn():
     geo_bytes = 2 * 2 * 2 * 8 * 4  # layers x kv heads x (k, v) x head_dim x float32 bytes, per position
     dense = S.run_dense(m, s)
     assert dense["turns"][0]["kv_bytes"] == geo_bytes * dense["turns"][0]["seen"]
-    captured = S.prefill_dense(m, s.context, capture=True)[2]
+    captured = R.prefill_dense(m, s.context, capture=True)[2]
     runs = {(n, "press"): S.run_press(m, M.get(n).build(ctx, f, 256).plan, captured, s)
             for n in ("stream", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "h2o")}
     runs[("stream", "prefill")] = S.run_prefill(m, M.get("stream").build(ctx, f, 256), s)
@@ -195,10 +195,10 @@ def test_press_is_query_agnostic_press_q1_is_not():
     s = sample(5, turns=3, length=256)
     ctx = R.context(m, TOK)
     plan = M.get("snapkv").build(ctx, 0.25, 256).plan
-    captured = S.prefill_dense(m, s.context, capture=True)[2]
+    captured = R.prefill_dense(m, s.context, capture=True)[2]
     a, b = (_kept_after(m, plan, captured, s.turns[i].ids) for i in (0, 1))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    q1 = [S.prefill_dense(m, list(s.context) + list(s.turns[i].ids), capture=True)[2] for i in (0, 1)]
+    q1 = [R.prefill_dense(m, list(s.context) + list(s.turns[i].ids), capture=True)[2] for i in (0, 1)]
     a1, b1 = (_kept_after(m, plan, q1[i], [s.turns[i].ids[-1]]) for i in (0, 1))
     assert not all(torch.equal(x, y) for x, y in zip(a1, b1))
 

@@ -250,63 +250,16 @@ def history(sample: SharedSample, turns: Sequence[dict[str, Any]]) -> list[int]:
 
 
 @torch.no_grad()
-def prefill_dense(model: nn.Module, ids: Sequence[int], capture: bool) -> tuple[Any, Tensor, dict, Any]:
-    """The model's own attention over ``ids`` (with sliding layers: :class:`~attnlab.models.hf.NativeRunner`,
-    as the frontier's dense baseline) into a fresh ``DynamicCache``; records every layer's q, k, v (hook points
-    ``blocks.*.attn.{q,k,v}``) when ``capture``.
-
-    Returns ``(cache, last logits (vocab,), captured {layer: {"q", "k", "v", "scale"}}, handle)``: ``handle`` is
-    the installed runner's handle (None for the model's own attention); the caller removes it after the turns.
-    """
-    from transformers import DynamicCache
-
-    from ..frontier.run import dense_runner
-    from ..models import hf
-
-    captured: dict[int, dict[str, Any]] = {}
-
-    def keep(point: str):
-        def fn(value: Tensor, ctx: Any) -> None:
-            captured.setdefault(ctx.layer, {"scale": ctx.scale})[point] = value
-
-        return fn
-
-    runner = dense_runner(model)
-    handle = hf.use(model, runner) if runner is not None else None
-    try:
-        with hf.hooks(model, {f"blocks.*.attn.{p}": keep(p) for p in ("q", "k", "v")} if capture else {}):
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([list(ids)]), cache=cache, use_cache=True, logits_to_keep=1)
-    except BaseException:
-        if handle is not None:
-            handle.remove()
-        raise
-    return cache, out.logits[0, -1], captured, handle
-
-
-def method_runner(model: nn.Module, setup: Any) -> Any:
-    """The runner a method computes its own prompt with (as :func:`attnlab.frontier.run.run_prefill`): a
-    :class:`~attnlab.plans.runtime.PlanRunner` for a plan; for ops, the model's own rule elsewhere
-    (:class:`~attnlab.models.hf.NativeRunner` on models with sliding layers, else ``OpRunner``)."""
-    from .. import ops
-    from ..frontier.run import dense_runner
-    from ..models import hf
-    from ..plans.runtime import PlanRunner
-
-    if setup.plan is not None:
-        return PlanRunner(setup.plan)
-    table = {layer: (ops.get(op), opts) for layer, (op, opts) in setup.ops.items()}
-    return hf.NativeRunner(table) if dense_runner(model) is not None else hf.OpRunner(table)
-
-
 @torch.no_grad()
 def run_dense(model: nn.Module, sample: SharedSample, *, keep_logits: bool = False, capture: bool = False,
               history: str = "gold") -> dict[str, Any]:
     """Dense: the context prefilled once, then every turn on the kept cache. ``capture``: also return the
     context's recorded q, k, v (``captured``) and last logits (``logits``), what the press configurations
     replay."""
+    from ..frontier.run import prefill_dense
+
     t0 = time.perf_counter()
-    cache, logits, captured, handle = prefill_dense(model, sample.context, capture=capture)
+    cache, logits, captured, handle, _ = prefill_dense(model, sample.context, capture=capture)
     context_s = time.perf_counter() - t0
     try:
         turns = run_turns(model, cache, sample, keep_logits=keep_logits, history=history)
@@ -340,6 +293,7 @@ def run_press(model: nn.Module, plan: Any, captured: dict, sample: SharedSample,
 def run_prefill(model: nn.Module, setup: Any, sample: SharedSample, *, keep_logits: bool = False,
                 history: str = "gold") -> dict[str, Any]:
     """The method prefills the context itself (its plan or ops), then every turn on its cache."""
+    from ..frontier.run import method_runner
     from ..models import hf
 
     with hf.use(model, method_runner(model, setup)) as handle:
@@ -420,7 +374,9 @@ def _capture(cfg: Config, model: nn.Module, sample: SharedSample, with_q1: bool)
     if key not in _CAPTURE:
         _CAPTURE.clear()  # one capture at a time: it holds every layer's q, k, v
         ids = list(sample.context) + (list(sample.turns[0].ids) if with_q1 else [])
-        _, logits, captured, handle = prefill_dense(model, ids, capture=True)
+        from ..frontier.run import prefill_dense
+
+        _, logits, captured, handle, _ = prefill_dense(model, ids, capture=True)
         if handle is not None:
             handle.remove()
         _CAPTURE[key] = (captured, logits)
@@ -760,6 +716,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["ANSWER_TOKENS", "Config", "DEFAULT_METHODS", "HISTORIES", "PROTOCOLS", "QUICK", "SharedSample", "Turn",
-           "aggregate", "configs", "degradation", "history", "markdown", "method_runner", "model_and_tokenizer",
-           "needle", "plot", "prefill_dense", "question", "register", "run", "run_config", "run_dense", "run_prefill",
+           "aggregate", "configs", "degradation", "history", "markdown", "model_and_tokenizer",
+           "needle", "plot", "question", "register", "run", "run_config", "run_dense", "run_prefill",
            "run_press", "run_turns", "shared_sample", "step", "write"]

@@ -90,8 +90,15 @@ def dense_runner(model: nn.Module) -> Any:
 
 
 @torch.no_grad()
-def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[str, Any]:
-    """Dense prefill (recording q, k, v per layer when ``capture``) and greedy decoding."""
+def prefill_dense(model: nn.Module, ids: Tensor | Sequence[int], capture: bool = False
+                  ) -> tuple[DynamicCache, Tensor, dict[int, dict[str, Any]], Any, float]:
+    """The model's own attention over ``ids`` (``(1, T)`` or a list; with sliding layers through
+    :func:`dense_runner`) into a fresh ``DynamicCache``, recording every layer's q, k, v (hook points
+    ``blocks.*.attn.{q,k,v}``) when ``capture``.
+
+    Returns ``(cache, last logits (vocab,), captured {layer: {"q", "k", "v", "scale"}}, handle, seconds)``:
+    ``handle`` is the installed runner's handle (None for the model's own attention), left installed so that
+    decoding continues under it; the caller removes it. ``seconds``: the forward alone."""
     captured: dict[int, dict[str, Any]] = {}
 
     def keep(point: str) -> Callable:
@@ -100,6 +107,8 @@ def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[
 
         return fn
 
+    if not isinstance(ids, Tensor):
+        ids = torch.tensor([list(ids)])
     runner = dense_runner(model)
     handle = hf.use(model, runner) if runner is not None else None
     names = {f"blocks.*.attn.{p}": keep(p) for p in ("q", "k", "v")} if capture else {}
@@ -108,8 +117,29 @@ def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[
             cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
             out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            prefill_s = time.perf_counter() - t0
-        first = out.logits[:, -1].argmax(-1)
+            seconds = time.perf_counter() - t0
+    except BaseException:
+        if handle is not None:
+            handle.remove()
+        raise
+    return cache, out.logits[0, -1], captured, handle, seconds
+
+
+def method_runner(model: nn.Module, setup: M.Setup) -> Any:
+    """What a method computes its own prompt with: a :class:`~attnlab.plans.runtime.PlanRunner` for a plan;
+    for ops, the ops on their layers and the model's own rule elsewhere (:class:`~attnlab.models.hf.NativeRunner`
+    on models with sliding layers, else ``OpRunner``)."""
+    if setup.plan is not None:
+        return PlanRunner(setup.plan)
+    table = {layer: (ops.get(op), opts) for layer, (op, opts) in setup.ops.items()}
+    return hf.NativeRunner(table) if dense_runner(model) is not None else hf.OpRunner(table)
+
+
+def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[str, Any]:
+    """Dense prefill (recording q, k, v per layer when ``capture``) and greedy decoding."""
+    cache, logits, captured, handle, prefill_s = prefill_dense(model, ids, capture)
+    try:
+        first = logits.argmax(-1).view(1)
         toks, first_s, decode_s = decode(model, first, cache, steps)
     finally:
         if handle is not None:
@@ -144,12 +174,7 @@ def run_press(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], steps: in
 
 @torch.no_grad()
 def run_prefill(model: nn.Module, setup: M.Setup, ids: Tensor, steps: int) -> dict[str, Any]:
-    if setup.plan is not None:
-        runner: Any = PlanRunner(setup.plan)
-    else:
-        table = {layer: (ops.get(op), opts) for layer, (op, opts) in setup.ops.items()}
-        runner = hf.NativeRunner(table) if dense_runner(model) is not None else hf.OpRunner(table)
-    with hf.use(model, runner) as handle:
+    with hf.use(model, method_runner(model, setup)) as handle:
         cache = handle.new_cache()
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -497,5 +522,5 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
 
 
 __all__ = ["GRID", "depth_table", "samples", "solvable_rows", "DEFAULT_BUDGETS", "DEFAULT_LENGTHS", "DEFAULT_TASKS", "aggregate", "cache_bytes", "configs", "context", "model_label",
-           "decode", "frontier", "load_records", "replay", "run_dense", "run_press", "run_prefill", "run_sample",
+           "decode", "frontier", "load_records", "method_runner", "prefill_dense", "replay", "run_dense", "run_press", "run_prefill", "run_sample",
            "Unit", "calibrate", "run_unit", "unit_error"]
