@@ -200,3 +200,16 @@ def test_cli_errors(tmp_path, argv, words):
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     assert not list(tmp_path.iterdir())  # nothing written before the arguments are checked
+
+
+def test_an_arm_runs_only_on_the_tasks_its_interventions_support():
+    from attnlab.interventions import registry as R
+
+    assert R.get("inject").tasks == ("icl_cls", "icl_map") and R.get("act").tasks is None
+    cells = [("kv", 40), ("icl_cls", 40)]
+    cfgs = RN.configs(["tiny"], ["zeroshot", "act"], cells, 1)
+    assert [(c.task, c.arm) for c in cfgs] == [("kv", "plain"), ("kv", "act"), ("icl_cls", "plain"),
+                                               ("icl_cls", "zeroshot"), ("icl_cls", "act")]
+    needed = RN.fits_needed("tiny", [R.parse("inject"), R.parse("act")], cells, None, True, 0)
+    assert sorted((c.name, task) for _, c, task, _ in needed) == [("act", "icl_cls"), ("act", "kv"),
+                                                                  ("inject", "icl_cls")]

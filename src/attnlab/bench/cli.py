@@ -16,6 +16,8 @@ BENCH_COMMANDS = [
     "attnlab.bench.prefix",
     "attnlab.bench.saliency",
     "attnlab.bench.scbench",
+    "attnlab.vision.bench",
+    "attnlab.interventions.rhythm_cli",
 ]
 
 

@@ -1,7 +1,7 @@
 """Interventions by name, with typed knobs, parsed from ``NAME[:key=value,...]``; ``+`` composes several into
 one arm (``act+zerotuning:gamma=1.5``).
 
-Each intervention wraps :mod:`attnlab.plans.calibrate` and is one of three kinds:
+Each intervention is one of five kinds:
 
 * ``hooks``  -- a context manager on the model (hooks on the seam, or ScaleDimension's pre-hooks): zerotuning,
   act, fim, scale_dim, headmask. Any number stack in one arm;
@@ -9,7 +9,12 @@ Each intervention wraps :mod:`attnlab.plans.calibrate` and is one of three kinds
   At most one per arm (two loops cannot both pick the next token);
 * ``prompt`` -- a prompt transform: pause;
 * ``plan``   -- what runs the attention, a :class:`~attnlab.plans.plan.HeadPlan` for the prompt's length: moa
-  (MoA's elastic per-head windows). At most one per arm, and not with ``--plan``.
+  (MoA's elastic per-head windows). At most one per arm, and not with ``--plan``;
+* ``score``  -- an analysis of the plain model's own generations that changes nothing (SAR's uncertainty, the
+  preplan-and-anchor rhythm; :mod:`attnlab.interventions.scoring`). Alone in its arm.
+
+An intervention that only makes sense on some tasks lists them in ``Spec.tasks``; the runner skips its arm on
+the others (``zeroshot`` / ``inject`` need in-context-learning prompts).
 
 A knob left at ``None`` (or ``heads=fit`` / ``detector=fit``) is set by the intervention's procedure on the
 validation split (:mod:`attnlab.interventions.fit`); a knob given on the command line is used as given.
@@ -38,7 +43,7 @@ from . import focus as FO
 from . import repshift as RS
 from . import specprefill as SP
 
-KINDS = ("hooks", "decode", "prompt", "plan")
+KINDS = ("hooks", "decode", "prompt", "plan", "score")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,6 +191,11 @@ class Spec:
     build: Builder
     fit: Callable[[F.FitContext, dict[str, Any]], F.Fitted] | None = None
     needs_fit: Callable[[dict[str, Any]], bool] = lambda knobs: False
+    #: the tasks it can run on (None: every task)
+    tasks: tuple[str, ...] | None = None
+
+    def supports(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
     def knob(self, name: str) -> Knob:
         for k in self.knobs:
@@ -650,3 +660,5 @@ def describe() -> str:
 
 __all__ = ["Applied", "Arm", "Choice", "KINDS", "Knob", "REGISTRY", "Spec", "apply", "arm_label", "build_arm",
            "default_tasks", "describe", "get", "names", "parse", "parse_one", "register"]
+# modules that register themselves: hpg (I216); zeroshot, inject (I228); sar (I122); rhythm (I26)
+from . import hpg, inject, rhythm, sar  # noqa: E402,F401

@@ -19,6 +19,11 @@ samples both hold (every length of the task pooled, each sample weighs the same)
 resampled with both arms' scores together), n, and the median per-sample time ratio (arm / plain). A plain and an
 arm record of the same (model, task, length, sample) with different sample ids raise: the arms did not see the same
 prompt.
+
+Score arms (kind ``score``: ``sar``, ``rhythm``; :mod:`attnlab.interventions.scoring`) decode exactly as the plain
+arm and add the scorer's ``measures`` to the record; they are left out of the change table and aggregated by
+:func:`attnlab.interventions.scoring.aggregate_scores` (AUROC of predicting a wrong plain answer, or means), written
+as ``scores`` in ``results.json``, a second table in ``results.md`` and ``scores.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..sweep import Executor, load_rows, run_sweep
 from . import data
 from . import fit as F
 from . import registry as R
+from . import scoring as SC
 from .decoding import Base, stop_ids
 
 PLAIN = "plain"
@@ -129,6 +135,8 @@ def fits_needed(model_name: str, arms: Sequence[Sequence[R.Choice]], cells: Cell
             if not c.needs_fit():
                 continue
             for task, length in cells:
+                if not runs_on(arm, task):
+                    continue
                 k = fit_key(model_name, c, task, length, plan, quick, seed, n_val)
                 if k not in seen:
                     seen.add(k)
@@ -202,28 +210,42 @@ def run_config(cfg: Config) -> dict[str, Any]:
     own = arm.plan_for(len(arm.prompt(list(sample.ids))))
     if own is not None and plan is not None:
         raise ValueError(f"{cfg.arm}: a plan intervention cannot run under --plan")
+    extra: dict[str, Any] = {}
     with Base(model, own if own is not None else plan) as base:
         t0 = time.perf_counter()
         toks = arm.generate(model, list(sample.ids), int(sample.max_new_tokens), base, eos)
         secs = time.perf_counter() - t0
-    new = toks[0].tolist()
+        new = toks[0].tolist()
+        if cfg.arm != PLAIN and SC.is_score_arm(cfg.arm):  # a score arm analyses the plain generation
+            part = arm.parts[0]
+            t1 = time.perf_counter()
+            extra["measures"] = SC.SCORERS[part.name].fn(model, tok, part.knobs, list(sample.ids), new, base, eos,
+                                                         int(sample.max_new_tokens))
+            extra["score_seconds"] = time.perf_counter() - t1
     text = tok.decode(new, skip_special_tokens=True)
     return {
         "model": cfg.model, "task": cfg.task, "length": cfg.length, "sample": cfg.sample, "arm": cfg.arm,
         "sample_id": data.sample_id(sample), "score": float(sample.score(text)), "text": text,
         "seconds": secs, "prompt_tokens": len(arm.prompt(list(sample.ids))), "new_tokens": len(new),
-        "depth": getattr(sample, "depth", None), "knobs": {p.name: p.knobs for p in arm.parts},
+        "depth": getattr(sample, "depth", None), "knobs": {p.name: p.knobs for p in arm.parts}, **extra,
     }
+
+
+def runs_on(arm: Sequence[R.Choice], task: str) -> bool:
+    """Whether every intervention of ``arm`` supports ``task`` (``Spec.tasks``)."""
+    return all(c.spec.supports(task) for c in arm)
 
 
 def configs(models: Sequence[str], arms: Sequence[str], cells: Cells, n: int, *, seed: int = 0, quick: bool = True,
             run_dir: str | Path = ".", plan: str | None = None, n_val: int | None = None) -> list[Config]:
-    """Every (model, task, length, sample) with the plain arm first, then each arm (sample by sample)."""
+    """Every (model, task, length, sample) with the plain arm first, then each arm (sample by sample); an arm is
+    left out of the tasks one of its interventions does not support."""
     out = []
+    parsed = {a: R.parse(a) for a in arms}
     for m in models:
         for task, length in cells:
             for i in range(n):
-                for arm in (PLAIN, *arms):
+                for arm in (PLAIN, *(a for a in arms if runs_on(parsed[a], task))):
                     out.append(Config(m, task, int(length), i, arm, n, seed, quick, str(run_dir), plan, n_val))
     return out
 
@@ -241,7 +263,7 @@ def aggregate(records: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed: in
     arms: dict[tuple, dict[tuple, dict[str, Any]]] = {}
     order: list[tuple] = []
     for r in records:
-        if "error" in r:
+        if "error" in r or "measures" in r:  # score arms: scoring.aggregate_scores
             continue
         cell = (r["model"], r["task"])
         sid = (r["length"], r["sample"])
@@ -382,6 +404,7 @@ def score(run: Run, run_dir: Path, executor: Executor | None = None, show_progre
     for r in errors:
         log(f"error in {r.get('key')}: {r['error']}")
     rows = aggregate(records)
+    score_rows = SC.aggregate_scores(records, PLAIN)
     meta = {"models": list(run.models), "arms": list(run.arms), "tasks": list(run.tasks),
             "lengths": sorted({n for _, n in grid}), "n": run.n, "seed": run.seed, "quick": run.quick, "plan": run.plan,
             "fit_seconds": round(fit_s, 1), "score_seconds": round(score_s, 1), "configurations": len(cfgs),
@@ -391,7 +414,28 @@ def score(run: Run, run_dir: Path, executor: Executor | None = None, show_progre
                            "same samples, 95% paired bootstrap CI (2000 resamples); knobs set on the val split"}
     rep = report(rows, meta)
     rep.write(run_dir)
-    return {"rows": rows, "records": records, "fits": fits, "report": rep, "seconds": time.perf_counter() - t0}
+    if score_rows:
+        write_scores(run_dir, score_rows)
+        log(SC.markdown(score_rows))
+    return {"rows": rows, "records": records, "fits": fits, "report": rep, "seconds": time.perf_counter() - t0,
+            "scores": score_rows}
+
+
+def write_scores(run_dir: Path, score_rows: Sequence[dict[str, Any]]) -> None:
+    """Add the score arms' rows to ``results.json`` (``scores``) and ``results.md`` (a second table), and draw
+    ``scores.png``."""
+    path = run_dir / "results.json"
+    doc = json.loads(path.read_text())
+    doc["scores"] = list(score_rows)
+    path.write_text(json.dumps(doc, indent=2))
+    lines = ["", "## Score arms (stat auroc: AUROC of predicting an incorrect plain answer, label = task score < "
+             f"{SC.INCORRECT_BELOW}, 95% stratified bootstrap CI; stat mean: the mean, 95% bootstrap CI)", "",
+             SC.markdown(score_rows), ""]
+    png = SC.plot(score_rows, run_dir / "scores.png")
+    if png is not None:
+        lines.append("![scores](scores.png)")
+    with (run_dir / "results.md").open("a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _short(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -408,4 +452,4 @@ def done_keys(run_dir: Path) -> set[str]:
 
 __all__ = ["CONFIG", "COLUMNS", "PLAIN", "RESULTS", "Config", "Run", "aggregate", "build_arm", "cells", "configs",
            "done_keys", "fit_key", "fits_needed", "load", "plot_changes", "report", "run_config", "run_fits", "score",
-           "scored_samples"]
+           "scored_samples", "write_scores"]

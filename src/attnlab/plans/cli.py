@@ -48,9 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                "--intervention: at most one, run by every arm")
     e.add_argument("--intervention", action="append", default=[], metavar="NAME[:key=value,...]",
                    help="an intervention arm scored against the plain model on the same samples (repeatable; "
-                        "A+B composes two in one arm); knobs left unset are fitted on a validation split. "
-                        "Names: zerotuning, act, fim, scale_dim, headmask, decore, dagcd, lookback, pause, moa "
-                        "(--list-interventions for their knobs)")
+                        "A+B composes two in one arm); knobs left unset are fitted on a validation split "
+                        "(--list-interventions for the names and their knobs)")
     e.add_argument("--list-interventions", action="store_true", help="list the interventions and their knobs")
     e.add_argument("--solvability", action="store_true",
                    help="is each --tasks task within the plain model's reach at its length? (accuracy vs chance, "
