@@ -88,6 +88,9 @@ def test_smollm2_atlas_finds_known_head_types(smollm2):
     f = atlas.flow
     assert len(f["flow"]) == 6 and abs(sum(f["rollout"][5]) - 1) < 1e-6
     assert all(math.isfinite(x) for x in atlas.metrics["grad_importance"][0])
+    # Sink^eps (A262): the share of the 270 heads whose mean first-token weight exceeds eps, counted here
+    above = sum(1 for row in atlas.metrics["sink"] for a in row if a > atlas.meta["eps"])
+    assert atlas.meta["sink_ratio"] == pytest.approx(above / 270) and 0 < above < 270
 
 
 def _chromium(url: str, *extra: str) -> str:

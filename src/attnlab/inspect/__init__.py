@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atlas import HeadAtlas, RoleThresholds, assign_roles, build_atlas
+from .attnrank import attnrank_eval, attnrank_order
 from .causal import (
     activation_patching,
     attention_knockout,
@@ -25,9 +26,14 @@ from .causal import (
 from .circuits import composition_scores, copying_scores, ov_circuit, qk_circuit
 from .encoder import classical_mds, encoder_analysis, js_distances
 from .episodic import cmr_fit, episodic_scan, lag_crp
+from .long_context import LongContextConfig, long_context_heads
 from .metrics import MetricConfig, ProbeSpec, head_metrics
 from .norms import collapse_by_layer, find_massive, massive_intervention, mixing_ratio, norm_maps
 from .report import write_report
+from .rope_usage import rope_usage
+from .sad import sparse_attention_decomposition
+from .sink_frame import FrameConfig, sink_frames
+from .temporal import temporal_heads
 
 
 def quick_atlas(out_dir: str | Path, model: str = "smollm2", progress: bool = True) -> Path:
@@ -52,4 +58,6 @@ __all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activati
            "attention_knockout", "build_atlas", "classical_mds", "cmr_fit", "collapse_by_layer", "composition_scores",
            "copying_scores", "direct_logit_attribution", "encoder_analysis", "episodic_scan", "find_massive",
            "head_metrics", "js_distances", "knockout_effect", "lag_crp", "logit_lens", "massive_intervention",
-           "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report"]
+           "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report",
+           "FrameConfig", "LongContextConfig", "attnrank_eval", "attnrank_order", "long_context_heads", "rope_usage",
+           "sink_frames", "sparse_attention_decomposition", "temporal_heads"]

@@ -26,7 +26,7 @@ from ..models import hf
 from .capture import record
 from .flow import attention_flow, rollout
 from .importance import ablation_importance, gradient_importance
-from .metrics import MetricConfig, retrieval_score
+from .metrics import MetricConfig, retrieval_score, sink_ratio
 from .probes import Probe, build_probes
 
 ROLES = ("induction", "retrieval", "previous-token", "sink", "local", "mixed")
@@ -302,5 +302,7 @@ def build_atlas(
     atlas.metrics = {k: v.tolist() for k, v in metrics.items()}
     atlas.roles = assign_roles(metrics, thresholds)
     atlas.meta = {"seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
-                  "thresholds": asdict(thresholds), "kv_group": g.group, "head_dim": g.head_dim}
+                  "thresholds": asdict(thresholds), "kv_group": g.group, "head_dim": g.head_dim,
+                  # A262's model-level Sink^eps: the share of heads whose sink score reaches eps
+                  "eps": cfg.eps, "sink_ratio": sink_ratio(metrics["sink"], cfg.eps)}
     return atlas

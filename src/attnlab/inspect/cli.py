@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
     p.set_defaults(func=run)
     # `attnlab inspect causal ...`: optional, so `attnlab inspect --model M` keeps building the atlas
-    sub = p.add_subparsers(dest="inspect_command", metavar="{causal}", required=False)
+    sub = p.add_subparsers(dest="inspect_command", metavar="{causal,heads}", required=False)
     c = sub.add_parser(
         "causal", help="activation patching, direct logit attribution and composition scores on a small task",
         description="Build clean and corrupted prompts offline with the model's tokenizer (induction: repeated "
@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                    help="skip the weights-only composition scores (layers^2 cost; minutes on a busy CPU)")
     c.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
     c.set_defaults(func=run_causal)
+    from .head_cli import register_heads
+
+    register_heads(sub)
 
 
 def run_causal(args: argparse.Namespace) -> int:
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         atlas.meta["plan"] = plan.to_dict()
     paths = write_report(atlas, out, other, pngs=not args.no_png)
     counts = atlas.role_counts()
-    print(f"{atlas.model}: {g.num_layers} layers x {g.num_heads} heads in {atlas.meta['seconds']} s; roles: "
+    print(f"{atlas.model}: {g.num_layers} layers x {g.num_heads} heads in {atlas.meta['seconds']} s; "
+          f"Sink^eps {atlas.meta['sink_ratio']:.2f} (eps {atlas.meta['eps']}); roles: "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"report: {paths['html']}\natlas:  {paths['json']}  {paths['csv']}")
     return 0

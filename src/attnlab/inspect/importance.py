@@ -16,6 +16,8 @@ not defined (its gradient at the unablated point is zero) and is returned as NaN
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,20 +44,14 @@ def _per_sequence_loss(model: nn.Module, ids: Tensor, base_emb: Tensor | None = 
     return 1 - F.cosine_similarity(emb, base_emb.expand_as(emb), dim=-1)
 
 
-def ablation_importance(model: nn.Module, ids: Tensor, batch: int = 16, on_batch=None) -> Tensor:
-    """``(L, H)`` loss increase when each head is zeroed; ids ``(1, T)``."""
+def each_head_zeroed(model: nn.Module, evaluate: Callable[[int], Tensor], batch: int = 16,
+                     on_batch: Callable[[], None] | None = None) -> Tensor:
+    """``(L, H)``: ``evaluate(n) -> (n,)`` run on a batch of ``n`` copies of the input where copy ``b`` has one
+    head's output ``z`` zeroed (the ``blocks.*.attn.z`` hook point), every head in turn."""
     g = hf.geometry(model)
     heads = [(layer, h) for layer in range(g.num_layers) for h in range(g.num_heads)]
-    if _is_lm(model):
-        # a batch's logits are (batch, T, vocab) floats, twice over in the loss: cap them near 64M entries
-        # (Gemma 3's 262k vocabulary: 5 copies of 48 tokens; SmolLM2's 49k keeps the default 16)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        batch = max(1, min(batch, (1 << 26) // max(1, ids.shape[1] * vocab)))
     out = torch.zeros(g.num_layers, g.num_heads, dtype=torch.float64)
     with torch.no_grad():
-        base = _per_sequence_loss(model, ids)
-        base_emb = None if _is_lm(model) else base
-        base_loss = float(base[0]) if _is_lm(model) else 0.0
         for s in range(0, len(heads), batch):
             part = heads[s : s + batch]
             keep = torch.ones(len(part), g.num_layers, g.num_heads)
@@ -66,12 +62,27 @@ def ablation_importance(model: nn.Module, ids: Tensor, batch: int = 16, on_batch
                 return z * keep[:, ctx.layer].to(z.dtype).view(z.shape[0], -1, 1, 1)
 
             with hf.hooks(model, {Z: fn}):
-                loss = _per_sequence_loss(model, ids.expand(len(part), -1), base_emb)
+                vals = evaluate(len(part))
             for b, (layer, h) in enumerate(part):
-                out[layer, h] = float(loss[b]) - base_loss
+                out[layer, h] = float(vals[b])
             if on_batch is not None:
                 on_batch()
     return out
+
+
+def ablation_importance(model: nn.Module, ids: Tensor, batch: int = 16, on_batch=None) -> Tensor:
+    """``(L, H)`` loss increase when each head is zeroed; ids ``(1, T)``."""
+    if _is_lm(model):
+        # a batch's logits are (batch, T, vocab) floats, twice over in the loss: cap them near 64M entries
+        # (Gemma 3's 262k vocabulary: 5 copies of 48 tokens; SmolLM2's 49k keeps the default 16)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        batch = max(1, min(batch, (1 << 26) // max(1, ids.shape[1] * vocab)))
+    with torch.no_grad():
+        base = _per_sequence_loss(model, ids)
+    base_emb = None if _is_lm(model) else base
+    base_loss = float(base[0]) if _is_lm(model) else 0.0
+    return each_head_zeroed(model, lambda n: _per_sequence_loss(model, ids.expand(n, -1), base_emb) - base_loss,
+                            batch, on_batch)
 
 
 def gradient_importance(model: nn.Module, ids: Tensor) -> Tensor:

@@ -82,6 +82,9 @@ def _ordinary_ids(tok, rng: random.Random, n: int) -> list[int]:
     special = set(tok.all_special_ids)
     V = len(tok)
     lo = min(1000, V // 10)
+    if V - lo - len(special & set(range(lo, V))) < n:
+        raise ValueError(f"the tokenizer has {V} tokens: too few to draw {n} distinct ordinary ids "
+                         f"(ids {lo}..{V - 1} without the special ones)")
     out: list[int] = []
     while len(out) < n:
         i = rng.randrange(lo, V)
