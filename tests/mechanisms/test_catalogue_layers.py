@@ -23,6 +23,7 @@ CASES: dict[str, tuple[dict, int | None, int]] = {
     # layers
     "cascaded": (dict(key_dim=4), None, 5),
     "cog": (dict(chunk=4), None, 5),
+    "combiner": (dict(block=4, kv_heads=1), None, 5),
     "complexformer": ({}, None, 5),
     "diff": (dict(heads=2), None, 5),
     "efficient_attn": ({}, None, 5),
@@ -46,6 +47,8 @@ CASES: dict[str, tuple[dict, int | None, int]] = {
     "dual_attn": (dict(rel_dim=2, max_len=16), None, 5),
     "shared_diff": (dict(heads=2, rank=2), None, 5),
     "super_attn": (dict(max_len=16), None, 5),
+    "titans_mac": (dict(segment=4, persistent=2), None, 5),
+    "titans_mag": (dict(window=4, persistent=2, block=4), None, 5),
     # routing
     "biformer": (dict(grid=(3, 4), regions=(1, 2), top_k=1), 12, 0),
     "delta_select": (dict(top_k=4, always=2), None, 5),

@@ -75,7 +75,7 @@ def register_mixer(name: str, *, papers: tuple[str, ...], summary: str, grid_onl
 
 def _load() -> None:
     # importing the modules registers their mixers
-    from . import a2n, lka, ninformer, region, shift, spectral, tic, ulsam, uniform, window  # noqa: F401
+    from . import a2n, dat, lka, ninformer, region, shift, spectral, tic, ulsam, uniform, window  # noqa: F401
 
 
 def mixer_names() -> list[str]:

@@ -23,13 +23,19 @@ cache equals the full forward. A free mask is refused (the abstractions pool who
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from attnlab.ops import reference as op_reference
 from attnlab.ops.registry import register_op
 
 from ...core.checks import positive_int
+from ..heads import HeadsConfig, OpLayer, one_of
+from ..registry import register
 from ._scored import per_head, repeat_kv
 
 POOLS = ("max", "mean")
@@ -171,4 +177,45 @@ def combiner_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int,
     return out if state is None else (out, state)
 
 
-__all__ = ["combiner_op", "combiner_probs"]
+# ---- the layer -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CombinerConfig(HeadsConfig):
+    """block: keys per span (about sqrt(T) for the O(T sqrt T) cost); pool: the span's abstraction key."""
+
+    dim: int = 64
+    heads: int = 4
+    rope: bool = True
+    block: int = 64
+    pool: str = "max"
+
+    def validate(self) -> None:
+        positive_int("block", self.block)
+        one_of("pool", self.pool, POOLS)
+
+
+@register("combiner", family="layers", papers=("P283",), year=2021, config=CombinerConfig,
+          summary="Combiner-Fixed: direct attention in the own block, pooled abstractions of the other blocks with "
+          "a learned in-span distribution; every key reachable")
+class CombinerAttention(OpLayer):
+    """(B, T, dim) -> (B, T, dim): projections + the op ``combiner`` with the paper's learned in-span query
+    ``w`` per head (``span_query``, (heads, head_dim)): ``r_c(j) = softmax_{j in c}(w . k_j)``. Causal layers
+    decode with the KV cache (the op is stateless)."""
+
+    op = "combiner"
+
+    def __init__(self, cfg: CombinerConfig) -> None:
+        super().__init__(cfg)
+        self.span_query = nn.Parameter(torch.randn(cfg.heads, cfg.d) * cfg.d**-0.5)
+
+    def op_options(self) -> dict[str, Any]:
+        return {**super().op_options(), "span_query": self.span_query}
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The op's float64 oracle (the factorization written row by row) on this layer's projections."""
+        q, k, v = self.project(x, 0)
+        return self.out(op_reference("combiner", q, k, v, scale=self.cfg.d**-0.5, q_offset=0, **self.op_options()))
+
+
+__all__ = ["CombinerAttention", "CombinerConfig", "combiner_op", "combiner_probs"]

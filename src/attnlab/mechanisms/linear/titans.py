@@ -37,8 +37,10 @@ per-layer weights for deep memories). A token's update is applied at once with t
 output read from ``M_t``; ``M'`` moves to ``M`` when a token completes an absolute chunk of ``block``. This is
 exactly the full forward's rule, so decoding token by token (or in any split) equals the full forward.
 
-Not included: persistent memory tokens, and the MAC / MAG / MAL combinations with attention (a hybrid stack of
-``titans`` and ``mha`` layers is the MAL layout).
+The combinations with attention are layers of their own below: ``titans_mag`` (memory as a gate: sliding-window
+attention with persistent memory tokens, gated by the memory) and ``titans_mac`` (memory as context: segment
+attention over persistent tokens, the memory's retrievals and the segment; the memory learns from and gates the
+attention output). MAL is a hybrid stack of ``titans`` and ``mha`` layers.
 
 Not an op (``op = None``): the core is not a function of q, k, v. The memory is trained at test time with gates
 ``alpha, eta, theta`` computed from the hidden state ``x`` (a projection, not a small per-head parameter), and a
@@ -50,13 +52,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.attention import attention
 from ...core.checks import positive_int
-from ..heads import LayerCache
+from ...core.patterns import Sinks, SlidingWindow
+from ..common import RMSNorm, split_heads
+from ..heads import HeadsConfig, LayerCache, OpLayer
 from ..registry import register
 from ._common import LINEAR_FIXED, LinearHeadsConfig, LinearLayer
 
@@ -295,3 +301,264 @@ class TitansMemory(LinearLayer):
 
     def state_size(self, seq_len: int) -> int:
         return 3 * self.heads * sum(o * i for o, i in self.mem_shapes)
+
+
+# ---- Titans MAG: memory as a gate [R29] ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TitansMAGConfig(HeadsConfig):
+    """Memory as a gate: sliding-window attention over ``persistent`` learned tokens + the ``window`` newest keys,
+    gated by the neural memory (``block``, ``memory_depth``, ``memory_hidden`` as in ``titans``; the memory has
+    ``heads`` full heads of ``dim // heads``)."""
+
+    dim: int = 64
+    heads: int = 4
+    window: int = 64  # keys of the sliding window (the query's own included)
+    persistent: int = 4  # learned persistent-memory tokens prefixed to the sequence (0: none)
+    block: int = 16
+    memory_depth: int = 1
+    memory_hidden: int | None = None
+
+    fixed: ClassVar[tuple[str, ...]] = ("causal",)
+
+    def validate(self) -> None:
+        positive_int("window", self.window)
+        if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or self.persistent < 0:
+            raise ValueError(f"persistent must be a non-negative integer, got {self.persistent!r}")
+        self.memory_config()  # validates block, memory_depth, memory_hidden
+
+    def memory_config(self) -> TitansConfig:
+        return TitansConfig(dim=self.dim, heads=self.heads, block=self.block, memory_depth=self.memory_depth,
+                            memory_hidden=self.memory_hidden)
+
+
+@register(
+    "titans_mag", family="layers", papers=("R29",), year=2025, config=TitansMAGConfig,
+    summary="Titans MAG: sliding-window attention with persistent memory tokens, gated by the neural memory",
+)
+class TitansMAG(OpLayer):
+    """(B, T, dim) -> (B, T, dim). ``x~ = [p_1 .. p_Np] || x``; ``y = SW-Attn*(x~)`` (every query sees the
+    persistent tokens and its ``window`` newest keys); ``o = RMSNorm(y) * sigmoid(RMSNorm(M(x~)))`` with
+    ``M`` the neural memory (a ``titans`` layer run over ``x~``, so the persistent tokens are its first inputs).
+
+    Conventions: the persistent tokens are vectors of the model width, projected by the attention's k/v
+    projections without RoPE (they carry no position); real tokens keep positions ``0..`` for RoPE. The gate is
+    the paper's "normalize both with learnable vector-valued weights, then a non-linearity": RMSNorm with a
+    learned weight on each branch (after its output projection), sigmoid on the memory side."""
+
+    op = None  # a pattern attention plus a test-time-trained memory
+    kv_cache = True
+
+    def __init__(self, cfg: TitansMAGConfig) -> None:
+        super().__init__(cfg)
+        # the persistent tokens (none: no parameter, so no empty tensor among the parameters)
+        self.persist = nn.Parameter(torch.randn(cfg.persistent, cfg.dim) * cfg.dim**-0.5) if cfg.persistent else None
+        self.memory = TitansMemory(cfg.memory_config())
+        self.norm_y = RMSNorm(cfg.dim)
+        self.norm_m = RMSNorm(cfg.dim)
+
+    def _prefix(self, x: Tensor) -> Tensor:
+        """``x~ = [p_1 .. p_Np] || x``: (B, Np + T, dim)."""
+        if self.persist is None:
+            return x
+        return torch.cat([self.persist.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+
+    def _persistent_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the persistent tokens: (B, Hkv, Np, d) each, no RoPE."""
+        p = self._prefix(x[:, :0])
+        return split_heads(self.k_proj(p), self.cfg.kvh), split_heads(self.v_proj(p), self.cfg.kvh)
+
+    def _memory(self, x: Tensor, state: tuple | None, start: int) -> tuple[Tensor, tuple]:
+        """M(x~) for rows ``start..`` of ``x``: (B, T, dim); the first call also runs the persistent tokens."""
+        Np = self.cfg.persistent
+        if start == 0:
+            x = self._prefix(x)
+        y, state = self.memory._run(x, state, 0 if start == 0 else start + Np)
+        y = self.memory.out(y)
+        return (y[:, Np:] if start == 0 else y), state
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
+        q, k, v = self.project(x, start)
+        if cache is not None:
+            k, v = self.remember(cache, k, v, x.shape[1])
+        pk, pv = self._persistent_kv(x)
+        Np, w = self.cfg.persistent, self.cfg.window
+        pattern = SlidingWindow(w) | Sinks(Np) if Np else SlidingWindow(w)
+        o = attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), pattern=pattern, scale=self.cfg.d**-0.5,
+                      q_offset=start + Np)  # positions of x~: the persistent tokens come first
+        m, state = self._memory(x, None if cache is None or start == 0 else cache.state["memory"], start)
+        if cache is not None:
+            cache.state["memory"] = state
+        return self.norm_y(self.out(o)) * torch.sigmoid(self.norm_m(m))
+
+    def reference(self, x: Tensor) -> Tensor:
+        """Plainly: dense scores over ``x~`` with the mask written per (row, key), and the memory's token-by-token
+        rule over ``x~``."""
+        B, T, _ = x.shape
+        Np, w, H, Hkv = self.cfg.persistent, self.cfg.window, self.cfg.heads, self.cfg.kvh
+        q, k, v = self.project(x, 0)
+        pk, pv = self._persistent_kv(x)
+        kk = torch.cat([pk, k], 2).repeat_interleave(H // Hkv, 1).double()
+        vv = torch.cat([pv, v], 2).repeat_interleave(H // Hkv, 1).double()
+        allowed = torch.tensor([[j < Np or 0 <= i - (j - Np) < w for j in range(Np + T)] for i in range(T)])
+        s = (q.double() @ kk.transpose(-1, -2)) * self.cfg.d**-0.5
+        o = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vv
+        m = self.memory.reference(self._prefix(x))[:, Np:]
+        return self.norm_y(self.out(o.to(x.dtype))) * torch.sigmoid(self.norm_m(m))
+
+    def state_size(self, seq_len: int) -> int:
+        """Keys and values of every position (the window reads the newest ``window``) plus the memory's state."""
+        return 2 * self.cfg.kvh * self.cfg.d * seq_len + self.memory.state_size(seq_len)
+
+
+# ---- Titans MAC: memory as context [R29] --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TitansMACConfig(HeadsConfig):
+    """Memory as context: the sequence in segments of ``segment`` tokens; each segment attends (causally) to the
+    ``persistent`` learned tokens, the memory's retrievals for its tokens and its own tokens; the memory (the
+    ``titans`` rule, ``memory_depth`` / ``memory_hidden``; its gradient chunk is the segment) learns from the
+    attention output and gates it."""
+
+    dim: int = 64
+    heads: int = 4
+    segment: int = 16  # tokens per segment (the attention's span and the memory's gradient chunk)
+    persistent: int = 4  # learned persistent-memory tokens (0: none)
+    memory_depth: int = 1
+    memory_hidden: int | None = None
+
+    fixed: ClassVar[tuple[str, ...]] = ("causal", "rope")
+
+    def validate(self) -> None:
+        positive_int("segment", self.segment)
+        if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or self.persistent < 0:
+            raise ValueError(f"persistent must be a non-negative integer, got {self.persistent!r}")
+        self.memory_config()
+
+    def memory_config(self) -> TitansConfig:
+        return TitansConfig(dim=self.dim, heads=self.heads, block=self.segment, memory_depth=self.memory_depth,
+                            memory_hidden=self.memory_hidden)
+
+
+@register(
+    "titans_mac", family="layers", papers=("R29",), year=2025, config=TitansMACConfig,
+    summary="Titans MAC: segment attention over persistent tokens + memory retrievals + the segment, the memory "
+    "trained on and gating the attention output",
+)
+class TitansMAC(OpLayer):
+    """(B, T, dim) -> (B, T, dim). Per segment ``S`` (``segment`` tokens): retrievals ``h_j = M'(q_j)`` with
+    ``M'`` the memory before the segment and ``q_j`` the memory's query of token ``j``; token ``i`` attends to
+    ``[p_1 .. p_Np] || h_{s..i} || x_{s..i}`` (``s``: its segment's start); ``y = Attn(...)``; the memory is then
+    trained on ``y`` (the ``titans`` rule, gradients at ``M'``) and read at ``y``: ``o = RMSNorm(y) *
+    sigmoid(RMSNorm(M_i(y_i)))``.
+
+    Deviations (for a causal, decodable layer): token ``i`` sees the retrievals and tokens of its segment up to
+    itself (the paper's causal attention over ``p || h || S`` would let it see every retrieval of the segment),
+    and the memory's read after the update is per token (``M_i``, holding ``y_{..i}``), not the segment's end
+    memory. Attention does not cross segments: the past reaches a segment only through the memory. No RoPE.
+    Decoding keeps the current segment's keys and values and the memory's state: ``O(segment)`` memory."""
+
+    op = None
+    kv_cache = False  # the current segment's keys and values live in the state
+
+    def __init__(self, cfg: TitansMACConfig) -> None:
+        super().__init__(cfg)
+        self.persist = nn.Parameter(torch.randn(cfg.persistent, cfg.dim) * cfg.dim**-0.5) if cfg.persistent else None
+        self.memory = TitansMemory(cfg.memory_config())
+        self.norm_y = RMSNorm(cfg.dim)
+        self.norm_m = RMSNorm(cfg.dim)
+
+    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return split_heads(self.k_proj(x), self.cfg.kvh), split_heads(self.v_proj(x), self.cfg.kvh)
+
+    def _retrieve(self, x: Tensor, Mp) -> Tensor:
+        """h = M'(q): (B, n, dim), the memory before the segment read at the memory's queries of ``x``."""
+        h = self.memory._qkv(x)[0]  # (B, H, n, d), normalized
+        weights = (Mp,) if isinstance(Mp, Tensor) else Mp  # depth 1: one matrix per head
+        for i, w in enumerate(weights):
+            h = h @ w.transpose(-1, -2)
+            if i < len(weights) - 1:
+                h = F.silu(h)
+        return self.memory.out(h)
+
+    def _run_mac(self, x: Tensor, state: dict, start: int) -> Tensor:
+        B, T, _ = x.shape
+        C, H = self.cfg.segment, self.cfg.heads
+        p = x.new_zeros(B, 0, self.cfg.dim) if self.persist is None else self.persist.expand(B, -1, -1).to(x.dtype)
+        pk, pv = self._kv(p)
+        outs, i = [], 0
+        while i < T:
+            pos = start + i
+            n = min(T - i, C - pos % C)  # never cross a segment boundary
+            xs = x[:, i : i + n]
+            if pos % C == 0:  # a new segment: its keys start empty
+                state["seg"] = tuple(x.new_zeros(B, self.cfg.kvh, 0, self.cfg.d) for _ in range(4))
+            mem = state.get("memory") or self.memory._initial_state(B, x)
+            hk, hv = self._kv(self._retrieve(xs, mem[0]))
+            xk, xv = self._kv(xs)
+            seg = tuple(torch.cat([a, b], 2) for a, b in zip(state["seg"], (hk, hv, xk, xv)))
+            state["seg"] = seg
+            L = seg[0].shape[2]  # segment tokens so far, this piece included
+            own = torch.arange(L, device=x.device).view(1, L) <= (torch.arange(n, device=x.device) + L - n).view(n, 1)
+            mask = torch.cat([own.new_ones(n, pk.shape[2]), own, own], 1)
+            q = split_heads(self.q_proj(xs), H)
+            o = F.scaled_dot_product_attention(q, torch.cat([pk, seg[0], seg[2]], 2), torch.cat([pv, seg[1], seg[3]], 2),
+                                               attn_mask=mask, scale=self.cfg.d**-0.5, enable_gqa=True)
+            y = self.out(o)
+            ym, state["memory"] = self.memory._run(y, mem, pos)
+            outs.append(self.norm_y(y) * torch.sigmoid(self.norm_m(self.memory.out(ym))))
+            i += n
+        return torch.cat(outs, 1)
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        start = self.check_cache(x, cache)
+        out = self._run_mac(x, {} if cache is None else cache.state, start)
+        if cache is not None:
+            cache.length = start + x.shape[1]
+        return out
+
+    def reference(self, x: Tensor) -> Tensor:
+        """Token by token: the memory's weights materialized and updated with autograd gradients at the
+        segment-start memory; each row's attention written densely over the keys it may see."""
+        B, T, _ = x.shape
+        C, H, Hkv, d = self.cfg.segment, self.cfg.heads, self.cfg.kvh, self.cfg.d
+        mem = self.memory
+        pk, pv = self._kv(x[:, :0] if self.persist is None else self.persist.expand(B, -1, -1).to(x.dtype))
+        Mp, M, S = mem._initial_state(B, x)
+        if isinstance(M, Tensor):
+            Mp, M, S = (Mp,), (M,), (S,)
+        keys: list[Tensor] = []
+        vals: list[Tensor] = []
+        outs = []
+        with torch.enable_grad():
+            for t in range(T):
+                xt = x[:, t : t + 1]
+                if t % C == 0:
+                    Mp, keys, vals = M, [], []
+                h = mem.out(mem.memory_mlp(Mp, mem._qkv(xt)[0][:, :, 0]).unsqueeze(2))  # (B, 1, dim)
+                keys, vals = keys + [self._kv(h)[0], self._kv(xt)[0]], vals + [self._kv(h)[1], self._kv(xt)[1]]
+                kk = torch.cat([pk, *keys], 2).repeat_interleave(H // Hkv, 1).double()
+                vv = torch.cat([pv, *vals], 2).repeat_interleave(H // Hkv, 1).double()
+                q = split_heads(self.q_proj(xt), H).double()
+                a = torch.softmax((q @ kk.transpose(-1, -2)) * d**-0.5, -1) @ vv
+                y = self.out(a.to(x.dtype))  # (B, 1, dim)
+                qm, km, vm = (z[:, :, 0] for z in mem._qkv(y))
+                la, le, th = (g[:, :, 0, None, None] for g in mem._gates(y))
+                # a copy of M': the inner gradient is through the memory's weights only (y also depends on M'
+                # through the retrievals); create_graph keeps the outer gradients through the copy
+                wp = tuple(w.clone() if w.requires_grad else w.detach().requires_grad_() for w in Mp)
+                g = torch.autograd.grad((mem.memory_mlp(wp, km) - vm).pow(2).sum(), wp, create_graph=True)
+                S = tuple(le.exp() * s - th * gi for s, gi in zip(S, g))
+                M = tuple(la.exp() * m + s for m, s in zip(M, S))
+                m_out = mem.out(mem.memory_mlp(M, qm).unsqueeze(2))
+                outs.append(self.norm_y(y) * torch.sigmoid(self.norm_m(m_out)))
+        return torch.cat(outs, 1)
+
+    def state_size(self, seq_len: int) -> int:
+        """The memory's state plus the current segment's keys and values (retrievals and tokens): the last
+        ``(seq_len - 1) % segment + 1`` positions (a full segment is kept until the next token starts one)."""
+        held = (seq_len - 1) % self.cfg.segment + 1 if seq_len else 0
+        return self.memory.state_size(seq_len) + 4 * self.cfg.kvh * self.cfg.d * held

@@ -1,4 +1,4 @@
-"""Superlinear multi-step attention [D275], the N = 2 (jump-search) instance: span search, then span attention.
+"""Superlinear multi-step attention [D275]: N - 1 span-search steps, then span attention.
 
 Keys are cut into spans of ``stride`` positions; span ``m`` covers ``[m * stride, (m + 1) * stride)`` and its
 *anchor* is its centre key ``m * stride + stride // 2``.
@@ -14,6 +14,14 @@ Keys are cut into spans of ``stride`` positions; span ``m`` covers ``[m * stride
 With ``stride ~ sqrt(T)`` and fixed ``top_k`` both steps cost ``O(T^{3/2})``. The span choice has no gradient
 here (indices); the paper trains it end to end. The op ``superlinear`` has no learned parameters: the
 span search reads q and k (the inference-time form); ``chunk`` is the query rows per local tile.
+
+**N > 2 steps** (``stride`` a tuple ``(s_1, ..., s_{N-1})``, coarse to fine, each dividing the one before):
+the local part starts at the finest span ``s_{N-1}`` holding ``i - window + 1``. Step 1 scores the complete
+``s_1``-spans before it by their anchors and keeps ``top_k``; step ``l`` scores the ``s_{l-1} / s_l`` children of
+each span kept at step ``l - 1``, plus the complete ``s_l``-spans between the last complete ``s_{l-1}``-span and the
+local part (so nothing is structurally excluded), and keeps ``top_k``; the last step attends the kept
+``s_{N-1}``-spans plus the local part. With ``s_l ~ T^{(N-l)/N}`` every step costs ``O(T^{1+1/N})``. An int
+``stride`` is the N = 2 case above.
 
 Execution: the kept spans are aligned key blocks, run key-centric (``core.sparse.plan_selection``:
 queries that picked the same span share it, no K/V copy when ``T`` is a multiple of ``stride``); the local part
@@ -65,6 +73,60 @@ def span_search(q: Tensor, k: Tensor, stride: int, window: int, top_k: int, q_of
     return idx, torch.isfinite(val)
 
 
+def strides_of(stride: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """``stride`` as the tuple of span lengths per search step (coarse to fine); checks each divides the last."""
+    if isinstance(stride, int) and not isinstance(stride, bool):
+        positive_int("stride", stride)
+        return (stride,)
+    if not isinstance(stride, (tuple, list)) or not stride:
+        raise ValueError(f"stride must be a positive integer or a non-empty tuple of them, got {stride!r}")
+    out = tuple(stride)
+    for i, s in enumerate(out):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"stride must hold positive integers, got {stride!r}")
+        if i and (s >= out[i - 1] or out[i - 1] % s):
+            raise ValueError(f"stride must decrease, each dividing the one before, got {stride!r}")
+    return out
+
+
+def _keep_spans(q: Tensor, k: Tensor, cand: Tensor, ok: Tensor, span: int, top_k: int) -> tuple[Tensor, Tensor]:
+    """The ``top_k`` candidate spans (ids (B, H, Tq, C) of length ``span``, ``ok`` eligible) by anchor score."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    n = min(top_k, cand.shape[-1])
+    if n == 0:
+        z = cand[..., :0]
+        return z, z.bool()
+    anchors = (cand * span + span // 2).clamp(max=Tk - 1)  # ineligible candidates may lie past the keys
+    b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    h = (torch.arange(H, device=q.device) // (H // Hkv)).view(1, H, 1, 1)
+    score = (k[b, h, anchors] @ q.unsqueeze(-1)).squeeze(-1).masked_fill(~ok, float("-inf"))  # (B, H, Tq, C)
+    val, idx = score.topk(n, dim=-1)
+    valid = torch.isfinite(val)
+    return torch.where(valid, cand.gather(-1, idx), 0), valid
+
+
+def multi_step_search(q: Tensor, k: Tensor, strides: tuple[int, ...], window: int, top_k: int,
+                      q_offset: int) -> tuple[Tensor, Tensor]:
+    """Steps 1 .. N-1: (sel, valid) each (B, H, Tq, n), ids of the kept finest spans (``strides[-1]`` long)."""
+    B, H, Tq, D = q.shape
+    Tk, dev = k.shape[2], q.device
+    with torch.no_grad():
+        lo = local_start(torch.arange(Tq, device=dev) + q_offset, strides[-1], window).view(Tq, 1)
+        nb = torch.arange(Tk // strides[0], device=dev)
+        cand = nb.expand(B, H, Tq, nb.numel())
+        sel, valid = _keep_spans(q, k, cand, (nb + 1) * strides[0] <= lo, strides[0], top_k)
+        for parent, span in zip(strides, strides[1:]):
+            r = torch.arange(parent // span, device=dev)
+            kids = (sel.unsqueeze(-1) * r.numel() + r).flatten(-2)
+            left = lo // parent * r.numel() + r  # (Tq, r): complete spans after the last complete parent
+            cand = torch.cat([kids, left.expand(B, H, Tq, r.numel())], -1)
+            ok = torch.cat([valid.unsqueeze(-1).expand(*valid.shape, r.numel()).flatten(-2),
+                            ((left + 1) * span <= lo).expand(B, H, Tq, r.numel())], -1)
+            sel, valid = _keep_spans(q, k, cand, ok, span, top_k)
+    return sel, valid
+
+
 def local_tiles(B: int, H: int, Hkv: int, Tq: int, Tk: int, stride: int, window: int, block: int,
                 q_offset: int, device: torch.device | None = None) -> Tiles:
     """Query-centric tiles of the local part: rows of a block gather keys from their first row's local start
@@ -88,42 +150,59 @@ def local_tiles(B: int, H: int, Hkv: int, Tq: int, Tk: int, stride: int, window:
 
 
 def superlinear_attention(
-    q: Tensor, k: Tensor, v: Tensor, stride: int, window: int, top_k: int, chunk: int = 64,
+    q: Tensor, k: Tensor, v: Tensor, stride: int | tuple[int, ...], window: int, top_k: int, chunk: int = 64,
     scale: float | None = None, q_offset: int | None = None, q_block: int = 128,
 ) -> Tensor:
-    """Causal span search + span attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv)."""
+    """Causal span search + span attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv).
+
+    ``stride``: an int (N = 2) or the span lengths of the N - 1 search steps, coarse to fine."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
-    positive_int("stride", stride)
+    strides = strides_of(stride)
     positive_int("window", window)
     positive_int("chunk", chunk)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
     q_offset = Tk - Tq if q_offset is None else q_offset
-    sel, valid = span_search(q, k, stride, window, top_k, q_offset)
+    stride = strides[-1]
+    if len(strides) == 1:
+        sel, valid = span_search(q, k, stride, window, top_k, q_offset)
+    else:
+        sel, valid = multi_step_search(q, k, strides, window, top_k, q_offset)
     parts: list = [local_tiles(B, H, Hkv, Tq, Tk, stride, window, chunk, q_offset, q.device)]
     if sel.shape[-1]:
         parts += tiles_from_selection(sel, valid, block_sets(Tk, stride, q.device), Hkv, Tk, q_offset, True, q_block)
     return tile_attention(q, k, v, parts, default_scale(D, scale))
 
 
-def superlinear_mask(q: Tensor, k: Tensor, stride: int, window: int, top_k: int, q_offset: int | None = None) -> Tensor:
-    """Dense (B, H, Tq, Tk) mask of the selection, built plainly row by row (for the reference)."""
+def superlinear_mask(q: Tensor, k: Tensor, stride: int | tuple[int, ...], window: int, top_k: int,
+                     q_offset: int | None = None) -> Tensor:
+    """Dense (B, H, Tq, Tk) mask of the selection, built plainly row by row (for the reference): each step's
+    candidates as a Python list of span starts, sorted by anchor score."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    strides = (stride,) if isinstance(stride, int) else tuple(stride)
+    fine = strides[-1]
     q_offset = Tk - Tq if q_offset is None else q_offset
     mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool, device=q.device)
     for r in range(Tq):
         i = q_offset + r
-        lo = max(0, i - window + 1) // stride * stride
+        lo = max(0, i - window + 1) // fine * fine
         mask[:, :, r, lo : i + 1] = True
-        spans = lo // stride  # complete spans before the local part
-        if spans == 0 or top_k == 0:
-            continue
         for b in range(B):
             for h in range(H):
-                anchors = k[b, h // (H // Hkv), [m * stride + stride // 2 for m in range(spans)]]
-                for m in (anchors @ q[b, h, r]).topk(min(top_k, spans)).indices.tolist():
-                    mask[b, h, r, m * stride : (m + 1) * stride] = True
+                kh, qr = k[b, h // (H // Hkv)], q[b, h, r]
+                kept: list[int] = []  # span starts kept by the previous step
+                for n, span in enumerate(strides):
+                    if n == 0:
+                        starts = list(range(0, lo - span + 1, span))  # complete spans before the local part
+                    else:
+                        par = strides[n - 1]
+                        starts = [a + c for a in kept for c in range(0, par, span)]
+                        starts += list(range(lo // par * par, lo - span + 1, span))
+                    score = {a: float(kh[a + span // 2].detach() @ qr.detach()) for a in starts}
+                    kept = sorted(starts, key=lambda a: score[a], reverse=True)[:top_k]
+                for a in kept:
+                    mask[b, h, r, a : a + fine] = True
     return mask
 
 
@@ -139,7 +218,8 @@ def _superlinear_weights(q: Tensor, k: Tensor, *, q_offset: int, stride: int = 6
            "attend top-k spans plus a local window", options={"stride": 64, "window": 64, "top_k": 4, "chunk": 64},
            weights_mask=_superlinear_weights, causal_only=True, renamed={"block": "chunk"},
            dense_options={"top_k": ALL}, example={"stride": 4, "window": 5, "top_k": 2, "chunk": 4})
-def superlinear_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict, stride: int,
+def superlinear_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict,
+                   stride: int | tuple[int, ...],
                    window: int, top_k: int, chunk: int) -> Tensor:
     """Causal span search + span attention: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); stateless."""
     return superlinear_attention(q, k, v, stride, window, top_k, chunk, scale, q_offset)
@@ -150,7 +230,8 @@ class SuperlinearConfig(RoutingHeadsConfig):
     dim: int = 64
     heads: int = 4
     rope: bool = True
-    stride: int = 64  # span length = anchor spacing (about sqrt(T) for the O(T^1.5) setting)
+    # span length = anchor spacing (about sqrt(T) for the O(T^1.5) setting); a tuple: N - 1 search steps
+    stride: int | tuple[int, ...] = 64
     window: int = 64  # local keys (rounded down to a span start)
     top_k: int = 4  # spans per query
     chunk: int = 64  # query rows per local tile
@@ -160,7 +241,8 @@ class SuperlinearConfig(RoutingHeadsConfig):
     renamed: ClassVar[dict[str, str]] = {"delta_correction": "delta", "block": "chunk"}
 
     def validate(self) -> None:
-        self.check("stride", "window", "chunk")
+        strides_of(self.stride)
+        self.check("window", "chunk")
         nonneg_int("top_k", self.top_k)
 
 
