@@ -34,6 +34,7 @@ from .rope_usage import rope_usage
 from .sad import sparse_attention_decomposition
 from .sink_frame import FrameConfig, sink_frames
 from .temporal import temporal_heads
+from .views import ReportViews, ViewConfig, build_views
 
 
 def quick_atlas(out_dir: str | Path, model: str = "smollm2", progress: bool = True) -> Path:
@@ -60,4 +61,5 @@ __all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activati
            "head_metrics", "js_distances", "knockout_effect", "lag_crp", "logit_lens", "massive_intervention",
            "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report",
            "FrameConfig", "LongContextConfig", "attnrank_eval", "attnrank_order", "long_context_heads", "rope_usage",
-           "sink_frames", "sparse_attention_decomposition", "temporal_heads"]
+           "sink_frames", "sparse_attention_decomposition", "temporal_heads", "ReportViews", "ViewConfig",
+           "build_views"]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..models import hf
 
-TASKS = ("induction", "ioi-lite")
+TASKS = ("induction", "ioi-lite", "colors", "factual")
 # names checked one by one against the tokenizer: only single-token " Name"s are used
 NAMES = ("Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Lisa", "Mark", "Emma", "Peter",
          "Laura", "Jack", "Kate", "Mike", "Alice", "Bob", "Sam", "Rose")
@@ -44,6 +44,16 @@ IOI_TEMPLATES = (
     "While {A} and {B} were at the cafe, {S} passed a cup to",
     "Then {A} and {B} had a long chat, and {S} wrote a letter to",
 )
+COLORS = ("red", "blue", "green", "black", "white", "yellow", "brown", "pink", "purple", "gray")  # no "a orange"
+OBJECTS = ("pen", "cup", "book", "ball", "hat", "box", "key", "lamp", "bag", "car")
+COLOR_TEMPLATES = (
+    "On the table, I see a {c0} {o0}, a {c1} {o1} and a {c2} {o2}. What color is the {q}? The {q} is",
+    "On the floor, there is a {c0} {o0}, a {c1} {o1} and a {c2} {o2}. What color is the {q}? The {q} is",
+    "In the room, I see a {c0} {o0}, a {c1} {o1} and a {c2} {o2}. What color is the {q}? The {q} is",
+)
+CITIES = ("Paris", "Rome", "London", "Berlin", "Tokyo", "Madrid", "Oslo", "Vienna", "Cairo", "Lima", "Dublin",
+          "Moscow", "Athens", "Prague", "Boston", "Sydney")
+FACT_TEMPLATE = "{A} has visited {a0}, {a1} and {a2}. {B} has visited {b0}, {b1} and {b2}. {S} has visited {s} and"
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,8 @@ class CausalTask:
 
     ``clean``, ``corrupt``: ``(1, T)`` ids of equal length; ``rows``: the query rows the metric reads;
     ``targets``: the correct next token at each row; ``baselines``: a token whose logit is subtracted at each
-    row (None: the raw logit); ``text``: decoded prompts for the report.
+    row (None: the raw logit); ``text``: decoded prompts for the report; ``sets``: named token-id lists some
+    tasks add (a row may repeat, so a mean over a set of targets is one metric).
     """
 
     clean: Tensor
@@ -61,6 +72,7 @@ class CausalTask:
     targets: tuple[int, ...]
     baselines: tuple[int, ...] | None = None
     text: dict = field(default_factory=dict)
+    sets: dict = field(default_factory=dict)  # named token-id lists (factual: correct, said, distractors)
 
     def metric(self) -> Callable[[Tensor], float]:
         """``metric(logits (1, T, V)) -> float``: mean over ``rows`` of ``logit[target] (- logit[baseline])``."""
@@ -86,9 +98,14 @@ def _decode(tok, ids: list[int]) -> str:
         return " ".join(map(str, ids))
 
 
-def induction_task(model: nn.Module, tok, n: int = 20, *, seed: int = 0) -> CausalTask:
+def induction_task(model: nn.Module, tok, n: int = 20, *, seed: int = 0, corrupt: str = "second") -> CausalTask:
     """Repeated random tokens (module docstring). ``n``: tokens per copy (T = 2n, plus BOS if the tokenizer has
-    one); the re-drawn second copy shares no token with the first."""
+    one); the re-drawn copy shares no token with the other. ``corrupt="second"``: ``[BOS] x y`` (the default of
+    ``inspect causal``: previous-token heads show no effect); ``"first"``: ``[BOS] y x``, the first copy re-drawn,
+    so the previous-token heads that write the keys of the first copy carry the effect too (``attnlab circuit``).
+    The metric rows are the second copy's in both."""
+    if corrupt not in ("first", "second"):
+        raise ValueError(f"corrupt must be 'first' or 'second', got {corrupt!r}")
     if n < 2:
         raise ValueError(f"induction needs n >= 2 tokens per copy, got {n}")
     special = set(getattr(tok, "all_special_ids", None) or [])
@@ -101,7 +118,7 @@ def induction_task(model: nn.Module, tok, n: int = 20, *, seed: int = 0) -> Caus
     bos = getattr(tok, "bos_token_id", None)
     pre = [bos] if bos is not None else []
     clean = pre + x + x
-    bad = pre + x + y
+    bad = pre + x + y if corrupt == "second" else pre + y + x
     p0 = len(pre)
     rows = tuple(p0 + n + i for i in range(n - 1))  # second-copy token x[i] predicts x[i + 1]
     targets = tuple(x[i + 1] for i in range(n - 1))
@@ -149,12 +166,98 @@ def ioi_task(model: nn.Module, tok, n: int = 4, *, seed: int = 0) -> list[Causal
     return tasks
 
 
+def _single_tokens(model: nn.Module, tok, words: tuple[str, ...]) -> list[tuple[str, int]]:
+    """``(word, id)`` for each word whose " word" is one real token of ``tok`` that decodes back to it."""
+    V = _vocab(model, tok)
+    unk = getattr(tok, "unk_token_id", None)
+    out = []
+    for w in words:
+        ids = _encode(tok, " " + w)
+        if len(ids) == 1 and ids[0] < V and ids[0] != unk and _decode(tok, ids).strip() == w:
+            out.append((w, ids[0]))
+    return out
+
+
+def colors_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[CausalTask]:
+    """``n`` colored-objects prompt pairs with the query-swap corruption (module docstring)."""
+    if n < 1:
+        raise ValueError(f"colors needs n >= 1 prompts, got {n}")
+    colors, objects = _single_tokens(model, tok, COLORS), _single_tokens(model, tok, OBJECTS)
+    if len(colors) < 3 or len(objects) < 3:
+        raise ValueError(f"colors needs 3 single-token colours and objects; this tokenizer has {len(colors)} "
+                         f"colours and {len(objects)} objects")
+    rng = random.Random(seed)
+    bos = getattr(tok, "bos_token_id", None)
+    pre = [bos] if bos is not None else []
+    tasks: list[CausalTask] = []
+    for tries in range(50 * n):
+        if len(tasks) == n:
+            break
+        cs, os_ = rng.sample(colors, 3), rng.sample(objects, 3)
+        qi = rng.randrange(3)
+        qj = (qi + 1 + rng.randrange(2)) % 3  # the corrupted query: another object of the list
+        fill = {f"c{i}": cs[i][0] for i in range(3)} | {f"o{i}": os_[i][0] for i in range(3)}
+        tpl = COLOR_TEMPLATES[tries % len(COLOR_TEMPLATES)]
+        clean = pre + _encode(tok, tpl.format(q=os_[qi][0], **fill))
+        bad = pre + _encode(tok, tpl.format(q=os_[qj][0], **fill))
+        if len(clean) != len(bad):
+            continue
+        T = len(clean)
+        tasks.append(CausalTask(torch.tensor([clean]), torch.tensor([bad]), (T - 1,), (cs[qi][1],), (cs[qj][1],),
+                                {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad),
+                                 "answer": cs[qi][0], "corrupt_answer": cs[qj][0]}))
+    if len(tasks) < n:
+        raise ValueError(f"colors: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
+    return tasks
+
+
+def factual_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[CausalTask]:
+    """``n`` one-to-many prompt pairs, facts stated in context, subject-swap corruption (module docstring)."""
+    if n < 1:
+        raise ValueError(f"factual needs n >= 1 prompts, got {n}")
+    names, cities = _single_tokens(model, tok, NAMES), _single_tokens(model, tok, CITIES)
+    if len(names) < 2 or len(cities) < 6:
+        raise ValueError(f"factual needs 2 single-token names and 6 cities; this tokenizer has {len(names)} "
+                         f"names and {len(cities)} cities")
+    rng = random.Random(seed)
+    bos = getattr(tok, "bos_token_id", None)
+    pre = [bos] if bos is not None else []
+    tasks: list[CausalTask] = []
+    for _ in range(50 * n):
+        if len(tasks) == n:
+            break
+        (a, _), (b, _) = rng.sample(names, 2)
+        cs = rng.sample(cities, 6)
+        ac, bc = cs[:3], cs[3:]
+        k = rng.randrange(3)  # the city already said
+        fill = {f"a{i}": ac[i][0] for i in range(3)} | {f"b{i}": bc[i][0] for i in range(3)}
+        clean = pre + _encode(tok, FACT_TEMPLATE.format(A=a, B=b, S=a, s=ac[k][0], **fill))
+        bad = pre + _encode(tok, FACT_TEMPLATE.format(A=a, B=b, S=b, s=bc[k][0], **fill))
+        if len(clean) != len(bad):
+            continue
+        T = len(clean)
+        rest_a = [ac[i][1] for i in range(3) if i != k]
+        rest_b = [bc[i][1] for i in range(3) if i != k]
+        tasks.append(CausalTask(
+            torch.tensor([clean]), torch.tensor([bad]), (T - 1, T - 1), tuple(rest_a), tuple(rest_b),
+            {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad), "subject": a, "said": ac[k][0]},
+            {"correct": rest_a, "said": [ac[k][1]], "distractors": [c[1] for c in bc]}))
+    if len(tasks) < n:
+        raise ValueError(f"factual: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
+    return tasks
+
+
 def build_tasks(model: nn.Module, tok, task: str, n: int | None = None, *, seed: int = 0) -> list[CausalTask]:
-    """The prompt pairs of ``task`` (``TASKS``); ``n`` defaults to 20 tokens (induction) or 4 prompts (IOI)."""
+    """The prompt pairs of ``task`` (``TASKS``); ``n`` defaults to 20 tokens (induction), 4 prompts (IOI) or 8
+    prompts (colors, factual)."""
     if task == "induction":
         return [induction_task(model, tok, 20 if n is None else n, seed=seed)]
     if task == "ioi-lite":
         return ioi_task(model, tok, 4 if n is None else n, seed=seed)
+    if task == "colors":
+        return colors_task(model, tok, 8 if n is None else n, seed=seed)
+    if task == "factual":
+        return factual_task(model, tok, 8 if n is None else n, seed=seed)
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
@@ -241,6 +344,21 @@ class CausalAnalysis:
         })
 
 
+def task_dla(model: nn.Module, t: CausalTask, dla_rows: int | None = 5) -> Tensor:
+    """Per-head DLA ``(layers, heads)`` of ``t``'s metric on the clean run, mean over at most ``dla_rows`` of its
+    metric rows, evenly spaced (each row one traced forward pass; None: all rows)."""
+    from .causal import direct_logit_attribution
+
+    pairs = list(zip(t.rows, t.targets, t.baselines or [None] * len(t.rows)))
+    if dla_rows is not None and len(pairs) > dla_rows:
+        pick = torch.linspace(0, len(pairs) - 1, dla_rows).round().long().unique().tolist()
+        pairs = [pairs[i] for i in pick]
+    out = 0
+    for row, tg, bl in pairs:
+        out = out + direct_logit_attribution(model, t.clean, tg if bl is None else (tg, bl), position=row).heads
+    return out / len(pairs)
+
+
 def causal_analysis(
     model: nn.Module, tok, task: str = "induction", n: int | None = None, *, seed: int = 0,
     name: str = "model", batch: int = 16, dla_rows: int | None = 5, composition: bool = True,
@@ -254,7 +372,7 @@ def causal_analysis(
     ``composition=False`` skips the weights-only scores (their cost grows with layers^2: minutes on a busy CPU
     for 30 layers); the report then has no source heads. Returns a :class:`CausalAnalysis`.
     """
-    from .causal import activation_patching, direct_logit_attribution
+    from .causal import activation_patching
     from .circuits import composition_scores
 
     t0 = time.perf_counter()
@@ -271,13 +389,7 @@ def causal_analysis(
         m_clean += res.clean_metric
         m_bad += res.corrupt_metric
         tick(f"patching {k + 1}/{len(tasks)}")
-        pairs = list(zip(t.rows, t.targets, t.baselines or [None] * len(t.rows)))
-        if dla_rows is not None and len(pairs) > dla_rows:
-            pick = torch.linspace(0, len(pairs) - 1, dla_rows).round().long().unique().tolist()
-            pairs = [pairs[i] for i in pick]
-        for row, tg, bl in pairs:
-            r = direct_logit_attribution(model, t.clean, tg if bl is None else (tg, bl), position=row)
-            dla += r.heads / len(pairs)
+        dla += task_dla(model, t, dla_rows)
         tick(f"DLA {k + 1}/{len(tasks)}")
     N = len(tasks)
     patched, dla, m_clean, m_bad = patched / N, dla / N, m_clean / N, m_bad / N
@@ -375,5 +487,5 @@ def print_top_heads(a: CausalAnalysis, k: int = 10) -> None:
     Console().print(t)
 
 
-__all__ = ["TASKS", "CausalAnalysis", "CausalTask", "build_tasks", "causal_analysis", "induction_task", "ioi_task",
-           "print_top_heads", "write_causal_report"]
+__all__ = ["TASKS", "CausalAnalysis", "CausalTask", "build_tasks", "causal_analysis", "colors_task", "factual_task",
+           "induction_task", "ioi_task", "print_top_heads", "task_dla", "write_causal_report"]

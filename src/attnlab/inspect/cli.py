@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--chunk", type=int, default=256, help="query rows per chunk when measuring")
     p.add_argument("--window", type=int, default=16, help="locality / streaming window")
     p.add_argument("--flow-tokens", type=int, default=12, help="attention flow on this many tokens (0: off)")
+    p.add_argument("--views", default=None, metavar="L.H,L.H",
+                   help="add the report's views on the base probe for these heads: head view (token lines; long "
+                        "prompts pooled, with zooms), QK/OV circuits and composition, the joint query-key embedding "
+                        "of the first head (docs/inspect.md, 'The report')")
     p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
     p.set_defaults(func=run)
     # `attnlab inspect causal ...`: optional, so `attnlab inspect --model M` keeps building the atlas
@@ -104,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
         if ALIASES.get(s, s) not in PROBES:
             print(f"unknown probe {s!r}; choose from {', '.join(PROBES + tuple(ALIASES))}")
             return 2
+    heads = []
+    if args.views:
+        try:
+            heads = [tuple(int(x) for x in h.split(".")) for h in args.views.split(",") if h.strip()]
+        except ValueError:
+            heads = []
+        if not heads or any(len(h) != 2 for h in heads):
+            print(f"error: --views {args.views}: give heads as LAYER.HEAD, comma separated")
+            return 2
     other = HeadAtlas.load(args.compare) if args.compare else None
     try:
         model, tok = load_model(args.model)
@@ -135,7 +148,19 @@ def run(args: argparse.Namespace) -> int:
                             progress=advance)
     if plan is not None:
         atlas.meta["plan"] = plan.to_dict()
-    paths = write_report(atlas, out, other, pngs=not args.no_png)
+    views = None
+    if args.views:
+        from .probes import TEXT, text_probe
+        from .views import build_views
+
+        try:
+            probe = text_probe(tok, text or TEXT, args.max_tokens)
+            views = build_views(model, probe.input_ids, probe.labels, heads, circuits=g.is_causal,
+                                composition=g.is_causal)
+        except ValueError as e:
+            print(f"error: --views {args.views}: {e}")
+            return 2
+    paths = write_report(atlas, out, other, pngs=not args.no_png, views=views)
     counts = atlas.role_counts()
     print(f"{atlas.model}: {g.num_layers} layers x {g.num_heads} heads in {atlas.meta['seconds']} s; "
           f"Sink^eps {atlas.meta['sink_ratio']:.2f} (eps {atlas.meta['eps']}); roles: "
