@@ -10,6 +10,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny shapes: on the shared 2-core machines a second intra-op thread only
+    adds contention (tiny models ran up to 50x slower with two); the setting is restored after the module.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; tests/interventions and
+    tests/vision use it for every module (their conftest.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def gtok():
     """Gemma 3's tokenizer (from the converted cache; converting the model first if needed)."""

@@ -17,12 +17,7 @@ from attnlab.testing import grads, max_err, qkv
 GRID = (3, 4, 2)  # (F, H, W): 24 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute(grid, order, block, kept):

@@ -19,14 +19,6 @@ from attnlab.plans import calibrate as C  # noqa: E402
 PROMPT = torch.tensor([list(samples(1, seed=11, length=24)[0].ids)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request):
     return tiny(request.param)

@@ -21,14 +21,6 @@ from attnlab.models import hf  # noqa: E402
 from attnlab.plans import calibrate as C  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return tiny("llama")

@@ -24,14 +24,6 @@ PROMPTS = [torch.randint(1, 97, (1, T), generator=torch.Generator().manual_seed(
 U = torch.randn(8, generator=torch.Generator().manual_seed(4))  # head_dim 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def plant(k, ctx):
     """Relevant keys (the span, in full prompts) share a component along U in every key/value head."""
     if k.shape[2] < SPAN[1]:

@@ -24,14 +24,6 @@ PROMPT = torch.tensor([list(samples(1, seed=5, length=12)[0].ids)])
 HEADS = ((0, 1), (1, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request):
     return tiny(request.param)

@@ -20,14 +20,6 @@ from attnlab.plans import calibrate as C  # noqa: E402
 NAMES = ("zerotuning", "act", "fim", "scale_dim", "decore", "dagcd", "lookback", "pause", "headmask", "moa")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return tiny("llama")

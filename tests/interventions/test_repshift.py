@@ -23,14 +23,6 @@ T = 36
 IDS = torch.randint(1, 97, (1, T), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request):
     return tiny(request.param)

@@ -24,14 +24,6 @@ IDS = torch.randint(1, 97, (1, T), generator=torch.Generator().manual_seed(3))
 SMALL = dict(draft_layers=1, queries=4, chunk=4, keep_last=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request):
     return tiny(request.param)

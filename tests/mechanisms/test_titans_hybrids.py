@@ -8,13 +8,7 @@ import torch
 from attnlab.mechanisms.registry import build, get
 from attnlab.testing import grads, max_err
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(name: str, **opts):

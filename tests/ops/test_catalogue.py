@@ -22,12 +22,7 @@ TOL = tolerance(torch.float64, 0.0)
 NAMES = ops.names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(seed=0, requires_grad=True):

@@ -17,13 +17,7 @@ from attnlab.mechanisms.routing.moba import block_sets
 from attnlab.mechanisms.routing.recycled import full_rows, recycled_layer_attention, recycled_reference
 from attnlab.testing import grads, max_err, qkv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T = 23

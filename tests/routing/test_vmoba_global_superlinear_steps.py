@@ -15,12 +15,7 @@ from attnlab.testing import grads, max_err, qkv
 GRID, TILE = (4, 4, 6), (2, 2, 3)  # 96 tokens; blocks of 48 (1d), 6 (2d), 12 (3d) tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- VMoBA global selection -------------------------------------------------------------------------------

@@ -10,14 +10,6 @@ from attnlab.vision.dat import DeformableAttention
 from attnlab.vision.registry import MixerContext, build_mixer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x(grid, B=2, C=16):
     return torch.randn(B, grid[0] * grid[1], C, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
                        requires_grad=True)

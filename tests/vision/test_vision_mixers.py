@@ -28,14 +28,6 @@ GRID = (4, 6)
 DIM = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ctx(dim: int = DIM, heads: int = 2, grid: tuple[int, int] = GRID, prefix: int = 0) -> MixerContext:
     return MixerContext(HeadsConfig(dim=dim, heads=heads, causal=False), grid, prefix)
 

@@ -13,15 +13,6 @@ from attnlab.vision.apla import apla
 from attnlab.vision.attn_transfer import attention_maps, copy_logits, distillation_loss
 from attnlab.vision.robust import diversification_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IMG = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 

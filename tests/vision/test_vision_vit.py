@@ -16,15 +16,6 @@ from attnlab.vision import ImageTask, ViTConfig, build_vit
 from attnlab.vision.registry import MixerContext, build_mixer, grid_only, mixer_names
 from attnlab.vision.vit import sincos_2d
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IMG = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
