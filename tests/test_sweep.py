@@ -20,6 +20,7 @@ import ivhelpers  # noqa: E402
 from hf_tiny import VOCAB, tiny  # noqa: E402
 
 from attnlab import sweep  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 from attnlab.sweep import Executor, append_row, load_rows, run_sweep  # noqa: E402
 
 CALLS: list[int] = []  # the items run in this process (the in-process executor)
@@ -308,10 +309,10 @@ def iv_run_config(cfg):
     from attnlab.interventions import data
     from attnlab.interventions import runner as RN
 
-    if "tiny" not in RN._MODELS:  # a fresh worker process
+    if "tiny" not in hf.SHARED:  # a fresh worker process
         torch.set_num_threads(1)
         data.make = ivhelpers.fake_make
-        RN._MODELS["tiny"] = (tiny("llama"), ivhelpers.Tok())
+        hf.SHARED["tiny"] = (tiny("llama"), ivhelpers.Tok())
     return RN.run_config(cfg)
 
 
@@ -325,7 +326,7 @@ def test_ray_interventions_runner_equals_the_local_executor(ray_2cpu, tmp_path, 
     from attnlab.interventions import runner as RN
 
     monkeypatch.setattr(data, "make", ivhelpers.fake_make)
-    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), ivhelpers.Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), ivhelpers.Tok()))
     RN._SAMPLES.clear()
     arms = ("zerotuning:gamma=2.0,heads=all", "decore:alpha=2.0,heads=1.0/1.1", "act")  # act: fitted on the driver
     run = RN.Run(("tiny",), arms, ("kv",), (40,), 2, 0, True, 2)

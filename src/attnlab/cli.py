@@ -11,6 +11,7 @@ COMMANDS = [
     "attnlab.mechanisms.cli",
     "attnlab.bench.cli",
     "attnlab.inspect.cli",
+    "attnlab.inspect.circuit_cli",
     "attnlab.demo",
     "attnlab.plans.cli",
     "attnlab.frontier.cli",

@@ -10,7 +10,8 @@ import torch
 
 from attnlab.cli import main
 from attnlab.inspect.causal_report import colors_task, factual_task, induction_task
-from attnlab.inspect.circuit_cli import _MODELS, promote_suppress, run_circuit
+from attnlab.inspect.circuit_cli import promote_suppress, run_circuit
+from attnlab.models import hf  # noqa: E402
 from tests.inspect.test_causal import BOS, IND_HEAD, NV, PREV_HEAD, planted
 from tests.inspect.test_causal_cli import word_tokenizer
 from tests.models.hf_tiny import tiny
@@ -84,7 +85,7 @@ def saved(tmp_path_factory):
 
 
 def test_circuit_finds_the_planted_heads(saved, tmp_path):
-    _MODELS.pop(str(saved), None)
+    hf.SHARED.pop(str(saved), None)
     d = run_circuit(str(saved), "induction", n=4, top=5, screen_n=2, path_n=1, length=7, run_dir=tmp_path,
                     show_progress=False)
     assert sorted(map(tuple, d["heads"])) == [(0, PREV_HEAD), (1, IND_HEAD)]

@@ -22,6 +22,7 @@ from attnlab.interventions import data  # noqa: E402
 from attnlab.interventions import rhythm as RH  # noqa: E402
 from attnlab.interventions import rhythm_cli as RC  # noqa: E402
 from attnlab.interventions import runner as RN  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 
 
 def brute(a, window):
@@ -124,7 +125,7 @@ def test_arithmetic_prompts_are_seeded_and_answered():
 def tiny_world(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), Tok()))
     monkeypatch.setattr(data, "make", fake_make)
     RN._SAMPLES.clear()
     yield
@@ -162,7 +163,7 @@ def test_rhythm_as_a_score_arm(tmp_path, tiny_world):
     run = RN.Run(("tiny",), ("rhythm:top=0.5,window=3",), ("kv",), (40,), 2, 0, True)
     out = RN.score(run, tmp_path, show_progress=False, log=lambda s: None)
     arm = [r for r in out["records"] if r["arm"] != "plain"]
-    model, _ = RN._MODELS["tiny"]
+    model, _ = hf.SHARED["tiny"]
     for r in arm:
         s = fake_make(Tok(), "kv", 40, 2)[r["sample"]]
         new = [int(w) for w in r["text"].split()]

@@ -17,6 +17,7 @@ from ivhelpers import Tok, fake_make, tiny  # noqa: E402
 from attnlab.frontier.report import bootstrap_ci  # noqa: E402
 from attnlab.interventions import data  # noqa: E402
 from attnlab.interventions import runner as RN  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 
 ARMS = ("zerotuning:gamma=2.0,heads=all", "decore:alpha=2.0,heads=1.0/1.1", "pause:count=1")
 
@@ -27,7 +28,7 @@ def tiny_world(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr(data, "make", fake_make)
-    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), Tok()))
     RN._SAMPLES.clear()
     yield
     RN._SAMPLES.clear()
@@ -128,7 +129,7 @@ def test_interventions_calibrate_a_plans_attention(tmp_path):
                    show_progress=False)
     recs = out["records"]
     assert len(recs) == 2 * 4 and {r["arm"] for r in recs} == {RN.PLAIN, *arms}
-    model, tok = RN._MODELS["tiny"]
+    model, tok = hf.SHARED["tiny"]
     s = fake_make(tok, "kv", 40, 2)[0]
     want = greedy_generate(model, torch.tensor([s.ids]), plan, s.max_new_tokens)["tokens"][0].tolist()
     plain = next(r for r in recs if r["arm"] == RN.PLAIN and r["sample"] == 0)

@@ -20,6 +20,7 @@ from attnlab.interventions import registry as R  # noqa: E402
 from attnlab.interventions import runner as RN  # noqa: E402
 from attnlab.interventions import sar as SAR  # noqa: E402
 from attnlab.interventions import scoring as SC  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 
 
 def bag(texts):
@@ -128,7 +129,7 @@ def world(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr(data, "make", fake_make)
-    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), Tok()))
     monkeypatch.setitem(SAR._EMBEDDERS, "minilm", bag)
     RN._SAMPLES.clear()
     calls = []
@@ -150,7 +151,7 @@ def test_sar_end_to_end_resume_and_identical_samples(tmp_path, world):
     recs = out["records"]
     assert len(recs) == 8 and [k.rsplit("/", 1)[1] for k in world[:2]] == ["plain", "sar"]
     plain = {r["sample"]: r for r in recs if r["arm"] == "plain"}
-    model, tok = RN._MODELS["tiny"]
+    model, tok = hf.SHARED["tiny"]
     for r in (r for r in recs if r["arm"] == "sar"):
         p = plain[r["sample"]]
         assert r["sample_id"] == p["sample_id"] and r["text"] == p["text"]  # the plain generation, analysed

@@ -16,6 +16,7 @@ from ivhelpers import Tok, fake_make, tiny  # noqa: E402
 from attnlab.interventions import data  # noqa: E402
 from attnlab.interventions import runner as RN  # noqa: E402
 from attnlab.interventions import solvability as S  # noqa: E402
+from attnlab.models import hf  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +24,7 @@ def tiny_world(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr(data, "make", fake_make)
-    monkeypatch.setitem(RN._MODELS, "tiny", (tiny("llama"), Tok()))
+    monkeypatch.setitem(hf.SHARED, "tiny", (tiny("llama"), Tok()))
     RN._SAMPLES.clear()
     yield
     RN._SAMPLES.clear()
@@ -57,7 +58,7 @@ def test_plain_continuations_equal_an_independent_greedy_decode_and_resume(tmp_p
     rep = S.run(["tiny"], ["kv"], 3, tmp_path, lengths=[40], show_progress=False)
     recs = [json.loads(x) for x in (tmp_path / S.RESULTS).read_text().splitlines()]
     assert len(recs) == 3 and rep.rows[0]["n"] == 3
-    model, tok = RN._MODELS["tiny"]
+    model, tok = hf.SHARED["tiny"]
     for r, s in zip(sorted(recs, key=lambda r: r["index"]), fake_make(tok, "kv", 40, 3)):
         toks = dense_generate(model, torch.tensor([s.ids]), s.max_new_tokens)["tokens"][0].tolist()
         assert r["text"] == tok.decode(toks) and r["score"] == s.score(r["text"])

@@ -23,9 +23,11 @@ from .causal import (
     logit_lens,
     path_patching,
 )
+from .circuit_cli import promote_suppress, run_circuit
 from .circuits import composition_scores, copying_scores, ov_circuit, qk_circuit
 from .encoder import classical_mds, encoder_analysis, js_distances
 from .episodic import cmr_fit, episodic_scan, lag_crp
+from .lens import AttentionLens, attention_lens_report
 from .long_context import LongContextConfig, long_context_heads
 from .metrics import MetricConfig, ProbeSpec, head_metrics
 from .norms import collapse_by_layer, find_massive, massive_intervention, mixing_ratio, norm_maps
@@ -62,4 +64,4 @@ __all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activati
            "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report",
            "FrameConfig", "LongContextConfig", "attnrank_eval", "attnrank_order", "long_context_heads", "rope_usage",
            "sink_frames", "sparse_attention_decomposition", "temporal_heads", "ReportViews", "ViewConfig",
-           "build_views"]
+           "build_views", "AttentionLens", "attention_lens_report", "promote_suppress", "run_circuit"]

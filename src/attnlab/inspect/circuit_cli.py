@@ -52,7 +52,6 @@ from ..models import hf
 
 CIRCUIT_TASKS = ("induction", "ioi", "colors", "factual")
 VIAS = ("q", "k", "v")
-_MODELS: dict[str, tuple[nn.Module, Any]] = {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,10 +179,10 @@ def promote_suppress(correct: Tensor, said: Tensor, distractors: Tensor, tau: fl
 # ---------------------------------------------------------------------------------------------------------
 # the sweep function (one stage on one prompt; models loaded once per process)
 # ---------------------------------------------------------------------------------------------------------
-def _load(name: str) -> tuple[nn.Module, Any]:
-    if name not in _MODELS:
-        _MODELS[name] = hf.load_model(name)
-    return _MODELS[name]
+def _load(name: str):
+    from ..models import hf as _hf
+
+    return _hf.shared_model(name)  # a worker loads each model once
 
 
 def circuit_job(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
         "weights, and write JSON + Markdown + PNG heatmaps (layers x heads) under runs/causal-*/.",
     )
     c.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local HF folder or a .gguf file")
-    c.add_argument("--task", default="induction", choices=["induction", "ioi-lite"])
+    c.add_argument("--task", default="induction", choices=["induction", "ioi-lite", "colors", "factual"])
     c.add_argument("--n", type=int, default=None,
                    help="induction: random tokens per copy (default 20); ioi-lite: prompt pairs (default 4)")
     c.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 ANALYSES = ("rope", "frames", "long", "attnrank", "sad", "temporal")
-_MODELS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,9 @@ class HeadsConfig:
 
 
 def _load(name: str):
-    if name not in _MODELS:  # a worker loads each model once
-        from ..models.hf import load_model
+    from ..models import hf as _hf
 
-        _MODELS[name] = load_model(name)
-    return _MODELS[name]
+    return _hf.shared_model(name)  # a worker loads each model once
 
 
 def _filler_ids(tok, tokens: int, seed: int) -> torch.Tensor:

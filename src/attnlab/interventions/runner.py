@@ -50,18 +50,16 @@ PLAIN = "plain"
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 
-_MODELS: dict[str, tuple[nn.Module, Any]] = {}
 _SAMPLES: dict[tuple, list[Any]] = {}
 _PLANS: dict[tuple[str, str], Any] = {}
 
 
 def load(name: str) -> tuple[nn.Module, Any]:
-    """The model and tokenizer of ``name`` (loaded once per process; tests may put a model here)."""
-    if name not in _MODELS:
-        from ..models.hf import load_model
+    """The model and tokenizer of ``name``, loaded once per process (:func:`attnlab.models.hf.shared_model`;
+    tests put tiny models in ``hf.SHARED``)."""
+    from ..models import hf
 
-        _MODELS[name] = load_model(name)
-    return _MODELS[name]
+    return hf.shared_model(name)
 
 
 def scored_samples(model_name: str, tok: Any, task: str, length: int, n: int, seed: int) -> list[Any]:
