@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-ANALYSES = ("rope", "frames", "long", "attnrank", "sad", "temporal")
+ANALYSES = ("rope", "frames", "long", "attnrank", "sad", "temporal", "lookback")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class HeadsConfig:
     sad_head: str | None = None
     alias: bool = False
     seed: int = 0
+    lookback_n: int = 16
+    lookback_length: int = 256
 
     @property
     def key(self) -> str:
@@ -147,6 +149,15 @@ def run_analysis(cfg: HeadsConfig) -> dict[str, Any]:
         detail = {k: v for k, v in r.to_dict().items() if k in ("n", "clean", "accuracy", "top")}
         top = r.top(1)[0]
         headline, value = f"top temporal head {top['head']}", top["score"]
+    elif a == "lookback":
+        from .lookback_lens import lookback_lens_eval
+
+        r = lookback_lens_eval(model, tok, n_train=cfg.lookback_n, n_test=cfg.lookback_n,
+                               length=cfg.lookback_length, seed=cfg.seed)
+        detail = {k: v for k, v in r.to_dict().items() if k not in ("scores", "labels")}
+        detail["top"] = [{"head": h, "weight": w} for h, w in r.top_heads]
+        headline, value = (f"Lookback Lens AUROC (planted, test n {r.n_test}; untrained mean ratio "
+                           f"{r.baseline_auroc if r.baseline_auroc is None else round(r.baseline_auroc, 3)})"), r.auroc
     else:
         raise ValueError(f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
     return {"model": cfg.model, "analysis": a, "headline": headline, "value": value,
@@ -161,7 +172,7 @@ def register_heads(sub) -> None:
         "heads", help="RoPE frequency usage, sink frames, long-context heads, AttnRank, SAD, temporal heads",
         description="Per-head analyses of issue #16 on real models: RoPE frequency usage (A248), sink reference "
         "frames (A130), long-context heads from local keys (A141), AttnRank reordering (A170), sparse attention "
-        "decomposition (A168) and temporal heads by ablation (A206). Writes JSON + Markdown + PNG under "
+        "decomposition (A168), temporal heads by ablation (A206) and the Lookback Lens detector's AUROC (A169). Writes JSON + Markdown + PNG under "
         "runs/heads-<stamp>/ (see docs/inspect.md).")
     p.add_argument("--model", default="smollm2", help="comma list: smollm2, gemma3, a local HF folder or .gguf")
     p.add_argument("--analyses", default="rope,frames,long", help=f"comma list of {', '.join(ANALYSES)}")
@@ -174,6 +185,8 @@ def register_heads(sub) -> None:
     p.add_argument("--n-calib", type=int, default=8, help="attnrank: calibration prompts")
     p.add_argument("--sad-head", default=None, help="sad: LAYER.HEAD (default: the strongest induction head)")
     p.add_argument("--alias", action="store_true", help="temporal: also the 'In the year ...' prompts")
+    p.add_argument("--lookback-n", type=int, default=16, help="lookback: planted samples to train on and to test on")
+    p.add_argument("--lookback-length", type=int, default=256, help="lookback: planted prompt length (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per configuration")
     p.add_argument("--out", default="runs", help="root folder: the run goes to <out>/heads-<stamp>/")
@@ -281,7 +294,8 @@ def run_heads(args: argparse.Namespace) -> int:
             return 2
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     cfgs = [HeadsConfig(m, a, args.tokens, args.long_tokens, args.window, args.sinks, args.k, args.n, args.n_calib,
-                        args.sad_head, args.alias, args.seed) for m in models for a in analyses]
+                        args.sad_head, args.alias, args.seed, args.lookback_n, args.lookback_length)
+            for m in models for a in analyses]
     out = Path(args.resume) if args.resume else new_run_dir("heads", args.out)
     ex = Executor.from_args(args, threads=args.threads)
     t0 = time.perf_counter()
