@@ -11,6 +11,7 @@ BENCH_COMMANDS = [
     "attnlab.bench.selection",
     "attnlab.bench.native",
     "attnlab.bench.tasks.cli",
+    "attnlab.bench.cab.run",
     "attnlab.bench.stability",
     "attnlab.bench.numerics",
     "attnlab.bench.prefix",

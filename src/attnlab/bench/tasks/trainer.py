@@ -122,6 +122,7 @@ def train(
     test: dict[str, Batch] | None = None,
     val: Batch | None = None,
     stability: StabilityOptions | None = None,
+    build_model: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration; returns steps, seconds, why it stopped, the validation curve and test metrics.
 
@@ -129,9 +130,11 @@ def train(
     ``stability``: also ``initial_loss`` / ``final_loss`` (validation task loss before training and of the last
     weights; None when training diverged or the loss is not finite) and ``log`` (rows ``{step, lr, loss, log_z,
     max_logit: [per block]}``), with the z-loss term in the training loss.
+    ``build_model``: a model with the Backbone's interface (``forward(x) -> (hidden, aux)``, ``logits``) to train
+    instead of the Backbone (``attnlab bench cab``'s cross-attention model); ``make_mixer`` is then unused.
     """
     torch.manual_seed(seed)
-    model = Backbone(
+    model = build_model() if build_model is not None else Backbone(
         backbone, make_mixer, vocab=task.vocab, num_classes=task.num_classes, in_features=task.in_features
     )
     val = val if val is not None else task.val_set(seed)
