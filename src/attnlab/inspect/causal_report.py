@@ -82,7 +82,7 @@ class CausalTask:
         def fn(logits: Tensor) -> float:
             lg = logits[0].double()
             m = lg[rows, tg] - (lg[rows, bl] if bl is not None else 0.0)
-            return float(m.mean())
+            return float(m.mean().detach())
         return fn
 
 
