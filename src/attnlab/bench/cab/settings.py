@@ -62,16 +62,10 @@ class CabMech:
 
 def parse_mech(text: str) -> CabMech:
     """``name`` or ``name:key=value,...`` (values as Python literals)."""
-    from ..tasks.mechanisms import _literal
+    from ..tasks.mechanisms import parse_options
 
     name, _, rest = text.partition(":")
-    opts: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ValueError(f"option {item!r} of {text!r} is not key=value")
-        opts[k.strip()] = _literal(v.strip())
-    return CabMech(text, name.strip(), opts)
+    return CabMech(text, name.strip(), parse_options(rest, text))
 
 
 def is_vision_mixer(name: str) -> bool:

@@ -75,14 +75,20 @@ def _literal(text: str) -> Any:
         return text
 
 
-def parse_layer(text: str) -> LayerSpec:
-    name, _, rest = text.partition(":")
+def parse_options(rest: str, text: str) -> dict[str, Any]:
+    """``key=value,...`` (values as Python literals) of a ``name:key=value,...`` spec ``text``."""
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"option {item!r} of {text!r} is not key=value")
         options[key.strip()] = _literal(value.strip())
+    return options
+
+
+def parse_layer(text: str) -> LayerSpec:
+    name, _, rest = text.partition(":")
+    options = parse_options(rest, text)
     if "window" in options and "window" not in config_fields(name) and "pattern" in config_fields(name):
         options["pattern"] = SlidingWindow(int(options.pop("window"))) & Causal()
     return LayerSpec(name.strip(), options)
