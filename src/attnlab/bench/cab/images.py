@@ -23,6 +23,7 @@ Noise: Gaussian of std ``noise`` is added to drawn images (not to the digits).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,15 +44,16 @@ def _check_noise(noise: float) -> None:
         raise ValueError(f"noise must be a number >= 0, got {noise!r}")
 
 
-class _Drawn:
+class _Drawn(ABC):
     """Shared sampling loop: ``_draw(img (S, S), label, gen)`` per image, then noise."""
 
     size: int
     noise: float
     classes: int = 2
 
+    @abstractmethod
     def _draw(self, img: Tensor, label: int, gen: torch.Generator) -> None:
-        raise NotImplementedError
+        """Draw one image of class ``label`` into ``img`` (S, S) in place."""
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         positive_int("n", n)
