@@ -130,44 +130,9 @@ def _encode(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def ioi_task(model: nn.Module, tok, n: int = 4, *, seed: int = 0) -> list[CausalTask]:
-    """``n`` IOI-lite prompt pairs (module docstring) from single-token names of the tokenizer."""
-    if n < 1:
-        raise ValueError(f"ioi-lite needs n >= 1 prompts, got {n}")
-    V = _vocab(model, tok)
-    unk = getattr(tok, "unk_token_id", None)
-    names = []
-    for name in NAMES:
-        ids = _encode(tok, " " + name)
-        # a name the vocabulary lacks may come back as one unknown token: keep only real, round-tripping ones
-        if len(ids) == 1 and ids[0] < V and ids[0] != unk and _decode(tok, ids).strip() == name:
-            names.append((name, ids[0]))
-    if len(names) < 3:
-        raise ValueError(f"ioi-lite needs 3 names that are single tokens; this tokenizer has {len(names)} "
-                         f"({[n for n, _ in names]}) among {list(NAMES)}")
-    rng = random.Random(seed)
-    bos = getattr(tok, "bos_token_id", None)
-    pre = [bos] if bos is not None else []
-    tasks: list[CausalTask] = []
-    for tries in range(50 * n):
-        if len(tasks) == n:
-            break
-        (a, ia), (b, ib), (c, _) = rng.sample(names, 3)
-        tpl = IOI_TEMPLATES[tries % len(IOI_TEMPLATES)]
-        clean = pre + _encode(tok, tpl.format(A=a, B=b, S=b))
-        bad = pre + _encode(tok, tpl.format(A=a, B=b, S=c))
-        if len(clean) != len(bad):  # a name merged with its neighbour: keep the lengths aligned
-            continue
-        T = len(clean)
-        tasks.append(CausalTask(torch.tensor([clean]), torch.tensor([bad]), (T - 1,), (ia,), (ib,),
-                                {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad), "io": a, "s": b}))
-    if len(tasks) < n:
-        raise ValueError(f"ioi-lite: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
-    return tasks
-
-
 def _single_tokens(model: nn.Module, tok, words: tuple[str, ...]) -> list[tuple[str, int]]:
-    """``(word, id)`` for each word whose " word" is one real token of ``tok`` that decodes back to it."""
+    """``(word, id)`` for each word whose " word" is one real token of ``tok`` that decodes back to it (a word the
+    vocabulary lacks may come back as one unknown token: only real, round-tripping ones are kept)."""
     V = _vocab(model, tok)
     unk = getattr(tok, "unk_token_id", None)
     out = []
@@ -178,6 +143,49 @@ def _single_tokens(model: nn.Module, tok, words: tuple[str, ...]) -> list[tuple[
     return out
 
 
+Draw = Callable[[random.Random, int, list[int]], "tuple[list[int], list[int], Callable[[int], CausalTask]]"]
+
+
+def _equal_length_pairs(tok, task: str, n: int, seed: int, draw: Draw) -> list[CausalTask]:
+    """``n`` prompt pairs from ``draw(rng, attempt, prefix) -> (clean ids, corrupt ids, make(T) -> CausalTask)``;
+    pairs whose clean and corrupted prompts tokenize to different lengths (a word merged with its neighbour) are
+    drawn again, up to ``50 n`` attempts. ``prefix``: the BOS token, when the tokenizer has one."""
+    rng = random.Random(seed)
+    bos = getattr(tok, "bos_token_id", None)
+    pre = [bos] if bos is not None else []
+    tasks: list[CausalTask] = []
+    for attempt in range(50 * n):
+        if len(tasks) == n:
+            break
+        clean, bad, make = draw(rng, attempt, pre)
+        if len(clean) == len(bad):
+            tasks.append(make(len(clean)))
+    if len(tasks) < n:
+        raise ValueError(f"{task}: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
+    return tasks
+
+
+def ioi_task(model: nn.Module, tok, n: int = 4, *, seed: int = 0) -> list[CausalTask]:
+    """``n`` IOI-lite prompt pairs (module docstring) from single-token names of the tokenizer."""
+    if n < 1:
+        raise ValueError(f"ioi-lite needs n >= 1 prompts, got {n}")
+    names = _single_tokens(model, tok, NAMES)
+    if len(names) < 3:
+        raise ValueError(f"ioi-lite needs 3 names that are single tokens; this tokenizer has {len(names)} "
+                         f"({[n for n, _ in names]}) among {list(NAMES)}")
+
+    def draw(rng: random.Random, attempt: int, pre: list[int]):
+        (a, ia), (b, ib), (c, _) = rng.sample(names, 3)
+        tpl = IOI_TEMPLATES[attempt % len(IOI_TEMPLATES)]
+        clean = pre + _encode(tok, tpl.format(A=a, B=b, S=b))
+        bad = pre + _encode(tok, tpl.format(A=a, B=b, S=c))
+        return clean, bad, lambda T: CausalTask(
+            torch.tensor([clean]), torch.tensor([bad]), (T - 1,), (ia,), (ib,),
+            {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad), "io": a, "s": b})
+
+    return _equal_length_pairs(tok, "ioi-lite", n, seed, draw)
+
+
 def colors_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[CausalTask]:
     """``n`` colored-objects prompt pairs with the query-swap corruption (module docstring)."""
     if n < 1:
@@ -186,29 +194,21 @@ def colors_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[Cau
     if len(colors) < 3 or len(objects) < 3:
         raise ValueError(f"colors needs 3 single-token colours and objects; this tokenizer has {len(colors)} "
                          f"colours and {len(objects)} objects")
-    rng = random.Random(seed)
-    bos = getattr(tok, "bos_token_id", None)
-    pre = [bos] if bos is not None else []
-    tasks: list[CausalTask] = []
-    for tries in range(50 * n):
-        if len(tasks) == n:
-            break
+
+    def draw(rng: random.Random, attempt: int, pre: list[int]):
         cs, os_ = rng.sample(colors, 3), rng.sample(objects, 3)
         qi = rng.randrange(3)
         qj = (qi + 1 + rng.randrange(2)) % 3  # the corrupted query: another object of the list
         fill = {f"c{i}": cs[i][0] for i in range(3)} | {f"o{i}": os_[i][0] for i in range(3)}
-        tpl = COLOR_TEMPLATES[tries % len(COLOR_TEMPLATES)]
+        tpl = COLOR_TEMPLATES[attempt % len(COLOR_TEMPLATES)]
         clean = pre + _encode(tok, tpl.format(q=os_[qi][0], **fill))
         bad = pre + _encode(tok, tpl.format(q=os_[qj][0], **fill))
-        if len(clean) != len(bad):
-            continue
-        T = len(clean)
-        tasks.append(CausalTask(torch.tensor([clean]), torch.tensor([bad]), (T - 1,), (cs[qi][1],), (cs[qj][1],),
-                                {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad),
-                                 "answer": cs[qi][0], "corrupt_answer": cs[qj][0]}))
-    if len(tasks) < n:
-        raise ValueError(f"colors: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
-    return tasks
+        return clean, bad, lambda T: CausalTask(
+            torch.tensor([clean]), torch.tensor([bad]), (T - 1,), (cs[qi][1],), (cs[qj][1],),
+            {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad), "answer": cs[qi][0],
+             "corrupt_answer": cs[qj][0]})
+
+    return _equal_length_pairs(tok, "colors", n, seed, draw)
 
 
 def factual_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[CausalTask]:
@@ -219,13 +219,8 @@ def factual_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[Ca
     if len(names) < 2 or len(cities) < 6:
         raise ValueError(f"factual needs 2 single-token names and 6 cities; this tokenizer has {len(names)} "
                          f"names and {len(cities)} cities")
-    rng = random.Random(seed)
-    bos = getattr(tok, "bos_token_id", None)
-    pre = [bos] if bos is not None else []
-    tasks: list[CausalTask] = []
-    for _ in range(50 * n):
-        if len(tasks) == n:
-            break
+
+    def draw(rng: random.Random, attempt: int, pre: list[int]):
         (a, _), (b, _) = rng.sample(names, 2)
         cs = rng.sample(cities, 6)
         ac, bc = cs[:3], cs[3:]
@@ -233,18 +228,14 @@ def factual_task(model: nn.Module, tok, n: int = 8, *, seed: int = 0) -> list[Ca
         fill = {f"a{i}": ac[i][0] for i in range(3)} | {f"b{i}": bc[i][0] for i in range(3)}
         clean = pre + _encode(tok, FACT_TEMPLATE.format(A=a, B=b, S=a, s=ac[k][0], **fill))
         bad = pre + _encode(tok, FACT_TEMPLATE.format(A=a, B=b, S=b, s=bc[k][0], **fill))
-        if len(clean) != len(bad):
-            continue
-        T = len(clean)
         rest_a = [ac[i][1] for i in range(3) if i != k]
         rest_b = [bc[i][1] for i in range(3) if i != k]
-        tasks.append(CausalTask(
+        return clean, bad, lambda T: CausalTask(
             torch.tensor([clean]), torch.tensor([bad]), (T - 1, T - 1), tuple(rest_a), tuple(rest_b),
             {"clean": _decode(tok, clean), "corrupt": _decode(tok, bad), "subject": a, "said": ac[k][0]},
-            {"correct": rest_a, "said": [ac[k][1]], "distractors": [c[1] for c in bc]}))
-    if len(tasks) < n:
-        raise ValueError(f"factual: only {len(tasks)} of {n} prompt pairs tokenize to equal lengths")
-    return tasks
+            {"correct": rest_a, "said": [ac[k][1]], "distractors": [c[1] for c in bc]})
+
+    return _equal_length_pairs(tok, "factual", n, seed, draw)
 
 
 def build_tasks(model: nn.Module, tok, task: str, n: int | None = None, *, seed: int = 0) -> list[CausalTask]:
