@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnlab.bench.cab.images import Digits, Pathfinder, SameDifferent, image_task
-from attnlab.bench.cab.run import CabRun, Scale, plan, run_one
+from attnlab.bench.cab.run import CabRun, Scale, expand_mechanisms, plan, run_one
 from attnlab.bench.cab.settings import (
     CabMech,
     CrossConfig,
@@ -217,6 +217,17 @@ def test_plan_covers_every_pair() -> None:
     assert len(configs) == 2 * 2 * 2 and len({c.key for c in configs}) == 8
     with pytest.raises(ValueError, match="setting"):
         plan(("nope",), mechs, Scale.quick())
+
+
+def test_all_is_every_catalogue_layer_vision_mixer_and_pattern() -> None:
+    from attnlab.mechanisms import registry
+    from attnlab.vision.registry import mixer_names
+
+    names = expand_mechanisms(["mha", "all", "shift"])
+    assert names[0] == "mha" and len(names) == len(set(names))  # explicit names keep their place, no repeats
+    expected = {e.name for e in registry.catalogue()} | set(mixer_names()) | {"neighborhood", "halo"}
+    assert set(names) == expected
+    assert expand_mechanisms(["care", "mha:heads=2"]) == ["care", "mha:heads=2"]
 
 
 def test_command_end_to_end_with_resume(tmp_path) -> None:

@@ -100,3 +100,107 @@ def test_bad_inputs_fail_naming_them():
         op(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="kv_len"):
         op(q, k[:, :, :5], v[:, :, :5], q_offset=0)
+
+
+# ---- Axial and Logsparse factorizations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factorization", ["axial", "logsparse"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.parametrize("block", [3, 4])
+def test_factorizations_are_full_attention_equal_to_the_explicit_loops(factorization, causal, pool, block):
+    q, k, _ = qkv(1, 4, 2, T, D=D, requires_grad=False, seed=7)
+    opts = dict(causal=causal, block=block, pool=pool, factorization=factorization)
+    p = combiner_probs(q, k, scale=D**-0.5, **opts)
+    assert torch.allclose(p.sum(-1), torch.ones(1, 4, T, dtype=torch.float64), atol=1e-12)
+    visible = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    assert bool((p[..., visible] > 0).all()) and bool((p[..., ~visible] == 0).all())
+    assert max_err(p, _explicit_probs(q, k, **opts)) < 1e-12
+    assert max_err(p, combiner_probs(q, k, scale=D**-0.5, **{**opts, "factorization": "fixed"})) > 1e-4
+
+
+def test_axial_own_row_direct_and_one_abstraction_per_column():
+    """Rows of 4: query 13 (row 3, column 1) sees keys 12, 13 directly; column c's earlier keys (c, c+4, c+8)
+    share one abstraction whose members keep the query-independent in-span ratios."""
+    q, k, _ = qkv(1, 1, 1, 16, D=D, requires_grad=False, seed=8)
+    p = combiner_probs(q, k, scale=D**-0.5, block=4, factorization="axial")[0, 0]
+    s = (q[0, 0] @ k[0, 0].T) * D**-0.5
+    assert torch.allclose(p[13, 13] / p[13, 12], torch.exp(s[13, 13] - s[13, 12]))
+    for c in range(4):
+        col = [c, c + 4, c + 8]
+        a, b = p[13, col] / p[13, col].sum(), p[14, col] / p[14, col].sum()
+        assert torch.allclose(a, b)  # same span for every query of row 3
+    # row 2 (query 9) abstracts only rows 0, 1: the in-span shares of column 1 differ from row 3's
+    assert not torch.allclose(p[9, [1, 5]] / p[9, [1, 5]].sum(), p[13, [1, 5]] / p[13, [1, 5]].sum())
+
+
+def test_logsparse_spans_tile_the_past_with_geometric_sizes():
+    import math
+
+    from attnlab.mechanisms.layers.combiner import logsparse_spans
+
+    for nb in (1, 7, 16, 37, 100):
+        for causal in (True, False):
+            for b, spans in enumerate(logsparse_spans(nb, causal)):
+                blocks = []
+                for lv, idx in spans:
+                    blocks += list(range(idx << lv, (idx + 1) << lv))
+                want = [c for c in range(nb) if (c < b if causal else c != b)]
+                assert sorted(blocks) == want and len(blocks) == len(set(blocks))  # a partition of the others
+                left = [lv for lv, idx in spans if (idx << lv) < b]
+                assert all(left[t] <= t for t in range(len(left)))  # the t-th nearest span has <= 2^t blocks
+    for nb in range(2, 600):  # O(log nb) spans per row: <= log2(nb) + 1 causal, <= 3 log2(nb) bidirectional
+        assert max(map(len, logsparse_spans(nb, True))) <= math.log2(nb) + 1
+        assert max(map(len, logsparse_spans(nb, False))) <= 3 * math.log2(nb)
+    assert logsparse_spans(16, True)[8] == ((0, 7), (0, 6), (1, 2), (2, 0))  # blocks 7 | 6 | 4-5 | 0-3
+
+
+@pytest.mark.parametrize("factorization", ["axial", "logsparse"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_factorizations_fast_path_and_gradients_against_reference(factorization, causal):
+    sq = torch.randn(4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    q, k, v = qkv(2, 4, 2, T, D=D, seed=10)
+    for span_query in (None, sq):
+        opts = dict(causal=causal, block=4, pool="max", span_query=span_query, factorization=factorization)
+        out = ops.get("combiner")(q, k, v, **opts)
+        ref = ops.reference("combiner", q, k, v, **opts)
+        assert max_err(out, ref) < 1e-12
+        assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-10
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    out32 = ops.get("combiner")(q32, k32, v32, causal=causal, block=4, factorization=factorization)
+    ref = ops.reference("combiner", q, k, v, causal=causal, block=4, factorization=factorization)
+    assert out32.dtype == torch.float32 and max_err(out32, ref) < 1e-5
+
+
+@pytest.mark.parametrize("factorization", ["axial", "logsparse"])
+def test_factorizations_known_answers_and_decoding(factorization):
+    q, k, v = qkv(1, 2, 2, T, D=D, requires_grad=False, seed=11)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    op = ops.get("combiner")
+    assert max_err(op(q, k, v, block=T, factorization=factorization), dense) < 1e-12  # one block: dense
+    full = op(q, k, v, block=4, factorization=factorization)
+    for start in (5, 8, 22):  # suffix rows at an offset over the keys so far = the full forward (decode)
+        part = op(q[:, :, start : start + 1], k[:, :, : start + 1], v[:, :, : start + 1], block=4,
+                  factorization=factorization, q_offset=start)
+        assert max_err(part, full[:, :, start : start + 1]) < 1e-12
+
+
+def test_factorization_layer_and_bad_value():
+    from attnlab.mechanisms.registry import build
+
+    x = torch.randn(1, 11, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    for factorization in ("axial", "logsparse"):
+        layer = build("combiner", dim=16, heads=2, kv_heads=1, block=3, factorization=factorization).double()
+        full = layer(x)
+        assert max_err(full, layer.reference(x)) < 1e-12
+        cache = layer.init_cache()  # prefill 4 positions, then one token at a time with the KV cache
+        steps = [layer(x[:, :4], cache)] + [layer(x[:, i : i + 1], cache) for i in range(4, 11)]
+        assert max_err(torch.cat(steps, 1), full) < 1e-12
+    with pytest.raises(ValueError, match="factorization"):
+        build("combiner", dim=16, heads=2, factorization="strided")
+    q, k, v = qkv(1, 2, 1, 8, D=D, requires_grad=False)
+    with pytest.raises(ValueError, match="factorization"):
+        ops.get("combiner")(q, k, v, factorization="axis")

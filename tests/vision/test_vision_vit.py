@@ -20,8 +20,8 @@ IMG = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("mixer", ["mha", "shift", "uniform", "lka", "spectral", "ulsam", "window",
-                                   "neighborhood", "ninformer", "a2n", "region", "tic", "biformer", "sparsifiner",
-                                   "diff"])
+                                   "neighborhood", "ninformer", "a2n", "region", "tic", "tap", "biformer",
+                                   "sparsifiner", "diff"])
 def test_output_shape_every_mixer(mixer):
     opts = {"biformer": {"regions": (2, 2), "top_k": 2}}.get(mixer, {})
     vit = build_vit(image_size=8, patch=2, dim=16, heads=2, depth=1, classes=5, mixer=mixer,

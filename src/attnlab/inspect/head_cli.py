@@ -124,6 +124,7 @@ def run_analysis(cfg: HeadsConfig) -> dict[str, Any]:
         t = {row["arrangement"]: row for row in r.table()}
         headline, value = "attnrank - retrieval logp", t["attnrank"]["d_logp_vs_retrieval"]
     elif a == "sad":
+        from ..models import hf
         from ..models.hf import geometry
         from .probes import induction_probe
         from .sad import sparse_attention_decomposition
@@ -138,6 +139,12 @@ def run_analysis(cfg: HeadsConfig) -> dict[str, Any]:
                     "seconds": round(time.perf_counter() - t0, 2), "detail": {}}
         s = r.summary()
         s["induction_target_rows"] = float(((r.rows - r.keys) == n - 1).double().mean())
+        # exactness on this model: the summed terms against the model's own scores (seam point)
+        name = f"blocks.{layer}.attn.scores"
+        _, sc = hf.run_with_cache(model, p.input_ids, [name], rows=(0, T))
+        err = (r.scores - sc[name][0, head].double()[r.rows, r.keys]).abs()
+        s["score_max_abs_err"] = float(err.max())
+        s["score_mean_abs"] = float(r.scores.abs().mean())
         s["num_heads"] = geometry(model).num_heads
         detail = s
         headline, value = f"L{layer}H{head} median directions for 90% of |score|", s["n_sparse_median"]

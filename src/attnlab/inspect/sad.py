@@ -21,14 +21,36 @@ Conventions (ours, named):
   :func:`attnlab.inspect.circuits.qk_circuit` for every pair (what the literature does; the terms then sum to
   the RoPE-free score).
 * Each query row ``i`` is traced at its most attended key ``j* = argmax_j A_ij`` (``keys="top"``), or at a
-  given key position (``keys=int``, e.g. a sink or an induction target).
+  given key position (``keys=int``, e.g. a sink or an induction target; on a sliding-window layer a key
+  outside the row's window gets the bilinear score that the model's mask removes).
 * ``n_sparse(i)``: the smallest number of directions whose ``|c_k|`` hold ``mass`` (0.9) of ``sum_k |c_k|``.
 * ``through_top``: an upstream part's contribution to the score through the row's top ``top`` directions (by
   ``|c_k|``); ``through_all``: through every direction (its direct-path share of the whole score). Both sum,
   over all parts, to the corresponding score exactly.
 
-Supported: pre-norm decoders with separate, bias-free q/k projections and no q/k norm (Llama, SmolLM2,
-Mistral); Gemma 3 and Qwen2 raise (their q/k norms and biases make the score non-bilinear in ``x``).
+Beyond Llama-style layers (each rule keeps the terms summing exactly to the model's score):
+
+* **q/k norm** (Gemma 3, Qwen3): ``q_i = g_q * (W_Q x_i) / rms(W_Q x_i)`` per head (``rms(y) = sqrt(mean(y^2) +
+  eps)`` over the head dims; ``g`` is the norm's gain, Gemma's ``1 + weight``), likewise ``k_j``. The per-token
+  scalars ``a_i = 1 / rms(W_Q x_i)`` and ``b_j = 1 / rms(W_K x_j)`` factor out of the bilinear form:
+  ``s_ij = scale * a_i b_j * x_i^T M' x_j`` with ``M' = W_Q^T diag(g_q) R_{j-i} diag(g_k) W_K`` (gains folded
+  into the weights). The SVD is of ``M'``; each ``c_k = scale * sigma_k (a_i u_k . x_i) (b_j v_k . x_j)``
+  carries the token scalars, which we put in the direction signals (``query_signal = a_i U^T x_i``,
+  ``key_signal = b_j V^T x_j``; ``a = b = 1`` without q/k norm). ``scale`` is the layer's own (Gemma 3:
+  ``query_pre_attn_scalar ** -0.5``).
+* **q/k biases** (Qwen2): homogeneous coordinates, ``x -> [x; 1]`` and ``W -> [W b]``, so ``M`` is
+  ``(d+1) x (d+1)`` and the bias terms (q-side, k-side and bias-bias) are inside the decomposition; the constant
+  coordinate is one more upstream part named ``bias``.
+* **sandwich norms** (Gemma 3): layer ``l``'s attention writes ``g_pa * o / rms(o)`` to the residual (``o`` the
+  summed head outputs, ``g_pa`` the ``post_attention_layernorm`` gain), so head ``h``'s part is
+  ``g_pa * o_h / rms(o)`` (the shared ``1 / rms(o)`` taken from the layer's own output); the MLP's part is what
+  the block added after ``post_feedforward_layernorm`` (one part per layer, so no split is needed); ``embed`` is
+  the embedding as the model scales it (Gemma: times ``sqrt(d)``). Then every part passes the input RMSNorm of
+  ``layer`` with the frozen ``1 / rms`` of the whole residual, as in the pre-norm case.
+* An ``o_proj`` bias of an earlier layer is its own part ``L{l}bias``; the MLP part of layer ``l`` is the
+  residual's change minus the attention parts, so the parts sum to the residual stream exactly.
+
+Not supported (raises): attention logit soft-capping (the score is then not bilinear), fused q/k/v projections.
 """
 
 from __future__ import annotations
@@ -39,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import hf
-from .causal import _base, _check_ids, _head_outputs, _trace, rms_gain
+from .causal import _base, _check_ids, _head_outputs, _inv_rms, _sandwich, _trace, rms_gain
 from .circuits import _weights
 from .rope_usage import inv_freqs
 
@@ -50,17 +72,90 @@ def _check_model(model: nn.Module, layer: int, head: int) -> nn.Module:
         raise ValueError(f"layer {layer} outside 0..{g.num_layers - 1}")
     if not 0 <= head < g.num_heads:
         raise ValueError(f"head {head} outside 0..{g.num_heads - 1}")
-    attn = dict(hf.attention_modules(model))[layer]
-    if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
-        raise ValueError(f"{type(attn).__name__} normalizes q/k per head: the score is not bilinear in the "
-                         "residual stream (Gemma 3, Qwen3); SAD supports Llama-style layers")
-    for name in ("q_proj", "k_proj"):
-        if getattr(getattr(attn, name), "bias", None) is not None:
-            raise ValueError(f"{type(attn).__name__}.{name} has a bias: the score is not bilinear (Qwen2)")
-    layer_mod = _base(model).layers[layer]
-    if hasattr(layer_mod, "pre_feedforward_layernorm"):
-        raise ValueError("sandwich-norm layers (Gemma) are not supported")
-    return attn
+    if getattr(hf._text_config(model), "attn_logit_softcapping", None):
+        raise ValueError("attention logit soft-capping makes the score non-bilinear: SAD is not defined")
+    return dict(hf.attention_modules(model))[layer]
+
+
+@dataclass(frozen=True)
+class _QKMaps:
+    """One head's score map in (possibly homogeneous) coordinates ``n = d`` or ``d + 1``: ``wq, wk (D, n)``
+    the raw projections (``[W b]`` with biases), ``gq, gk (D,)`` the q/k-norm gains (None: no norm) and
+    their eps; ``d`` the residual width."""
+
+    wq: Tensor
+    wk: Tensor
+    gq: Tensor | None
+    gk: Tensor | None
+    eps_q: float
+    eps_k: float
+    d: int
+
+    @property
+    def homogeneous(self) -> bool:
+        """Whether the maps act on ``[x; 1]`` (a q or k bias)."""
+        return self.wq.shape[1] == self.d + 1
+
+    def token_scalars(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (T, n)`` -> ``(a, b)``, each ``(T,)``: ``1 / rms`` of the head's raw q and k (ones without a
+        q/k norm)."""
+        ones = torch.ones(x.shape[0], dtype=torch.float64)
+        a = ones if self.gq is None else torch.rsqrt((x @ self.wq.T).pow(2).mean(-1) + self.eps_q)
+        b = ones if self.gk is None else torch.rsqrt((x @ self.wk.T).pow(2).mean(-1) + self.eps_k)
+        return a, b
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """``diag(g_q) W_Q``, ``diag(g_k) W_K`` (``(D, n)`` each)."""
+        q = self.wq if self.gq is None else self.gq.view(-1, 1) * self.wq
+        k = self.wk if self.gk is None else self.gk.view(-1, 1) * self.wk
+        return q, k
+
+
+def _qk_maps(model: nn.Module, attn: nn.Module, layer: int, head: int) -> _QKMaps:
+    g = hf.geometry(model)
+    hw = _weights(model, layer, fold_norm=False)
+    wq, wk = hw.q[head], hw.k[head]  # (D, d); k already mapped to the query head's kv head
+    D, d = wq.shape
+    bq, bk = (getattr(getattr(attn, n), "bias", None) for n in ("q_proj", "k_proj"))
+    if bq is not None or bk is not None:  # homogeneous coordinates: x -> [x; 1], W -> [W b]
+        kv = head // (g.num_heads // g.num_kv_heads)
+        bq = torch.zeros(D, dtype=torch.float64) if bq is None else bq.detach().double().cpu().view(-1, D)[head]
+        bk = torch.zeros(D, dtype=torch.float64) if bk is None else bk.detach().double().cpu().view(-1, D)[kv]
+        wq, wk = torch.cat([wq, bq.view(D, 1)], 1), torch.cat([wk, bk.view(D, 1)], 1)
+    norms = []
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        norms.append((None, 0.0) if norm is None else rms_gain(norm))
+    (gq, eq), (gk, ek) = norms
+    return _QKMaps(wq, wk, gq, gk, eq, ek, d)
+
+
+def _upstream(model: nn.Module, tr, layer: int) -> tuple[list[str], Tensor, Tensor]:
+    """The writers of the residual stream entering ``layer``: ``names``, ``parts (P, T, d)`` (float64, as they
+    add to the residual) and the residual itself ``(T, d)`` (the model's, which the parts sum to)."""
+    base = _base(model)
+    g = hf.geometry(model)
+    prev = tr.embed[0].double()
+    parts, names = [prev], ["embed"]
+    mods = dict(hf.attention_modules(model))
+    for lp in range(layer):
+        pieces = list(_head_outputs(model, lp, tr.z[lp])[0])  # H x (T, d)
+        names += [f"L{lp}H{h}" for h in range(g.num_heads)]
+        ob = getattr(mods[lp].o_proj, "bias", None)
+        if ob is not None:
+            pieces.append(ob.detach().double().cpu().expand_as(pieces[0]))
+            names.append(f"L{lp}bias")
+        lm = base.layers[lp]
+        if _sandwich(lm):  # post_attention_layernorm: gain * piece / rms(attention output), rms frozen
+            gain, eps = rms_gain(lm.post_attention_layernorm)
+            s = _inv_rms(tr.out[lp][0], eps)  # (T, 1) from the layer's own o_proj output
+            pieces = [p * gain * s for p in pieces]
+        parts += pieces
+        cur = tr.resid[lp][0].double()
+        parts.append(cur - prev - torch.stack(pieces).sum(0))  # the MLP's write (post-FF norm included)
+        names.append(f"mlp{lp}")
+        prev = cur
+    return names, torch.stack(parts), prev
 
 
 def rotate(w: Tensor, delta: int | Tensor, inv_freq: Tensor) -> Tensor:
@@ -102,6 +197,11 @@ class SADResult:
         parts: names of the upstream parts (``embed``, ``L{l}H{h}``, ``mlp{l}``).
         key_top, query_top: ``(r, P)`` each part's contribution through the top directions via the key / query.
         key_all, query_all: ``(r, P)`` the same through every direction.
+        query_signal, key_signal: ``(r, K)`` the direction signals ``a_i u_k . x_i`` and ``b_j v_k . x_j``
+            (``terms = scale * sigma * query_signal * key_signal``).
+        top_dirs: ``(r, top)`` each row's top directions (by ``|c_k|``).
+        query_dir, key_dir: ``(r, P, top)`` each part's share of the signals of those directions (summing over
+            parts to ``query_signal`` / ``key_signal`` gathered at ``top_dirs``).
     """
 
     layer: int
@@ -119,6 +219,11 @@ class SADResult:
     query_all: Tensor
     top: int
     rope: str
+    query_signal: Tensor
+    key_signal: Tensor
+    top_dirs: Tensor
+    query_dir: Tensor
+    key_dir: Tensor
 
     def sources(self, side: str = "key", k: int = 5, through: str = "top") -> list[tuple[str, float]]:
         """Upstream parts ranked by their mean contribution to the traced scores (``side`` key or query)."""
@@ -177,46 +282,43 @@ def sparse_attention_decomposition(
     if (key_pos > row_pos).any() and g.is_causal:
         raise ValueError("a traced key lies after its query (causal model)")
 
-    # upstream parts of the residual entering `layer` (pre-norm: the head outputs add to it directly)
-    parts, names = [tr.embed[0].double()], ["embed"]
-    prev = tr.embed[0].double()
-    for lp in range(layer):
-        heads = _head_outputs(model, lp, tr.z[lp])[0]  # (H, T, d)
-        for h in range(g.num_heads):
-            parts.append(heads[h])
-            names.append(f"L{lp}H{h}")
-        parts.append(tr.resid[lp][0].double() - prev - tr.out[lp][0].double())
-        names.append(f"mlp{lp}")
-        prev = tr.resid[lp][0].double()
-    P = torch.stack(parts)  # (P, T, d)
+    names, P, resid = _upstream(model, tr, layer)  # (P, T, d), (T, d)
     gain, eps = rms_gain(_base(model).layers[layer].input_layernorm)
-    inv = torch.rsqrt(prev.pow(2).mean(-1) + eps)  # (T,) 1/rms of the layer input
+    inv = torch.rsqrt(resid.pow(2).mean(-1) + eps)  # (T,) 1/rms of the layer input, frozen
     Pn = P * gain * inv.view(1, -1, 1)  # each part as it enters the normalized input x
-    x = Pn.sum(0)  # (T, d)
+    maps = _qk_maps(model, attn, layer, head)
+    if maps.homogeneous:  # the constant coordinate is one more part
+        Pn = torch.cat([Pn, torch.zeros(*Pn.shape[:2], 1, dtype=Pn.dtype)], -1)
+        const = torch.zeros(1, T, Pn.shape[-1], dtype=Pn.dtype)
+        const[..., -1] = 1.0
+        Pn, names = torch.cat([Pn, const]), [*names, "bias"]
+    x = Pn.sum(0)  # (T, n)
+    qa, kb = maps.token_scalars(x)  # (T,) each: 1/rms of the raw q and k (ones without q/k norm)
+    fq, fk = maps.folded()  # (D, n)
 
-    hw = _weights(model, layer, fold_norm=False)
-    wq, wk = hw.q[head], hw.k[head]  # (D, d)
     scale = float(attn.scaling)
-    K = wq.shape[0]
-    terms = torch.zeros(len(row_pos), K, dtype=torch.float64)
-    sig = torch.zeros(len(row_pos), K, dtype=torch.float64)
-    key_top = torch.zeros(len(row_pos), P.shape[0], dtype=torch.float64)
-    query_top, key_all, query_all = torch.zeros_like(key_top), torch.zeros_like(key_top), torch.zeros_like(key_top)
-    fixed = factored_svd(wq.T, wk) if rope == "ignore" else None
+    R, K, NP = len(row_pos), fq.shape[0], Pn.shape[0]
+    f64 = dict(dtype=torch.float64)
+    terms, sig, qsig, ksig = (torch.zeros(R, K, **f64) for _ in range(4))
+    key_top, query_top, key_all, query_all = (torch.zeros(R, NP, **f64) for _ in range(4))
+    top_dirs = torch.zeros(R, min(top, K), dtype=torch.long)
+    query_dir, key_dir = (torch.zeros(R, NP, min(top, K), **f64) for _ in range(2))
+    fixed = factored_svd(fq.T, fk) if rope == "ignore" else None
     for n, (i, j) in enumerate(zip(row_pos.tolist(), key_pos.tolist(), strict=True)):
-        U, S, V = fixed if fixed is not None else factored_svd(wq.T, rotate(wk, j - i, freqs))
-        a, b = U.T @ x[i], V.T @ x[j]  # (K,)
+        U, S, V = fixed if fixed is not None else factored_svd(fq.T, rotate(fk, j - i, freqs))
+        a, b = qa[i] * (U.T @ x[i]), kb[j] * (V.T @ x[j])  # (K,) direction signals
         c = scale * S * a * b
-        terms[n], sig[n] = c, S
+        terms[n], sig[n], qsig[n], ksig[n] = c, S, a, b
         sel = c.abs().argsort(descending=True)[:top]
-        # key side: part p's share of b_k is (V^T Pn[p, j])_k; query side: of a_k, (U^T Pn[p, i])_k
-        bp, ap = Pn[:, j] @ V, Pn[:, i] @ U  # (P, K)
+        # key side: part p's share of b_k is b_j (V^T Pn[p, j])_k; query side: of a_k, a_i (U^T Pn[p, i])_k
+        bp, ap = kb[j] * (Pn[:, j] @ V), qa[i] * (Pn[:, i] @ U)  # (P, K)
         key_all[n] = (scale * S * a * bp).sum(-1)
         query_all[n] = (scale * S * b * ap).sum(-1)
         key_top[n] = (scale * S[sel] * a[sel] * bp[:, sel]).sum(-1)
         query_top[n] = (scale * S[sel] * b[sel] * ap[:, sel]).sum(-1)
+        top_dirs[n], key_dir[n], query_dir[n] = sel, bp[:, sel], ap[:, sel]
     return SADResult(layer, head, row_pos, key_pos, terms.sum(-1), terms, sig, n_sparse(terms, mass), names,
-                     key_top, query_top, key_all, query_all, top, rope)
+                     key_top, query_top, key_all, query_all, top, rope, qsig, ksig, top_dirs, query_dir, key_dir)
 
 
 __all__ = ["SADResult", "factored_svd", "n_sparse", "rotate", "sparse_attention_decomposition"]

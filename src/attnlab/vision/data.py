@@ -8,7 +8,13 @@
 
 Images are ``(N, 1, size, size)`` float32 in ``[0, 1] + noise``; labels ``(N,)`` long. The same seed gives the
 same images; test sets use their own seed (``split_seed``).
+
+:class:`VideoTask` is a video-prediction task for V3 (PredFormer): ``squares`` side x side squares, each starting
+at a random place with a random diagonal velocity ``(+-1, +-1)`` pixels per frame and bouncing off the walls
+(a coordinate that would leave ``[0, size - side]`` is reflected and its velocity flips); frames are the union of
+the squares (1 on a square, 0 elsewhere, no noise). Given ``frames`` frames, predict the next ``frames``.
 """
+
 
 from __future__ import annotations
 
@@ -98,3 +104,51 @@ def _draw_count(img: Tensor, count: int, gen: torch.Generator) -> None:
         img[r:r + 2, c:c + 2] = 1.0
         taken[r:r + 2, c:c + 2] = True
         placed += 1
+
+
+def bounce(pos: int, vel: int, steps: int, limit: int) -> tuple[list[int], int]:
+    """Positions of one coordinate over ``steps`` frames in ``[0, limit]`` (reflected at the walls) and the
+    final velocity. ``bounce(0, -1, 3, 4) == ([0, 1, 2], 1)``."""
+    out = []
+    for _ in range(steps):
+        out.append(pos)
+        pos += vel
+        if pos < 0 or pos > limit:
+            vel = -vel
+            pos += 2 * vel
+    return out, vel
+
+
+@dataclass(frozen=True)
+class VideoTask:
+    """size: frame side; frames: input frames (and frames to predict); squares: moving squares; side: their
+    side in pixels."""
+
+    size: int = 16
+    frames: int = 4
+    squares: int = 2
+    side: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("size", "frames", "squares", "side"):
+            positive_int(name, getattr(self, name))
+        if self.side + 2 > self.size:
+            raise ValueError(f"side ({self.side}) must leave room to move on a {self.size}-pixel frame")
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` clips: inputs and targets, each (n, frames, 1, size, size)."""
+        positive_int("n", n)
+        t, limit = 2 * self.frames, self.size - self.side
+        video = torch.zeros(n, t, 1, self.size, self.size)
+        for i in range(n):
+            for _ in range(self.squares):
+                r, c = _randint(0, limit, gen), _randint(0, limit, gen)
+                vr, vc = (2 * _randint(0, 1, gen) - 1 for _ in range(2))
+                rows, _ = bounce(r, vr, t, limit)
+                cols, _ = bounce(c, vc, t, limit)
+                for f in range(t):
+                    video[i, f, 0, rows[f]:rows[f] + self.side, cols[f]:cols[f] + self.side] = 1.0
+        return video[:, :self.frames], video[:, self.frames:]
+
+    def split(self, n: int, split_seed: int) -> tuple[Tensor, Tensor]:
+        return self.sample(n, torch.Generator().manual_seed(int(split_seed)))

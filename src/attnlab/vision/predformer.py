@@ -11,11 +11,19 @@ engine (``MaxViTBlock`` windows, so only the allowed pairs are computed):
 
 PredFormer's layouts: ``full`` (all blocks full), ``factorized`` (a run of temporal blocks, then a run of
 spatial blocks), ``interleaved`` (its best, the quadruplet T-S-S-T repeated). Its Gated Transformer Block uses a
-SwiGLU feed-forward, given here as :class:`SwiGLU`. Deviation: only the attention structure and the gated FFN
-are provided (as mixers on a video grid, tested); no video-prediction model or data set is trained here.
+SwiGLU feed-forward, given here as :class:`SwiGLU`.
+
+:class:`PredFormer` is the whole predictor: each of the ``t`` input frames is cut into ``p x p`` patches (a
+linear patch embedding), learned absolute positions are added on the ``(t, h, w)`` grid, ``depth`` gated blocks
+``x + attn_kind(LN x); x + SwiGLU(LN x)`` follow the layout, and a linear head turns the token at ``(f, y, x)``
+into the pixels of patch ``(y, x)`` of future frame ``f`` (``t`` frames in, the next ``t`` out, MSE loss).
+``attnlab bench vision --task video`` trains the three layouts on :class:`attnlab.vision.data.VideoTask`.
+Deviations: no dropout / drop-path, learned positions (the paper's are fixed), a tiny model.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +104,89 @@ def video_attention_ref(layer: nn.Module, x: Tensor, grid: tuple[int, int, int],
             a = torch.einsum("bnd,bmd->bnm", qi.reshape(B, T, d), ki.reshape(B, T, d)) / d**0.5
             o[..., i, :] = (a.softmax(-1) @ vi.reshape(B, T, d)).view(B, t, h * w, d)
     return o.reshape(B, T, H * d) @ layer.o_proj.weight.T
+
+
+@dataclass(frozen=True)
+class PredFormerConfig:
+    """frames: input frames (= predicted frames); image_size / patch / channels: frames and patches;
+    attn: widths (non-causal HeadsConfig); depth: blocks; layout: full | factorized | interleaved;
+    mlp_ratio: SwiGLU hidden / dim."""
+
+    frames: int = 4
+    image_size: int = 16
+    patch: int = 4
+    channels: int = 1
+    attn: HeadsConfig = HeadsConfig(dim=32, heads=2, causal=False)
+    depth: int = 4
+    layout: str = "interleaved"
+    mlp_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "image_size", "patch", "channels", "depth"):
+            positive_int(name, getattr(self, name))
+        if self.image_size % self.patch:
+            raise ValueError(f"patch ({self.patch}) must divide image_size ({self.image_size})")
+        if self.attn.causal:
+            raise ValueError("attn.causal must be False")
+        predformer_layout(self.depth, self.layout)  # validates layout and depth
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        n = self.image_size // self.patch
+        return (self.frames, n, n)
+
+
+class GatedBlock(nn.Module):
+    """PredFormer's gated transformer block: ``x + attn(LN x)``, then ``x + SwiGLU(LN x)``."""
+
+    def __init__(self, dim: int, attn: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), attn
+        self.norm2, self.ffn = nn.LayerNorm(dim), SwiGLU(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class PredFormer(nn.Module):
+    """video (B, frames, channels, S, S) -> the next ``frames`` frames (B, frames, channels, S, S)."""
+
+    def __init__(self, cfg: PredFormerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        t, h, w = cfg.grid
+        p, c, dim = cfg.patch, cfg.channels, cfg.attn.dim
+        self.embed = nn.Linear(c * p * p, dim)
+        self.pos = nn.Parameter(torch.randn(1, t * h * w, dim) * 0.02)
+        hidden = max(1, round(cfg.mlp_ratio * dim))
+        self.kinds = predformer_layout(cfg.depth, cfg.layout)
+        self.blocks = nn.ModuleList(GatedBlock(dim, video_attention(k, cfg.attn, cfg.grid), hidden)
+                                    for k in self.kinds)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, c * p * p)
+
+    def patchify(self, video: Tensor) -> Tensor:
+        """(B, t, C, S, S) -> (B, t h w, C p p), row-major over (frame, row, column)."""
+        cfg = self.cfg
+        B = video.shape[0]
+        t, h, w = cfg.grid
+        p = cfg.patch
+        if video.shape[1:] != (t, cfg.channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"video must be (B, {t}, {cfg.channels}, {cfg.image_size}, {cfg.image_size}), "
+                             f"got {tuple(video.shape)}")
+        x = video.reshape(B, t, cfg.channels, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(B, t * h * w, cfg.channels * p * p)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        t, h, w = cfg.grid
+        p = cfg.patch
+        x = x.reshape(x.shape[0], t, h, w, cfg.channels, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], t, cfg.channels, h * p, w * p)
+
+    def forward(self, video: Tensor) -> Tensor:
+        x = self.embed(self.patchify(video)) + self.pos.to(video.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.unpatchify(self.head(self.norm(x)))

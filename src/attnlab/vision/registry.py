@@ -7,8 +7,8 @@ with a class token, else 0, and the grid tokens are row-major (pixel ``(p // gw,
 Two kinds of names:
 
 * a vision mixer registered here with :func:`register_mixer` (``shift``, ``uniform``, ``lka``, ``spectral``,
-  ``window``, ``neighborhood``, ``ulsam``, ``ninformer``, ``a2n``, ``region``, ``tic``). ``grid_only`` mixers
-  read the tokens as an image and take no class token (``pooling="mean"``);
+  ``window``, ``neighborhood``, ``ulsam``, ``ninformer``, ``a2n``, ``region``, ``tic``, ``tap``).
+  ``grid_only`` mixers read the tokens as an image and take no class token (``pooling="mean"``);
 * a layer of the mechanism catalogue (``attnlab.mechanisms.registry``). The registry says what a layer can do
   through its config's options (``config_options``): a layer that offers ``causal`` is built with
   ``causal=False``; a layer that does not offer it is non-causal only when its fixed ``causal`` default is
@@ -75,7 +75,7 @@ def register_mixer(name: str, *, papers: tuple[str, ...], summary: str, grid_onl
 
 def _load() -> None:
     # importing the modules registers their mixers
-    from . import a2n, dat, lka, ninformer, region, shift, spectral, tic, ulsam, uniform, window  # noqa: F401
+    from . import a2n, dat, lka, ninformer, region, robust, shift, spectral, tic, ulsam, uniform, window  # noqa: F401
 
 
 def mixer_names() -> list[str]:

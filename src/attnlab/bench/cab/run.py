@@ -59,6 +59,26 @@ DEFAULT_MECHANISMS = ("mha", "linear", "lightning", "efficient_attn", "luong", "
 COLUMNS = ["setting", "task", "mechanism", "score", "details", "steps", "seconds", "sees_future"]
 
 
+def all_mechanisms() -> list[str]:
+    """Every catalogue layer, every vision mixer and the grid patterns: what ``--mechanisms all`` scores (each
+    in the settings its registry entry supports; the rest become skipped rows with their reason)."""
+    from ...mechanisms import registry
+    from ...vision.registry import mixer_names
+
+    names = [e.name for e in registry.catalogue()] + list(PATTERNS)
+    return names + [m for m in mixer_names() if m not in names]
+
+
+def expand_mechanisms(names: list[str]) -> list[str]:
+    """``names`` with ``all`` replaced by :func:`all_mechanisms` (duplicates dropped, order kept)."""
+    out: list[str] = []
+    for n in names:
+        for m in all_mechanisms() if n == "all" else [n]:
+            if m not in out:
+                out.append(m)
+    return out
+
+
 @dataclass(frozen=True)
 class Scale:
     """Sizes and budgets of a run (``--quick`` or the default)."""
@@ -282,8 +302,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "image tasks")
     p.add_argument("--quick", action="store_true", help="small sizes and budgets (a few minutes)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    p.add_argument("--mechanisms", nargs="+", default=list(DEFAULT_MECHANISMS),
-                   help="catalogue names, vision mixers, " + " / ".join(PATTERNS) + ", name:key=value,...")
+    p.add_argument("--mechanisms", nargs="+", default=None,
+                   help="catalogue names, vision mixers, " + " / ".join(PATTERNS) + ", name:key=value,..., or "
+                        "'all' (every catalogue layer, vision mixer and pattern); default: all, and with "
+                        "--quick " + " ".join(DEFAULT_MECHANISMS))
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of a setting)")
     p.add_argument("--budget", type=float, default=None, help="seconds per sequence configuration")
     p.add_argument("--image-steps", type=int, default=None, help="training steps per image configuration")
@@ -300,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     scale = Scale.quick() if args.quick else Scale()
     over = {"budget_s": args.budget, "image_steps": args.image_steps}
     scale = replace(scale, **{k: v for k, v in over.items() if v})
-    mechs = tuple(parse_mech(m) for m in args.mechanisms)
+    names = args.mechanisms or (list(DEFAULT_MECHANISMS) if args.quick else ["all"])
+    mechs = tuple(parse_mech(m) for m in expand_mechanisms(names))
     configs = plan(tuple(args.settings), mechs, scale, args.seed)
     if args.tasks:
         configs = [c for c in configs if c.task in args.tasks]

@@ -16,12 +16,31 @@ A step of one position per decoder step (``relu(q_i[0]) = 1``) walks the memory 
 -- the length generalization the paper is after.
 
 Conventions (ours): the step, width and gate are the first three query coordinates (a layer's position projections
-write them there); the reference point is the location part's own expected position. The paper's other proposal,
-interpolating the encoding with its reverse plus relative attention, and its OneStep variant are not included.
-Sequential over decoder steps; ``state["pos"]`` carries ``p`` between calls (decoding over a fixed memory).
+write them there); the reference point is the location part's own expected position. The paper's OneStep variant
+is not included. Sequential over decoder steps; ``state["pos"]`` carries ``p`` between calls (decoding over a fixed
+memory).
+
+**Reverse interpolation + relative attention** (op ``interp_relative``, the abstract's "simple approach"): the
+memory is interpolated with its own reverse, ``k'_ij = g_i k_{S-1-j} + (1 - g_i) k_j`` (values alike), and decoder
+step ``t = q_offset + i`` attends it with a relative-position score:
+
+    s_ij = q_i . k'_ij * scale (``content=True``) + rel_bias[h, clip(j - t, -R, R) + R]
+    out_i = sum_j softmax_j(s_ij) v'_ij
+
+With the gate at 1 and the relative bias peaked at offset 0, step ``t`` reads position ``t`` of the reversed memory,
+i.e. source token ``S - 1 - t``, at every source length (reverse lookup); gate 0 gives the forward lookup
+(token ``t``). Conventions (ours; the method section was not available here): the gate ``g_i`` is
+``sigmoid(q_i[0])`` unless given (``gate``, a number or a tensor broadcastable to (B, H, Tq), in [0, 1]); the
+relative term is a learned scalar per head and clipped offset (``rel_bias`` (H, 2R + 1), Shaw/T5 style; None: no
+positional term), offsets measured from the decoder step to the memory position; the decoder step is
+``q_offset + i`` (the op registry's default ``q_offset`` is ``kv_len - q_len``: pass ``q_offset=0`` for a decoder
+whose first query is step 0). Rows are independent, so
+decoding in any chunks equals the full forward. Cost: two ``Tq x S`` score products (forward and reversed memory).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -112,4 +131,90 @@ def monotonic_loc_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset:
     return out, state
 
 
-__all__ = ["monotonic_loc_op"]
+# ---- reverse interpolation + relative attention -----------------------------------------------------------
+
+
+def _interp_check(q: Tensor, k: Tensor, mask: Tensor | None, gate: Any, rel_bias: Tensor | None,
+                  content: bool) -> None:
+    check_free_mask("interp_relative", mask, q, k)
+    if not isinstance(content, bool):
+        raise ValueError(f"content must be True or False, got {content!r}")
+    if rel_bias is not None and (not isinstance(rel_bias, Tensor) or rel_bias.dim() != 2
+                                 or rel_bias.shape[0] != q.shape[1] or rel_bias.shape[1] % 2 != 1):
+        got = tuple(rel_bias.shape) if isinstance(rel_bias, Tensor) else repr(rel_bias)
+        raise ValueError(f"rel_bias must be a tensor of shape (heads={q.shape[1]}, 2R + 1), got {got}")
+    if gate is None:
+        return
+    if isinstance(gate, bool) or not isinstance(gate, (int, float, Tensor)):
+        raise ValueError(f"gate must be None, a number or a tensor in [0, 1], got {gate!r}")
+    g = torch.as_tensor(gate)
+    if bool(((g < 0) | (g > 1)).any()):
+        raise ValueError("gate must lie in [0, 1]")
+
+
+def _gate(q: Tensor, gate: Any) -> Tensor:
+    """(B|1, H|1, Tq, 1) interpolation weight of the reversed memory."""
+    if gate is None:
+        return torch.sigmoid(q[..., :1])
+    g = torch.as_tensor(gate, dtype=q.dtype, device=q.device)
+    return g.expand(q.shape[:3]).unsqueeze(-1) if g.dim() else g.view(1, 1, 1, 1)
+
+
+def _interp_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                      gate: Any = None, rel_bias: Tensor | None = None, content: bool = True) -> Tensor:
+    """Float64, row by row: build each row's interpolated memory explicitly (reversed index ``S - 1 - j``), score
+    every position with the content and the clipped relative term, softmax over the visible positions."""
+    _interp_check(q, k, mask, gate, rel_bias, content)
+    B, H, Tq, _ = q.shape
+    S = k.shape[2]
+    q, k, v = q.double(), repeat_kv(k.double(), H), repeat_kv(v.double(), H)
+    g_all = _gate(q, gate if not isinstance(gate, Tensor) else gate.double()).expand(B, H, Tq, 1)
+    R = 0 if rel_bias is None else (rel_bias.shape[1] - 1) // 2
+    rows = []
+    for i in range(Tq):
+        g = g_all[:, :, i]  # (B, H, 1)
+        rev = [S - 1 - j for j in range(S)]
+        kk = g.unsqueeze(-1) * k[:, :, rev] + (1 - g.unsqueeze(-1)) * k  # (B, H, S, D)
+        vv = g.unsqueeze(-1) * v[:, :, rev] + (1 - g.unsqueeze(-1)) * v
+        score = torch.zeros(B, H, S, dtype=torch.float64)
+        if content:
+            score = score + torch.einsum("bhd,bhjd->bhj", q[:, :, i], kk) * scale
+        if rel_bias is not None:
+            t = q_offset + i
+            idx = [min(max(j - t, -R), R) + R for j in range(S)]
+            score = score + rel_bias.double()[:, idx].unsqueeze(0)
+        allowed = torch.ones(1, 1, S, dtype=torch.bool) if mask is None else mask[:, :, i]
+        w = torch.softmax(score.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        rows.append(torch.einsum("bhj,bhjd->bhd", w, vv))
+    return torch.stack(rows, 2)
+
+
+@register_op("interp_relative", family="dense", papers=("L218",), decodes=False,
+             summary="reverse interpolation + relative attention: the memory mixed with its reverse by a gate, read "
+             "with content + a clipped relative-position bias (forward and reverse lookup at any length)",
+             options={"gate": None, "rel_bias": None, "content": True}, reference=_interp_reference, example={})
+def interp_relative_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
+                       state: dict | None = None, gate: Any = None, rel_bias: Tensor | None = None,
+                       content: bool = True) -> Tensor | tuple[Tensor, dict]:
+    """Decoder queries q (B, H, Tq, D) at steps q_offset.. over the memory k, v (B, Hkv, S, D) -> (B, H, Tq, Dv);
+    stateless. Scores against the interpolated memory are the gate's mix of the scores against the memory and
+    against its reverse (both linear in the keys), and likewise the output."""
+    _interp_check(q, k, mask, gate, rel_bias, content)
+    B, H, Tq, _ = q.shape
+    S = k.shape[2]
+    g = _gate(q, gate)
+    krev, vrev = k.flip(2), v.flip(2)
+    s = q.new_zeros(1, 1, 1, 1)
+    if content:
+        s = (g * grouped_scores(q, krev) + (1 - g) * grouped_scores(q, k)) * scale
+    if rel_bias is not None:
+        R = (rel_bias.shape[1] - 1) // 2
+        off = torch.arange(S, device=q.device) - (torch.arange(Tq, device=q.device) + q_offset).unsqueeze(-1)
+        s = s + rel_bias.to(q.dtype)[:, off.clamp(-R, R) + R].unsqueeze(0)  # (1, H, Tq, S)
+    w = masked_softmax(s.expand(B, H, Tq, S), mask)
+    vr = repeat_kv(v, H)
+    out = g * (w @ repeat_kv(vrev, H)) + (1 - g) * (w @ vr)
+    return out if state is None else (out, state)
+
+
+__all__ = ["interp_relative_op", "monotonic_loc_op"]

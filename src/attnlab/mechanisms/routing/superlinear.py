@@ -11,9 +11,22 @@ Keys are cut into spans of ``stride`` positions; span ``m`` covers ``[m * stride
    ``window + stride - 1`` keys and never cuts a span). Eligible spans are the complete spans before the local
    part, so every past position is either local or selectable (no structural exclusion).
 
-With ``stride ~ sqrt(T)`` and fixed ``top_k`` both steps cost ``O(T^{3/2})``. The span choice has no gradient
-here (indices); the paper trains it end to end. The op ``superlinear`` has no learned parameters: the
-span search reads q and k (the inference-time form); ``chunk`` is the query rows per local tile.
+With ``stride ~ sqrt(T)`` and fixed ``top_k`` both steps cost ``O(T^{3/2})``. ``chunk`` is the query rows per
+local tile.
+
+**Trainable routing** (``route``, ``route_keys``): the span choice itself is a top-k (indices, no gradient); the
+paper makes the search trainable by combining the span outputs with a softmax gate over their routing scores.
+Here (our reading) the routing score of a kept span ``s``, ``a_is = <q_i, r_anchor(s)> * scale`` (``r`` =
+``route_keys`` (B, Hkv, Tk, D), the per-position representatives the search scores, default ``k``), enters the
+span attention as a log-weight: every key of span ``s`` gets ``route * a_is`` added to its score, the local part
+gets 0. Per span this multiplies its softmax mass ``Z_s`` by ``exp(route * a_is)``, i.e. the output is
+``sum_s pi_is o_is`` with ``pi_is = softmax_s(log Z_is + route * a_is)`` (local part included, ``a = 0``): the
+paper's gated combination of span outputs, with the span's own attention mass kept in the gate. Gradients reach
+``q`` and ``r`` (routing parameters upstream of ``route_keys``: the layer's ``route_proj``) through ``a``.
+``route = 0`` is the plain op (same spans, same outputs); the selection always uses ``r``. With ``route != 0`` the
+op runs a gathered path (each chunk of rows gathers its local keys and its kept spans' keys: ``O(T (window +
+top_k stride))``, the same order as the sparse path, in PyTorch) and the float64 reference is the dense form with
+the bias written per key.
 
 **N > 2 steps** (``stride`` a tuple ``(s_1, ..., s_{N-1})``, coarse to fine, each dividing the one before):
 the local part starts at the finest span ``s_{N-1}`` holding ``i - window + 1``. Step 1 scores the complete
@@ -36,9 +49,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, tile_attention, tiles_from_selection
 from attnlab.ops.sparse import ALL, nonneg_int, sparse_op
 
@@ -149,25 +163,73 @@ def local_tiles(B: int, H: int, Hkv: int, Tq: int, Tk: int, stride: int, window:
     return Tiles(q_idx, k_idx, row_ok, mask)
 
 
+def _check_route(route: float, route_keys: Tensor | None, k: Tensor) -> None:
+    if isinstance(route, bool) or not isinstance(route, (int, float)) or not math.isfinite(route):
+        raise ValueError(f"route must be a finite number (the routing term's weight, 0 = off), got {route!r}")
+    if route_keys is not None and (not isinstance(route_keys, Tensor) or route_keys.shape != k.shape):
+        got = tuple(route_keys.shape) if isinstance(route_keys, Tensor) else repr(route_keys)
+        raise ValueError(f"route_keys must be a tensor shaped like k {tuple(k.shape)}, got {got}")
+
+
+def _routed(q: Tensor, k: Tensor, v: Tensor, rk: Tensor, sel: Tensor, valid: Tensor, stride: int, window: int,
+            route: float, scale: float, q_offset: int, chunk: int) -> Tensor:
+    """Span attention with the routing log-weight, gathered per chunk of query rows: each row reads its local keys
+    (bias 0) and the keys of its kept spans (bias ``route * <q_i, rk_anchor> * scale``), one softmax."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dev = q.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
+    outs = []
+    for a in range(0, Tq, chunk):
+        e = min(a + chunk, Tq)
+        pos = torch.arange(a, e, device=dev) + q_offset
+        lo = local_start(pos, stride, window)
+        kl = lo.view(-1, 1) + torch.arange(window + stride - 1, device=dev)  # (c, Kl) local key positions
+        okl = kl <= pos.view(-1, 1)
+        sl, vl = sel[:, :, a:e], valid[:, :, a:e]  # (B, H, c, n)
+        ks = (sl.unsqueeze(-1) * stride + torch.arange(stride, device=dev)).flatten(-2)  # (B, H, c, n * stride)
+        kpos = torch.cat([kl.expand(B, H, *kl.shape), ks], -1).clamp(max=Tk - 1)
+        ok = torch.cat([okl.expand(B, H, *okl.shape), vl.repeat_interleave(stride, -1)], -1)
+        qc = q[:, :, a:e]
+        anchor = rk[b, h, (sl * stride + stride // 2).clamp(max=Tk - 1)]  # (B, H, c, n, D)
+        score_r = (anchor @ qc.unsqueeze(-1)).squeeze(-1) * scale * route  # (B, H, c, n)
+        bias = torch.cat([torch.zeros_like(okl, dtype=q.dtype).expand(B, H, *okl.shape),
+                          score_r.repeat_interleave(stride, -1)], -1)
+        kg, vg = k[b, h, kpos], v[b, h, kpos]  # (B, H, c, K, D)
+        s = (kg @ qc.unsqueeze(-1)).squeeze(-1) * scale + bias
+        w = masked_softmax(s, ok)
+        outs.append((w.unsqueeze(-2) @ vg).squeeze(-2))
+    return torch.cat(outs, 2)
+
+
 def superlinear_attention(
     q: Tensor, k: Tensor, v: Tensor, stride: int | tuple[int, ...], window: int, top_k: int, chunk: int = 64,
-    scale: float | None = None, q_offset: int | None = None, q_block: int = 128,
+    scale: float | None = None, q_offset: int | None = None, q_block: int = 128, route: float = 0.0,
+    route_keys: Tensor | None = None,
 ) -> Tensor:
     """Causal span search + span attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv).
 
-    ``stride``: an int (N = 2) or the span lengths of the N - 1 search steps, coarse to fine."""
+    ``stride``: an int (N = 2) or the span lengths of the N - 1 search steps, coarse to fine. ``route_keys``
+    (B, Hkv, Tk, D): what the span search scores (default ``k``); ``route``: the weight of the routing term in the
+    span attention (0: the plain op, no gradient to the routing)."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     strides = strides_of(stride)
     positive_int("window", window)
     positive_int("chunk", chunk)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    _check_route(route, route_keys, k)
     q_offset = Tk - Tq if q_offset is None else q_offset
     stride = strides[-1]
+    rk = k if route_keys is None else route_keys
     if len(strides) == 1:
-        sel, valid = span_search(q, k, stride, window, top_k, q_offset)
+        sel, valid = span_search(q, rk, stride, window, top_k, q_offset)
     else:
-        sel, valid = multi_step_search(q, k, strides, window, top_k, q_offset)
+        sel, valid = multi_step_search(q, rk, strides, window, top_k, q_offset)
+    if route != 0:
+        return _routed(q, k, v, rk, sel, valid, stride, window, float(route), default_scale(D, scale), q_offset,
+                       chunk)
     parts: list = [local_tiles(B, H, Hkv, Tq, Tk, stride, window, chunk, q_offset, q.device)]
     if sel.shape[-1]:
         parts += tiles_from_selection(sel, valid, block_sets(Tk, stride, q.device), Hkv, Tk, q_offset, True, q_block)
@@ -210,19 +272,65 @@ def superlinear_mask(q: Tensor, k: Tensor, stride: int | tuple[int, ...], window
 
 
 def _superlinear_weights(q: Tensor, k: Tensor, *, q_offset: int, stride: int = 64, window: int = 64, top_k: int = 4,
-                         **_: Any) -> Tensor:
-    return superlinear_mask(q, k, stride, window, top_k, q_offset)
+                         route_keys: Tensor | None = None, **_: Any) -> Tensor:
+    return superlinear_mask(q, k if route_keys is None else route_keys, stride, window, top_k, q_offset)
+
+
+def routing_bias(q: Tensor, rk: Tensor, mask: Tensor, stride: int | tuple[int, ...], window: int, route: float,
+                 scale: float, q_offset: int) -> Tensor:
+    """Dense (B, H, Tq, Tk) routing log-weight, written per key with loops: a selected key outside the row's local
+    part gets ``route * <q_i, rk[anchor of its finest span]> * scale``; local and unselected keys get 0."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = rk.shape[1], rk.shape[2]
+    fine = stride if isinstance(stride, int) else tuple(stride)[-1]
+    rows = []
+    for r in range(Tq):
+        i = q_offset + r
+        lo = max(0, i - window + 1) // fine * fine
+        cols = []
+        for j in range(Tk):
+            if j >= lo or not bool(mask[..., r, j].any()):
+                cols.append(torch.zeros(B, H, dtype=q.dtype, device=q.device))
+                continue
+            a = (j // fine) * fine + fine // 2
+            kk = torch.stack([rk[:, h // (H // Hkv), a] for h in range(H)], 1)  # (B, H, D)
+            cols.append((q[:, :, r] * kk).sum(-1) * scale * route * mask[..., r, j].to(q.dtype))
+        rows.append(torch.stack(cols, -1))
+    return torch.stack(rows, 2)
+
+
+def _superlinear_dense(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None,
+                       dtype: torch.dtype | None, stride: int | tuple[int, ...] = 64, window: int = 64,
+                       top_k: int = 4, route: float = 0.0, route_keys: Tensor | None = None, **_: Any) -> Tensor:
+    """The op written densely: attention over the selection (``superlinear_mask`` on ``route_keys``) with the
+    routing log-weight (``routing_bias``) added to the scores; the float64 reference and the free-mask path."""
+    _check_route(route, route_keys, k)
+    rk = k if route_keys is None else route_keys
+    with torch.no_grad():
+        sel = superlinear_mask(q, rk, stride, window, top_k, q_offset)
+    allowed = sel if mask is None else sel & mask
+    if dtype is not None:
+        q, k, v, rk = q.to(dtype), k.to(dtype), v.to(dtype), rk.to(dtype)
+    H = q.shape[1]
+    kr = k.repeat_interleave(H // k.shape[1], 1)
+    vr = v.repeat_interleave(H // v.shape[1], 1)
+    s = (q @ kr.transpose(-1, -2)) * scale
+    if route != 0:
+        s = s + routing_bias(q, rk, allowed, stride, window, float(route), scale, q_offset)
+    return masked_softmax(s, allowed) @ vr
 
 
 @sparse_op("superlinear", papers=("D275",), summary="two-step jump search: score span anchors (strided keys), "
-           "attend top-k spans plus a local window", options={"stride": 64, "window": 64, "top_k": 4, "chunk": 64},
-           weights_mask=_superlinear_weights, causal_only=True, renamed={"block": "chunk"},
+           "attend top-k spans plus a local window; trainable routing as a span log-weight (route)",
+           options={"stride": 64, "window": 64, "top_k": 4, "chunk": 64, "route": 0.0, "route_keys": None},
+           weights_mask=_superlinear_weights, dense=_superlinear_dense, causal_only=True, renamed={"block": "chunk"},
            dense_options={"top_k": ALL}, example={"stride": 4, "window": 5, "top_k": 2, "chunk": 4})
 def superlinear_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, state: dict,
-                   stride: int | tuple[int, ...],
-                   window: int, top_k: int, chunk: int) -> Tensor:
+                   stride: int | tuple[int, ...], window: int, top_k: int, chunk: int, route: float = 0.0,
+                   route_keys: Tensor | None = None) -> Tensor:
     """Causal span search + span attention: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, Tq, Dv); stateless."""
-    return superlinear_attention(q, k, v, stride, window, top_k, chunk, scale, q_offset)
+    return superlinear_attention(q, k, v, stride, window, top_k, chunk, scale, q_offset, route=route,
+                                 route_keys=route_keys)
 
 
 @dataclass(frozen=True)
@@ -235,6 +343,7 @@ class SuperlinearConfig(RoutingHeadsConfig):
     window: int = 64  # local keys (rounded down to a span start)
     top_k: int = 4  # spans per query
     chunk: int = 64  # query rows per local tile
+    route: float = 0.0  # weight of the trainable routing term (0: hard top-k only, no routing parameters)
     delta: int = 0  # D99 correction stride, 0 = off
 
     fixed: ClassVar[tuple[str, ...]] = ("causal",)
@@ -244,6 +353,8 @@ class SuperlinearConfig(RoutingHeadsConfig):
         strides_of(self.stride)
         self.check("window", "chunk")
         nonneg_int("top_k", self.top_k)
+        if isinstance(self.route, bool) or not isinstance(self.route, (int, float)) or not math.isfinite(self.route):
+            raise ValueError(f"route must be a finite number, got {self.route!r}")
 
 
 @register(
@@ -251,4 +362,19 @@ class SuperlinearConfig(RoutingHeadsConfig):
     summary="two-step jump search: score span anchors (strided keys), attend top-k spans plus a local window",
 )
 class SuperlinearAttention(RoutingLayer):
+    """With ``route != 0`` the layer owns ``route_proj`` (kv_heads, d, d), identity at init: the span search scores
+    ``route_keys = k @ route_proj[h]``, and the routing term trains it."""
+
     op = "superlinear"
+
+    def __init__(self, cfg: SuperlinearConfig) -> None:
+        super().__init__(cfg)
+        self.route_proj = None
+        if cfg.route != 0:
+            self.route_proj = nn.Parameter(torch.eye(cfg.d).repeat(cfg.kvh, 1, 1))
+
+    def call_options(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
+        opts = self.op_options()
+        if self.route_proj is not None:
+            opts["route_keys"] = k @ self.route_proj.to(k.dtype).unsqueeze(0)
+        return opts
