@@ -18,6 +18,7 @@ from attnlab.bench.cab.settings import (
     ReverseConfig,
     ReverseTask,
     build_seq_layer,
+    setting_leak,
     unsupported,
 )
 from attnlab.bench.tasks.backbone import Backbone, BackboneConfig
@@ -168,6 +169,29 @@ def _self_change(name: str, causal: bool) -> float:
 def test_self_setting_routes_causality(name: str) -> None:
     assert _self_change(name, causal=False) > 1e-5  # the encoder sees the future
     assert _self_change(name, causal=True) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mega", "shvit"])
+def test_single_head_layers_build_without_a_heads_knob(name: str) -> None:
+    layer = build_seq_layer(CabMech(name, name), 16, 2, 8, causal=True)
+    assert layer(torch.randn(2, 8, 16)).shape == (2, 8, 16)
+
+
+def test_leak_check_reads_the_function_not_training_noise() -> None:
+    """HeadMask drops random heads in training mode: two training-mode calls differ everywhere, yet the layer
+    is causal; the check runs in eval mode and leaves the model's mode as it was."""
+    torch.manual_seed(0)
+    bb = BackboneConfig(dim=16, heads=4, layers=1)
+    mech = CabMech("headmask", "headmask")
+    model = Backbone(bb, lambda i: build_seq_layer(mech, 16, 4, 8, True), vocab=10, num_classes=10).train()
+    x = torch.randint(10, (2, 8), generator=gen(0))
+    with torch.no_grad():
+        noisy = float((model(x)[0] - model(x)[0]).abs().max())
+    assert noisy > 1e-4  # training-mode outputs are random
+    assert setting_leak(model, x, 4, cross=False) < 1e-6 and model.training
+    model_nc = Backbone(bb, lambda i: build_seq_layer(CabMech("mha", "mha"), 16, 4, 8, False), vocab=10,
+                        num_classes=10)
+    assert setting_leak(model_nc, x, 4, cross=False) > 1e-5
 
 
 def test_care_runs_non_causally() -> None:

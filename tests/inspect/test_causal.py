@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -21,6 +22,8 @@ from attnlab.inspect.causal import (  # noqa: E402
     knockout_effect,
     logit_lens,
     path_patching,
+    path_patching_logits,
+    path_patching_senders,
 )
 from attnlab.models import hf  # noqa: E402
 
@@ -270,6 +273,165 @@ def test_path_patching_brute_force_gqa():
             res = path_patching(model, clean, corrupt, metric, [(0, 1)], [(1, 3)], via=via)
             assert res.effect == pytest.approx((m - mx) / (mc - mx), abs=1e-6)
             assert res.patched == ((1, via, idx),)
+
+
+def test_path_patching_to_logits_finds_only_the_direct_head(circuit):
+    """The planted previous-token head acts only through the induction head's keys: activation patching of its
+    z restores most of the gap, path patching to the logits (the induction head frozen) restores nothing, while
+    the induction head, which writes the answer directly, keeps its full effect."""
+    clean, corrupt, _, metric = induction_data()
+    act = activation_patching(circuit, clean, corrupt, metric, points=("z",)).effects["z"]
+    assert act[0, PREV_HEAD] > 0.8 and act[1, IND_HEAD] == pytest.approx(1.0, abs=0.02)
+    for a, b in ((clean, corrupt), (corrupt, clean)):  # denoising, and noising (the ids swapped)
+        res = path_patching_logits(circuit, a, b, metric, batch=3)
+        e = res.effects["z"]
+        assert e.shape == (2, 4) and res.layers == (0, 1) and res.positions is None
+        assert e[1, IND_HEAD] == pytest.approx(1.0, abs=0.02)
+        assert abs(float(e[0, PREV_HEAD])) < 0.02
+        others = e.clone()
+        others[1, IND_HEAD] = 0
+        assert others.abs().max() < 0.02
+        assert [idx for idx, _ in res.top("z", 1)] == [(1, IND_HEAD)]
+    # a sender subset
+    only0 = path_patching_logits(circuit, clean, corrupt, metric, layers=[0])
+    assert only0.effects["z"].shape == (1, 4) and only0.effects["z"].abs().max() < 0.02
+
+
+def test_path_patching_senders_equals_path_patching(circuit):
+    """Every earlier head -> the receivers' q / k / v, batched (one recording pass + one pass per route per batch
+    of senders), equals the one-sender :func:`path_patching` (itself checked by brute force above); on the planted
+    circuit only the previous-token head reaches the induction head, and only through its keys."""
+    clean, corrupt, _, metric = induction_data()
+    for a, b in ((clean, corrupt), (corrupt, clean)):  # denoising, and noising
+        res = path_patching_senders(circuit, a, b, metric, [(1, IND_HEAD)], batch=3)
+        assert set(res.effects) == {"q", "k", "v"} and res.layers == (0,) and res.effects["k"].shape == (1, 4)
+        for h in range(4):
+            for via in ("q", "k", "v"):
+                one = path_patching(circuit, a, b, metric, [(0, h)], [(1, IND_HEAD)], via=via)
+                assert float(res.patched[via][0, h]) == pytest.approx(one.metric, rel=1e-5, abs=1e-5)
+        e = torch.stack([res.effects[v][0] for v in ("q", "k", "v")])  # (route, head)
+        assert e[1, PREV_HEAD] > 0.8
+        e[1, PREV_HEAD] = 0
+        assert e.abs().max() < 0.02
+
+
+def test_path_patching_senders_gqa_and_layers():
+    """GQA (4 query, 2 kv heads): the k / v routes patch the receivers' kv group; receivers in several layers get
+    senders from every layer before the last one; each value equals the one-sender path_patching."""
+    model = tiny("llama")
+    g = torch.Generator().manual_seed(3)
+    clean, corrupt = torch.randint(0, VOCAB, (1, 6), generator=g), torch.randint(0, VOCAB, (1, 6), generator=g)
+
+    def metric(logits):
+        return float(logits[0, -1, 5] - logits[0, -1, 9])
+
+    res = path_patching_senders(model, clean, corrupt, metric, [(1, 3), (1, 2)], vias=("k", "q"), batch=5)
+    assert set(res.effects) == {"k", "q"} and res.layers == (0,)
+    for h in range(4):
+        for via in ("k", "q"):
+            one = path_patching(model, clean, corrupt, metric, [(0, h)], [(1, 3), (1, 2)], via=via)
+            assert float(res.patched[via][0, h]) == pytest.approx(one.metric, rel=1e-5, abs=1e-6)
+            assert float(res.effects[via][0, h]) == pytest.approx(one.effect, rel=1e-4, abs=1e-5)
+    assert res.effects["k"].abs().max() > 1e-4  # the routes carry something here, so the equality means something
+
+
+def test_path_patching_senders_rejects_bad_inputs(circuit):
+    clean, corrupt, _, metric = induction_data()
+    with pytest.raises(ValueError, match="layer 0"):
+        path_patching_senders(circuit, clean, corrupt, metric, [(0, PREV_HEAD)])
+    with pytest.raises(ValueError, match="receivers"):
+        path_patching_senders(circuit, clean, corrupt, metric, [])
+    with pytest.raises(ValueError, match="not a head"):
+        path_patching_senders(circuit, clean, corrupt, metric, [(1, 4)])
+    with pytest.raises(ValueError, match="vias"):
+        path_patching_senders(circuit, clean, corrupt, metric, [(1, 0)], vias=("z",))
+    with pytest.raises(ValueError, match="vias"):
+        path_patching_senders(circuit, clean, corrupt, metric, [(1, 0)], vias=("k", "k"))
+    with pytest.raises(ValueError, match="batch"):
+        path_patching_senders(circuit, clean, corrupt, metric, [(1, 0)], batch=0)
+    with pytest.raises(ValueError, match="same"):
+        path_patching_senders(circuit, clean, clean, metric, [(1, 0)])
+    with pytest.raises(ValueError, match="shape"):
+        path_patching_senders(circuit, clean, corrupt[:, :5], metric, [(1, 0)])
+
+
+def _o_proj_inputs(model, ids) -> list[Tensor]:
+    """Each layer's o_proj input (1, T, H * Dv) from a plain forward (torch pre-hooks, not the seam)."""
+    got: dict[int, Tensor] = {}
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: got.__setitem__(i, args[0].detach().clone()))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return [got[i] for i in range(len(model.model.layers))]
+
+
+def _frozen_forward(model, ids, zs: list[Tensor]) -> Tensor:
+    """Logits with every attention output fixed to ``o_proj(zs[layer])``: embeddings, then per layer the frozen
+    attention output added (through Gemma's post-attention norm) and the MLP recomputed, final norm, LM head."""
+    base = model.model
+    with torch.no_grad():
+        x = base.embed_tokens(ids)
+        for i, layer in enumerate(base.layers):
+            a = layer.self_attn.o_proj(zs[i])
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3 sandwich norms
+                x = x + layer.post_attention_layernorm(a)
+                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            else:
+                x = x + a
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.lm_head(base.norm(x))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_path_patching_to_logits_brute_force(family):
+    """Each sender's raw metric equals a hand-written forward in which no attention is computed at all: every
+    head's output is a constant (the corrupted run's, the sender's the clean run's), only MLPs and norms run."""
+    model = tiny(family).double()
+    g = torch.Generator().manual_seed(7)
+    clean, corrupt = torch.randint(0, VOCAB, (1, 6), generator=g), torch.randint(0, VOCAB, (1, 6), generator=g)
+
+    def metric(logits):
+        return float(logits[0, -1, 3] - logits[0, -1, 8])
+
+    zc, zx = _o_proj_inputs(model, clean), _o_proj_inputs(model, corrupt)
+    with torch.no_grad():
+        plain = model(input_ids=corrupt).logits
+    torch.testing.assert_close(_frozen_forward(model, corrupt, zx), plain, rtol=1e-9, atol=1e-9)  # the reference
+    res = path_patching_logits(model, clean, corrupt, metric, batch=3)
+    Dv = zc[0].shape[-1] // 4
+    for layer in range(2):
+        for h in range(4):
+            zs = [z.clone() for z in zx]
+            zs[layer][..., h * Dv:(h + 1) * Dv] = zc[layer][..., h * Dv:(h + 1) * Dv]
+            want = metric(_frozen_forward(model, corrupt, zs))
+            assert float(res.patched["z"][layer, h]) == pytest.approx(want, rel=1e-7, abs=1e-9)
+    with torch.no_grad():
+        assert res.clean_metric == pytest.approx(metric(model(input_ids=clean).logits), abs=1e-9)
+    # a last-layer sender has no head downstream: path patching to the logits == activation patching of its z
+    act = activation_patching(model, clean, corrupt, metric, points=("z",), layers=[1])
+    torch.testing.assert_close(res.effects["z"][1:], act.effects["z"], rtol=1e-7, atol=1e-9)
+    # in layer 0 the two differ (the layer-1 heads re-read the sender in activation patching, not here)
+    act0 = activation_patching(model, clean, corrupt, metric, points=("z",), layers=[0]).effects["z"]
+    assert (act0 - res.effects["z"][:1]).abs().max() > 1e-3
+
+
+def test_path_patching_to_logits_rejects_bad_inputs(circuit):
+    clean, corrupt, _, metric = induction_data()
+    with pytest.raises(ValueError, match="shape"):
+        path_patching_logits(circuit, clean, corrupt[:, :5], metric)
+    with pytest.raises(ValueError, match="same"):
+        path_patching_logits(circuit, clean, clean, metric)
+    with pytest.raises(ValueError, match="layers"):
+        path_patching_logits(circuit, clean, corrupt, metric, layers=[2])
+    with pytest.raises(ValueError, match="layers"):
+        path_patching_logits(circuit, clean, corrupt, metric, layers=[])
+    with pytest.raises(ValueError, match="batch"):
+        path_patching_logits(circuit, clean, corrupt, metric, batch=0)
+    with pytest.raises(ValueError, match="clean_ids"):
+        path_patching_logits(circuit, clean[0], corrupt, metric)
 
 
 # ---------------------------------------------------------------------------------------------------------

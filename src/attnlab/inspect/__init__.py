@@ -22,6 +22,8 @@ from .causal import (
     knockout_effect,
     logit_lens,
     path_patching,
+    path_patching_logits,
+    path_patching_senders,
 )
 from .circuit_cli import promote_suppress, run_circuit
 from .circuits import composition_scores, copying_scores, ov_circuit, qk_circuit
@@ -61,7 +63,7 @@ __all__ = ["HeadAtlas", "MetricConfig", "ProbeSpec", "RoleThresholds", "activati
            "attention_knockout", "build_atlas", "classical_mds", "cmr_fit", "collapse_by_layer", "composition_scores",
            "copying_scores", "direct_logit_attribution", "encoder_analysis", "episodic_scan", "find_massive",
            "head_metrics", "js_distances", "knockout_effect", "lag_crp", "logit_lens", "massive_intervention",
-           "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "qk_circuit", "quick_atlas", "write_report",
+           "mixing_ratio", "norm_maps", "ov_circuit", "path_patching", "path_patching_logits", "path_patching_senders", "qk_circuit", "quick_atlas", "write_report",
            "FrameConfig", "LongContextConfig", "attnrank_eval", "attnrank_order", "long_context_heads", "rope_usage",
            "sink_frames", "sparse_attention_decomposition", "temporal_heads", "ReportViews", "ViewConfig",
            "build_views", "AttentionLens", "attention_lens_report", "promote_suppress", "run_circuit"]

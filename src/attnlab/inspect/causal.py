@@ -17,6 +17,16 @@ Conventions (named, because the literature varies):
   from the modified residual stream by running the model. GQA: a receiver's key/value is its *kv head*
   (``head // group``), shared by every query head of the group -- patching ``via="k"`` or ``"v"`` changes the
   keys/values of the whole group (``PathPatchResult.patched`` lists the patched indices).
+* **Path patching to the logits** (Wang et al. 2022, the screen that finds the name movers): one sender head's
+  ``z`` comes from the other run, every other head's ``z`` (in every layer) is frozen at the run being patched,
+  and MLPs and norms are recomputed; so the effect is the sender's *direct* path to the logits plus its paths
+  through MLPs only, never through another attention head. Same argument order as activation patching: the
+  corrupted run gets one clean sender (denoising); swap the ids for Wang et al.'s noising direction (the clean
+  run with one corrupted sender), which is what ``attnlab circuit`` does.
+* **Path patching from earlier heads to a receiver set** (``path_patching_senders``; Wang et al.'s later rounds):
+  per sender, the receivers' q, k or v (each route separately, all receivers together) take the values they
+  have when only the sender comes from the other run and every other head is frozen; batched, one recording
+  pass plus one pass per route per batch of senders. ``attnlab circuit`` iterates it (``--path-rounds``).
 * **Attention knockout** (Geva et al. 2023, "Dissecting Recall of Factual Associations"): the scores from the
   given query positions to the given key positions are set to ``-inf`` before the softmax, which renormalizes
   over the remaining keys.
@@ -208,6 +218,21 @@ class PatchResult:
         return res
 
 
+def _check_pair(clean_ids: Tensor, corrupt_ids: Tensor) -> None:
+    _check_ids(clean_ids, "clean_ids")
+    _check_ids(corrupt_ids, "corrupt_ids")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise ValueError(f"clean and corrupted ids differ in shape: {tuple(clean_ids.shape)} vs "
+                         f"{tuple(corrupt_ids.shape)}")
+
+
+def _layer_list(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
+    out = tuple(range(num_layers)) if layers is None else tuple(int(x) for x in layers)
+    if not out or any(not 0 <= x < num_layers for x in out):
+        raise ValueError(f"layers must be at least one layer in 0..{num_layers - 1}, got {list(out)}")
+    return out
+
+
 def _normalize(m: Tensor | float, clean: float, corrupt: float) -> Tensor | float:
     return (m - corrupt) / (clean - corrupt)
 
@@ -253,18 +278,12 @@ def activation_patching(
 
     Returns a :class:`PatchResult` (normalized effect, see the module docstring).
     """
-    _check_ids(clean_ids, "clean_ids")
-    _check_ids(corrupt_ids, "corrupt_ids")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise ValueError(f"clean and corrupted ids differ in shape: {tuple(clean_ids.shape)} vs "
-                         f"{tuple(corrupt_ids.shape)}")
+    _check_pair(clean_ids, corrupt_ids)
     bad = [p for p in points if p not in PATCH_POINTS]
     if bad or not points:
         raise ValueError(f"points must be among {PATCH_POINTS}, got {list(points)}")
     g = hf.geometry(model)
-    layer_list = tuple(range(g.num_layers)) if layers is None else tuple(int(x) for x in layers)
-    if any(not 0 <= x < g.num_layers for x in layer_list):
-        raise ValueError(f"layers {list(layer_list)} outside 0..{g.num_layers - 1}")
+    layer_list = _layer_list(layers, g.num_layers)
     T = clean_ids.shape[1]
     pos = _positions(positions, T)
 
@@ -431,6 +450,170 @@ def path_patching(
 
 def _hook_layer(name: str) -> int:
     return int(name.split(".")[1])
+
+
+def path_patching_logits(
+    model: nn.Module,
+    clean_ids: Tensor,
+    corrupt_ids: Tensor,
+    metric: Metric,
+    *,
+    layers: Iterable[int] | None = None,
+    batch: int = 8,
+) -> PatchResult:
+    """Path patching from each head to the logits (Wang et al. 2022): the sender's path through the residual
+    stream and the MLPs only, every other attention head frozen.
+
+    Per sender ``(layer, head)``: the corrupted run with the sender's ``z`` taken from the clean run and every
+    other head's ``z`` (all layers) frozen at its corrupted-run value; MLPs and norms are recomputed. One
+    forward per sender, ``batch`` senders per pass (copy ``b`` carries sender ``b``), the cost of activation
+    patching ``z``. Denoising by argument order (module docstring); swap the ids for noising. A sender in the
+    last layer has no downstream head, so its effect equals activation patching of its ``z``.
+
+    Args:
+        model: a causal LM; clean_ids, corrupt_ids: ``(1, T)`` of the same length.
+        metric: ``metric(logits (1, T, V)) -> float``.
+        layers: the senders' layers (default: all); every head of each is a sender.
+        batch: senders per forward pass.
+
+    Returns a :class:`PatchResult` with the one point ``"z"``: ``effects["z"]`` ``(len(layers), heads)``
+    normalized ``(m_patched - m_corrupt) / (m_clean - m_corrupt)``, ``patched["z"]`` the raw metric.
+    """
+    _check_pair(clean_ids, corrupt_ids)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    g = hf.geometry(model)
+    layer_list = _layer_list(layers, g.num_layers)
+    zn = [f"blocks.{i}.attn.z" for i in range(g.num_layers)]
+    with torch.no_grad():
+        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
+        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
+    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
+    if m_clean == m_corrupt:
+        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean}): the normalized "
+                         "effect is undefined")
+    senders = [(layer, h) for layer in layer_list for h in range(g.num_heads)]
+    raw = torch.empty(len(senders), dtype=torch.float64)
+    with torch.no_grad():
+        for s in range(0, len(senders), batch):
+            part = senders[s : s + batch]
+            B = len(part)
+
+            def freeze(z, ctx, part=part, B=B):  # every head at the corrupted run, copy b's sender clean
+                new = corrupt[ctx.name].to(z.dtype).expand(B, -1, -1, -1).clone()
+                for b, (layer, h) in enumerate(part):
+                    if layer == ctx.layer:
+                        new[b, h] = clean[ctx.name][0, h]
+                return new
+
+            with hf.hooks(model, {"blocks.*.attn.z": freeze}):
+                logits = model(input_ids=corrupt_ids.expand(B, -1), use_cache=False).logits
+            raw[s : s + B] = torch.tensor(_metric_rows(metric, logits), dtype=torch.float64)
+    vals = raw.view(len(layer_list), g.num_heads)
+    return PatchResult({"z": _normalize(vals, m_clean, m_corrupt)}, {"z": vals}, m_clean, m_corrupt, layer_list,
+                       None)
+
+
+def path_patching_senders(
+    model: nn.Module,
+    clean_ids: Tensor,
+    corrupt_ids: Tensor,
+    metric: Metric,
+    receivers: Sequence[tuple[int, int]],
+    vias: Sequence[str] = ("q", "k", "v"),
+    *,
+    batch: int = 8,
+) -> PatchResult:
+    """Path patching from every earlier head to a set of receivers' queries / keys / values, one route at a time
+    (Wang et al. 2022's later rounds: senders -> the name movers' queries, -> the S-inhibition heads' values, ...).
+
+    Senders: every head in the layers before the last receiver's layer. Per sender and batch of senders:
+
+    1. the corrupted run with the sender's ``z`` from the clean run and every other head's ``z`` (all layers)
+       frozen at its corrupted value, recording the receivers' ``q``, ``k`` and ``v`` (recomputed from the
+       modified residual stream) -- one forward for all routes;
+    2. per route in ``vias``: the corrupted run with only the receivers' ``via`` input replaced by the recorded
+       one (everything else computed freely, as in :func:`path_patching`) -- one forward per route.
+
+    So ``1 + len(vias)`` forwards per sender, ``batch`` senders per forward (copy ``b`` carries sender ``b``).
+    All receivers are patched together (the path into the set). A receiver in or before the sender's layer
+    reads an unchanged input, so each sender reaches only the receivers after it. GQA: a ``k`` / ``v`` route
+    patches the receivers' whole kv groups (module docstring). Denoising by argument order; swap the ids for
+    noising. Equals :func:`path_patching` with that one sender and the same receivers (tested).
+
+    Returns a :class:`PatchResult` whose points are the routes: ``effects[via]`` ``(len(layers), heads)``
+    normalized like activation patching, ``patched[via]`` the raw metric, ``layers`` the senders' layers
+    ``0 .. last receiver layer - 1``.
+    """
+    _check_pair(clean_ids, corrupt_ids)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    vias = tuple(vias)
+    if not vias or any(v not in ("q", "k", "v") for v in vias) or len(set(vias)) != len(vias):
+        raise ValueError(f"vias must be distinct routes among 'q', 'k', 'v', got {list(vias)}")
+    g = hf.geometry(model)
+    rec = [(int(a), int(b)) for a, b in receivers]
+    if not rec:
+        raise ValueError("receivers must list at least one (layer, head)")
+    for layer, h in rec:
+        if not (0 <= layer < g.num_layers and 0 <= h < g.num_heads):
+            raise ValueError(f"receivers: ({layer}, {h}) is not a head of this model "
+                             f"({g.num_layers} layers x {g.num_heads} heads)")
+    last = max(layer for layer, _ in rec)
+    if last == 0:
+        raise ValueError(f"receivers {rec} all sit in layer 0: no earlier head can send to them")
+    zn = [f"blocks.{i}.attn.z" for i in range(g.num_layers)]
+    with torch.no_grad():
+        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
+        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
+    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
+    if m_clean == m_corrupt:
+        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean}): the normalized "
+                         "effect is undefined")
+    # the receivers' slices per route and hook point (kv heads for k / v)
+    targets: dict[str, dict[str, list[int]]] = {v: {} for v in vias}
+    for v in vias:
+        for layer, h in rec:
+            idx = targets[v].setdefault(f"blocks.{layer}.attn.{v}", [])
+            i = h if v == "q" else h // g.group
+            if i not in idx:
+                idx.append(i)
+    record_names = {name for v in vias for name in targets[v]}
+    layer_list = tuple(range(last))
+    senders = [(layer, h) for layer in layer_list for h in range(g.num_heads)]
+    raw = {v: torch.empty(len(senders), dtype=torch.float64) for v in vias}
+    with torch.no_grad():
+        for s in range(0, len(senders), batch):
+            part = senders[s : s + batch]
+            B = len(part)
+            recorded: dict[str, Tensor] = {}
+
+            def freeze(z, ctx, part=part, B=B):  # every head at the corrupted run, copy b's sender clean
+                new = corrupt[ctx.name].to(z.dtype).expand(B, -1, -1, -1).clone()
+                for b, (layer, h) in enumerate(part):
+                    if layer == ctx.layer:
+                        new[b, h] = clean[ctx.name][0, h]
+                return new
+
+            def record(value, ctx, recorded=recorded):
+                recorded[ctx.name] = value.detach().clone()
+
+            ids = corrupt_ids.expand(B, -1)
+            with hf.hooks(model, {"blocks.*.attn.z": freeze, **{name: record for name in record_names}}):
+                model(input_ids=ids, use_cache=False)
+            for v in vias:
+                def patch(value, ctx, v=v, recorded=recorded):
+                    new = value.clone()
+                    for i in targets[v][ctx.name]:
+                        new[:, i] = recorded[ctx.name][:, i]
+                    return new
+
+                with hf.hooks(model, {name: patch for name in targets[v]}):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                raw[v][s : s + B] = torch.tensor(_metric_rows(metric, logits), dtype=torch.float64)
+    patched = {v: raw[v].view(len(layer_list), g.num_heads) for v in vias}
+    effects = {v: _normalize(x, m_clean, m_corrupt) for v, x in patched.items()}
+    return PatchResult(effects, patched, m_clean, m_corrupt, layer_list, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -638,5 +821,5 @@ def logit_lens(
 __all__ = [
     "DLAResult", "KnockoutBlock", "LensResult", "Metric", "PATCH_POINTS", "PatchResult", "PathPatchResult",
     "activation_patching", "attention_knockout", "direct_logit_attribution", "knockout_effect", "logit_lens",
-    "path_patching", "rms_gain",
+    "path_patching", "path_patching_logits", "path_patching_senders", "rms_gain",
 ]

@@ -135,7 +135,9 @@ def build_seq_layer(mech: CabMech, dim: int, heads: int, seq_len: int, causal: b
     name = "mha" if mech.name in PATTERNS else mech.name
     entry = registry.get(name)
     valid = set(registry.config_options(entry.config))
-    opts: dict[str, Any] = {"dim": dim, "heads": heads}
+    opts: dict[str, Any] = {"dim": dim}
+    if "heads" in valid:  # single-head layers (Mega, SHViT) have no such knob
+        opts["heads"] = heads
     if "causal" in valid:
         opts["causal"] = causal
     if mech.name in PATTERNS:
@@ -298,7 +300,7 @@ def setting_leak(model: nn.Module, x: Tensor, at: int, cross: bool) -> float:
     """Largest change of the scored outputs before ``at`` when the inputs from ``at`` on change.
 
     Self settings: tokens ``at..`` change, outputs ``< at`` are read. Cross settings (``x = [src ; queries]``):
-    source tokens ``at..`` change, target outputs ``< at`` are read. 0 means causal."""
+    source tokens ``at..`` change, target outputs ``< at`` are read. 0 means causal. Runs in eval mode."""
     x2 = x.clone()
     vocab = model.embed.num_embeddings
     if cross:
@@ -308,9 +310,14 @@ def setting_leak(model: nn.Module, x: Tensor, at: int, cross: bool) -> float:
     else:
         x2[:, at:] = (x2[:, at:] + 1) % vocab
         lo, hi = 0, at
-    with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(x2)
+    was_training = model.training
+    model.eval()  # the function, not training noise (HeadMask's random heads, SSA's sampled keys) is checked
+    try:
+        with torch.no_grad():
+            a, _ = model(x)
+            b, _ = model(x2)
+    finally:
+        model.train(was_training)
     return float((a[:, lo:hi] - b[:, lo:hi]).abs().max())
 
 
