@@ -354,3 +354,17 @@ def test_without_the_extension_attnlab_warns_once_and_uses_python(monkeypatch):
     assert q.grad is not None
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         native.block_attention(q, k, v, dense_layout(torch.ones(1, 1, 40, 40, dtype=torch.bool), 8, 8), 0.3)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path) -> None:
+    import time
+
+    from attnlab.core.sparse.native import STALE_LOCK_S, clear_stale_lock
+
+    assert clear_stale_lock(tmp_path) is False  # no lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert clear_stale_lock(tmp_path) is False and lock.exists()  # a build may be running
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert clear_stale_lock(tmp_path, now=time.time() + STALE_LOCK_S + 1) is True
+    assert not lock.exists()

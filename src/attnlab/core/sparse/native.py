@@ -112,6 +112,28 @@ def _build_key() -> str:
     return f"torch{torch.__version__.replace('+', '_')}-{h.hexdigest()[:16]}"
 
 
+#: a build takes a minute or two; a lock older than this was left by a killed build (torch's FileBaton holds no
+#: pid), and every later load would wait on it forever
+STALE_LOCK_S = 15 * 60
+
+
+def clear_stale_lock(folder: Path, now: float | None = None) -> bool:
+    """Remove ``folder/lock`` when it is older than :data:`STALE_LOCK_S`; True if removed (with a warning)."""
+    import time
+
+    lock = folder / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    lock.unlink(missing_ok=True)
+    warnings.warn(f"removed a stale build lock ({age / 60:.0f} min old, left by a killed build): {lock}",
+                  stacklevel=2)
+    return True
+
+
 def _compile(verbose: bool):
     from torch.utils import cpp_extension
 
@@ -124,6 +146,7 @@ def _compile(verbose: bool):
     if not (folder / f"{name}.so").exists() and (default / f"{name}.so").exists():
         folder = default  # the same key (sources, flags, torch, CPU) already built in the default cache
     folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     mod = cpp_extension.load(
         name=name,
         sources=[str(_SRC_DIR / s) for s in _SOURCES],
