@@ -186,8 +186,9 @@ def test_leak_check_reads_the_function_not_training_noise() -> None:
     model = Backbone(bb, lambda i: build_seq_layer(mech, 16, 4, 8, True), vocab=10, num_classes=10).train()
     x = torch.randint(10, (2, 8), generator=gen(0))
     with torch.no_grad():
-        noisy = float((model(x)[0] - model(x)[0]).abs().max())
-    assert noisy > 1e-4  # training-mode outputs are random
+        first = model(x)[0]
+        noisy = max(float((model(x)[0] - first).abs().max()) for _ in range(6))
+    assert noisy > 1e-4  # training-mode outputs are random (1 of 4 heads dropped per call)
     assert setting_leak(model, x, 4, cross=False) < 1e-6 and model.training
     model_nc = Backbone(bb, lambda i: build_seq_layer(CabMech("mha", "mha"), 16, 4, 8, False), vocab=10,
                         num_classes=10)

@@ -61,6 +61,8 @@ CASES: dict[str, tuple[dict, int | None, int]] = {
     "routing_transformer": (dict(clusters=3), None, 5),
     "sparsifiner": (dict(rank=3, top_k=5), None, 0),
     "superlinear": (dict(stride=4, window=5, top_k=2, chunk=4), None, 5),
+    "ssa": (dict(block=4, rate=0.5, eval_mode="sample"), None, 5),
+    "rectified": (dict(block=4, top_k=2), None, 5),
     "vmoba": (dict(grid=(2, 2, 3), tile=(1, 2, 3), top_k=1), 12, 0),
     # linear
     "agent": (dict(agents=4, chunk=4), None, 5),
@@ -129,7 +131,7 @@ def test_fast_path_matches_reference(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in NAMES if CASES[n][2]])
 def test_decoding_token_by_token_equals_full_forward(name: str) -> None:
     assert get(name).decodes
-    layer, x = make(name), hidden(name).detach()
+    layer, x = make(name).eval(), hidden(name).detach()  # decoding is inference (SSA samples anew per training call)
     full = layer(x)
     cache = layer.init_cache(x.shape[0])
     assert isinstance(cache, LayerCache)

@@ -110,8 +110,10 @@ def default_methods(T: int) -> list[SelectionMethod]:
         hip,
         minference,
         moba,
+        rectified,
         recycled,
         routing_transformer,
+        ssa,
         superlinear,
         vmoba,
     )
@@ -165,8 +167,25 @@ def default_methods(T: int) -> list[SelectionMethod]:
     def rc(q, k):  # each position past the first a decoding step; a dense full step every 8
         return recycled.recycled_mask(q, k, max(1, T // 16), 8, 1)
 
+    def rx(q, k):  # Rectified SpaAttn's exactly read blocks (own + 2 past by pooled logit); the pooled rest is no mask
+        nb = -(-T // blk)
+        counts = torch.full((nb,), float(blk), dtype=q.dtype)
+        counts[-1] = T - (nb - 1) * blk
+        a = rectified.pooled_logits(q, moba.block_means(k, blk), counts, q.shape[-1] ** -0.5)
+        own = torch.arange(T) // blk
+        past = torch.arange(nb).view(1, nb) < own.view(T, 1)
+        val, idx = a.masked_fill(~past, float("-inf")).topk(min(2, nb), dim=-1)
+        sel = torch.cat([own.view(1, 1, T, 1).expand(*a.shape[:2], T, 1), idx], -1)
+        valid = torch.cat([torch.ones(*a.shape[:2], T, 1, dtype=torch.bool), torch.isfinite(val)], -1)
+        return selection_mask(sel, valid, moba.block_sets(T, blk, q.device), T)
+
+    def sa(q, k):  # SSA's training-time draw (seed 0): a content-free, locality-biased baseline
+        return ssa.ssa_mask(q, k, q_offset=0, rate=0.25, block=blk, seed=0)
+
     methods = [
         SelectionMethod("moba", lambda q, k: moba.moba_mask(q, k, blk, 3)),
+        SelectionMethod("rectified", rx),
+        SelectionMethod("ssa", sa),
         SelectionMethod("minference.vertical_slash", vs),
         SelectionMethod("minference.vertical_slash.delta", vs, correction=8),
         SelectionMethod("minference.block_topk", btk),
