@@ -365,6 +365,20 @@ class PathPatchResult:
     patched: tuple[tuple[int, str, int], ...] = field(default_factory=tuple)
 
 
+def _z_runs(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metric: Metric):
+    """Every head's ``z`` on the clean and corrupted runs and the metric of each: ``(clean, corrupt, m_clean,
+    m_corrupt)``; a metric equal on both runs leaves the normalized effect undefined and raises."""
+    zn = [f"blocks.{i}.attn.z" for i in range(hf.geometry(model).num_layers)]
+    with torch.no_grad():
+        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
+        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
+    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
+    if m_clean == m_corrupt:
+        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean}): the normalized "
+                         "effect is undefined")
+    return clean, corrupt, m_clean, m_corrupt
+
+
 def path_patching(
     model: nn.Module,
     clean_ids: Tensor,
@@ -404,14 +418,7 @@ def path_patching(
     if late:
         raise ValueError(f"receivers {late} do not sit after any sender (first sender layer {first}): no path")
 
-    L = g.num_layers
-    zn = [f"blocks.{i}.attn.z" for i in range(L)]
-    with torch.no_grad():
-        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
-        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
-    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
-    if m_clean == m_corrupt:
-        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean})")
+    clean, corrupt, m_clean, m_corrupt = _z_runs(model, clean_ids, corrupt_ids, metric)
 
     send = set(map(tuple, senders))
 
@@ -484,14 +491,7 @@ def path_patching_logits(
         raise ValueError(f"batch must be >= 1, got {batch}")
     g = hf.geometry(model)
     layer_list = _layer_list(layers, g.num_layers)
-    zn = [f"blocks.{i}.attn.z" for i in range(g.num_layers)]
-    with torch.no_grad():
-        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
-        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
-    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
-    if m_clean == m_corrupt:
-        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean}): the normalized "
-                         "effect is undefined")
+    clean, corrupt, m_clean, m_corrupt = _z_runs(model, clean_ids, corrupt_ids, metric)
     senders = [(layer, h) for layer in layer_list for h in range(g.num_heads)]
     raw = torch.empty(len(senders), dtype=torch.float64)
     with torch.no_grad():
@@ -562,14 +562,7 @@ def path_patching_senders(
     last = max(layer for layer, _ in rec)
     if last == 0:
         raise ValueError(f"receivers {rec} all sit in layer 0: no earlier head can send to them")
-    zn = [f"blocks.{i}.attn.z" for i in range(g.num_layers)]
-    with torch.no_grad():
-        clean_out, clean = hf.run_with_cache(model, clean_ids, zn)
-        corrupt_out, corrupt = hf.run_with_cache(model, corrupt_ids, zn)
-    m_clean, m_corrupt = float(metric(clean_out.logits)), float(metric(corrupt_out.logits))
-    if m_clean == m_corrupt:
-        raise ValueError(f"the metric is the same on the clean and corrupted runs ({m_clean}): the normalized "
-                         "effect is undefined")
+    clean, corrupt, m_clean, m_corrupt = _z_runs(model, clean_ids, corrupt_ids, metric)
     # the receivers' slices per route and hook point (kv heads for k / v)
     targets: dict[str, dict[str, list[int]]] = {v: {} for v in vias}
     for v in vias:
