@@ -277,3 +277,17 @@ def test_command_end_to_end_with_resume(tmp_path) -> None:
     assert main(argv) == 0  # resume: nothing runs again
     assert (run_dir / "results.jsonl").read_text().splitlines() == lines
     assert json.loads((run_dir / "results.json").read_text())["meta"]["ran_now"] == 0
+
+
+def test_grid_layers_fit_their_regions_and_tiles_to_the_grid() -> None:
+    from attnlab.mechanisms.heads import HeadsConfig
+    from attnlab.vision.registry import MixerContext, build_mixer, fit_to_grid
+
+    assert fit_to_grid({"regions": (4, 4)}, (1, 16)) == {"regions": (1, 4)}
+    assert fit_to_grid({"tile": (2, 2, 2)}, (1, 8, 8)) == {"tile": (1, 2, 2)}
+    assert fit_to_grid({"regions": (4, 4)}, (8, 8)) == {"regions": (4, 4)}  # a fitting default is kept
+    for name in ("biformer", "vmoba"):  # defaults that do not divide a 1 x 16 sequence grid
+        layer = build_seq_layer(CabMech(name, name), 16, 2, 16, causal=False)
+        assert layer(torch.randn(2, 16, 16)).shape == (2, 16, 16)
+    mixer = build_mixer("vmoba", MixerContext(HeadsConfig(dim=16, heads=2), (8, 8), 0))
+    assert mixer(torch.randn(2, 64, 16)).shape == (2, 64, 16)

@@ -21,6 +21,7 @@ Two kinds of names:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -146,10 +147,28 @@ def catalogue_options(entry: mech.Entry, ctx: MixerContext, options: dict[str, A
         if ctx.prefix:
             raise ValueError(f"mechanism {entry.name!r} takes a 2-D grid and no class token; use pooling='mean'")
         opts["grid"] = ctx.grid if len(defaults["grid"]) == 2 else (1, *ctx.grid)
+        opts.update(fit_to_grid(defaults, opts["grid"]))
     opts.update(options)
     if _grid_pattern(opts) and ctx.prefix:
         raise ValueError(f"mixer {entry.name!r} with a grid pattern takes no class token; use pooling='mean'")
     return opts
 
 
-__all__ = ["MixerContext", "build_mixer", "catalogue_options", "grid_only", "mixer_names", "register_mixer"]
+#: grid-tied options of the catalogue's grid layers: BiFormer's ``regions``, VMoBA's ``tile``
+GRID_TIED = ("regions", "tile")
+
+
+def fit_to_grid(defaults: dict[str, Any], grid: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The grid-tied defaults shrunk to divide ``grid`` (per axis the gcd of the default and the side), e.g. BiFormer's
+    ``regions=(4, 4)`` on a ``(1, 16)`` sequence grid -> ``(1, 4)``; VMoBA's ``tile=(2, 2, 2)`` on ``(1, 8, 8)`` ->
+    ``(1, 2, 2)``. A default that already divides the grid is kept."""
+    out = {}
+    for k in GRID_TIED:
+        d = defaults.get(k)
+        if isinstance(d, tuple) and len(d) == len(grid):
+            out[k] = tuple(math.gcd(a, g) for a, g in zip(d, grid))
+    return out
+
+
+__all__ = ["GRID_TIED", "MixerContext", "build_mixer", "catalogue_options", "fit_to_grid", "grid_only",
+           "mixer_names", "register_mixer"]

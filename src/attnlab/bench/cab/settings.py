@@ -39,6 +39,7 @@ from ...core.patterns.vision import HaloBlocks
 from ...mechanisms import registry
 from ...mechanisms.common import RMSNorm
 from ...mechanisms.heads import OpLayer
+from ...vision.registry import fit_to_grid
 from ..tasks.backbone import BackboneConfig, ShortConv
 from ..tasks.base import Batch, Task
 
@@ -147,6 +148,7 @@ def build_seq_layer(mech: CabMech, dim: int, heads: int, seq_len: int, causal: b
     if "grid" in valid:
         defaults = {f.name: f.default for f in dataclasses.fields(entry.config)}
         opts["grid"] = (1, seq_len) if len(defaults["grid"]) == 2 else (1, 1, seq_len)
+        opts.update(fit_to_grid(defaults, opts["grid"]))
     opts.update(mech.options)
     return registry.build(name, **opts)
 
