@@ -365,6 +365,21 @@ class PathPatchResult:
     patched: tuple[tuple[int, str, int], ...] = field(default_factory=tuple)
 
 
+def _senders_clean(part: list[tuple[int, int]], clean: dict, corrupt: dict) -> Callable:
+    """A ``z`` hook for a batch of ``len(part)`` rows: every head at the corrupted run, except that row ``b`` copies
+    its sender ``part[b]`` from the clean run."""
+    B = len(part)
+
+    def freeze(z, ctx):
+        new = corrupt[ctx.name].to(z.dtype).expand(B, -1, -1, -1).clone()
+        for b, (layer, h) in enumerate(part):
+            if layer == ctx.layer:
+                new[b, h] = clean[ctx.name][0, h]
+        return new
+
+    return freeze
+
+
 def _z_runs(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metric: Metric):
     """Every head's ``z`` on the clean and corrupted runs and the metric of each: ``(clean, corrupt, m_clean,
     m_corrupt)``; a metric equal on both runs leaves the normalized effect undefined and raises."""
@@ -499,12 +514,7 @@ def path_patching_logits(
             part = senders[s : s + batch]
             B = len(part)
 
-            def freeze(z, ctx, part=part, B=B):  # every head at the corrupted run, copy b's sender clean
-                new = corrupt[ctx.name].to(z.dtype).expand(B, -1, -1, -1).clone()
-                for b, (layer, h) in enumerate(part):
-                    if layer == ctx.layer:
-                        new[b, h] = clean[ctx.name][0, h]
-                return new
+            freeze = _senders_clean(part, clean, corrupt)
 
             with hf.hooks(model, {"blocks.*.attn.z": freeze}):
                 logits = model(input_ids=corrupt_ids.expand(B, -1), use_cache=False).logits
@@ -581,12 +591,7 @@ def path_patching_senders(
             B = len(part)
             recorded: dict[str, Tensor] = {}
 
-            def freeze(z, ctx, part=part, B=B):  # every head at the corrupted run, copy b's sender clean
-                new = corrupt[ctx.name].to(z.dtype).expand(B, -1, -1, -1).clone()
-                for b, (layer, h) in enumerate(part):
-                    if layer == ctx.layer:
-                        new[b, h] = clean[ctx.name][0, h]
-                return new
+            freeze = _senders_clean(part, clean, corrupt)
 
             def record(value, ctx, recorded=recorded):
                 recorded[ctx.name] = value.detach().clone()
