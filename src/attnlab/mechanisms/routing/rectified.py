@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, positive_int
-from attnlab.core.softmax import lse_merge
+from attnlab.core.softmax import lse_merge, masked_softmax
 from attnlab.core.sparse import run_lse
 from attnlab.ops._engine import plan_selection
 from attnlab.ops.sparse import ALL, sparse_op
@@ -106,7 +106,7 @@ def rectified_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offs
     parts = [(out_c, lse_c)]
     if bool(take.any()):
         a_t = a.masked_fill(~take, ninf)
-        w = torch.softmax(a_t, -1).nan_to_num(0.0)  # rows without a taken block: zero weights
+        w = masked_softmax(a_t)  # rows without a taken block: zero weights
         Bq, Hq = w.shape[:2]
         o_t = (w.view(B, Hkv, H // Hkv, Tq, nb) @ _grouped(vbar, H)).view(Bq, Hq, Tq, -1)
         parts.append((o_t, a_t.logsumexp(-1)))
