@@ -236,23 +236,36 @@ def _delta(ctx: Context, f: float, L: int) -> Setup:
 
 
 # ---- attention-informed plans: streaming heads where the model's analysis allows ---------------------------
-def _split(f: float, L: int) -> tuple[float, int]:
-    """(fraction of full heads, streaming window) whose KV is about ``f`` at length ``L``."""
-    window = max(16, min(256, _tokens(f, L) // 2))
-    r = (4 + window - 1) / L
-    return max(0.0, min(1.0, (f - r) / (1 - r))), window
+def _split(f: float, L: int, heads: int, sinks: int = 4) -> tuple[int, int]:
+    """(kv heads kept whole, streaming window) of a head plan holding about ``f`` of ``heads`` kv heads'
+    caches at prompt length ``L``.
+
+    DuoAttention-style: a streaming head holds ``sinks`` + a window of ``min(256, f L / 2)`` (at least 16), and
+    as many heads as the rest affords are kept whole (rounded, unless that overshoots the budget by more than
+    5%). The streaming heads then share what the whole heads leave: their window grows to fill the budget
+    (never below the default). With few kv heads (Gemma 3: one per full layer) a plan that can keep none whole
+    is StreamingLLM; one that keeps one spends the rest on the others' windows instead of leaving it unused."""
+    base = max(16, min(256, _tokens(f, L) // 2))
+    hold = sinks + base - 1  # positions a streaming head holds
+    budget = f * heads * L
+    n_full = max(0, min(heads, int(round((budget - heads * hold) / max(1, L - hold)))))
+    while n_full > 0 and n_full * L + (heads - n_full) * hold > 1.05 * budget:
+        n_full -= 1
+    if n_full == heads:
+        return n_full, base
+    filled = int((budget - n_full * L) / (heads - n_full)) - sinks + 1
+    return n_full, min(L, max(base, filled))
 
 
 def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setup:
+    """The ``scores`` ``(layers, kv_heads)`` highest kv heads of the full layers kept whole, the others streaming
+    (:func:`_split`); the sliding layers as :meth:`Context.windows` says."""
     from ..plans.sources import from_scores
 
-    full_fraction, window = _split(f, L)
-    if len(ctx.full_layers) < ctx.num_layers:  # rank the full layers' heads only (the others keep their window)
-        scores = scores.clone()
-        keep = [i for i in range(ctx.num_layers) if i not in ctx.full_layers]
-        scores[keep] = float("-inf")
-        full_fraction *= len(ctx.full_layers) / ctx.num_layers
-    plan = from_scores(scores, ctx.q_per_kv, full_fraction, 4, window, name=name, source=name)
+    heads = len(ctx.full_layers) * ctx.num_kv_heads
+    n_full, window = _split(f, L, heads)
+    layers = [i in ctx.full_layers for i in range(ctx.num_layers)]
+    plan = from_scores(scores, ctx.q_per_kv, n_full / heads, 4, window, name=name, source=name, layers=layers)
     return Setup(plan=ctx.windows(plan, f))
 
 
@@ -272,6 +285,17 @@ def _duo(ctx: Context, f: float, L: int) -> Setup:
 
     gates = ctx.calibrated("duo", lambda: duo_gates(ctx.model, ctx.tok))
     return _from_scores(ctx, gates, f, L, "duo")
+
+
+@method("atlas", "decode", ("prefill", "press"), ("A28", "I30"), "head-atlas plan: full heads ranked by the "
+        "atlas's retrieval score + (1 - streaming score), streaming heads elsewhere")
+def _atlas(ctx: Context, f: float, L: int) -> Setup:
+    from ..inspect.atlas import build_atlas
+    from ..plans.sources import atlas_scores
+
+    scores = ctx.calibrated("atlas", lambda: atlas_scores(build_atlas(
+        ctx.model, ctx.tok, probes=["text", "retrieval"], importance="none", flow_tokens=0)))
+    return _from_scores(ctx, scores, f, L, "atlas")
 
 
 @method("moa", "decode", ("prefill", "press"), ("I58",), "MoA plan: per-head windows minimizing the profiled "

@@ -162,13 +162,10 @@ def plan_from_scores(model: nn.Module, scores: Tensor, full_fraction: float = 1 
     return with_model_windows(model, plan)
 
 
-def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
-               model: nn.Module | None = None) -> HeadPlan:
-    """Plan from an ``attnlab.inspect`` HeadAtlas: rank kv heads by ``retrieval + (1 - streaming)`` from its
-    ``kv_scores()`` (retrieval: max over the group's query heads; streaming: min), unmeasured = 0.
-
-    ``model`` (the atlas's model): on a model with sliding-window layers the budget covers its full layers
-    only and the sliding layers keep the model's window (:func:`plan_from_scores`)."""
+def atlas_scores(atlas: Any) -> Tensor:
+    """Per kv head ``retrieval + (1 - streaming)`` from an ``attnlab.inspect`` HeadAtlas's ``kv_scores()``
+    (retrieval: max over the group's query heads; streaming: min), unmeasured = 0: ``(layers, kv_heads)``
+    float64, higher = keep whole."""
     kv = atlas.kv_scores()
     if "streaming" not in kv and "retrieval" not in kv:
         raise ValueError("the atlas has neither retrieval nor streaming scores")
@@ -178,6 +175,16 @@ def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window:
         score += torch.nan_to_num(kv["retrieval"].double(), nan=0.0)
     if "streaming" in kv:
         score += 1.0 - torch.nan_to_num(kv["streaming"].double(), nan=1.0)
+    return score
+
+
+def from_atlas(atlas: Any, full_fraction: float = 1 / 3, sinks: int = 4, window: int = 256,
+               model: nn.Module | None = None) -> HeadPlan:
+    """Plan from an ``attnlab.inspect`` HeadAtlas: the kv heads ranked by :func:`atlas_scores`.
+
+    ``model`` (the atlas's model): on a model with sliding-window layers the budget covers its full layers
+    only and the sliding layers keep the model's window (:func:`plan_from_scores`)."""
+    score = atlas_scores(atlas)
     if model is not None:
         geo = geometry(model)
         if (geo.num_layers, geo.num_kv_heads) != tuple(score.shape):
@@ -403,6 +410,6 @@ def duo_plan(model: nn.Module, tok: Any, full_fraction: float = 1 / 3, sinks: in
 
 
 __all__ = [
-    "budget_layers", "duo_gates", "local_policy", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan",
+    "atlas_scores", "budget_layers", "duo_gates", "local_policy", "duo_hooks", "duo_plan", "from_atlas", "from_scores", "moa_plan",
            "model_windows", "plan_from_scores", "probe_plan", "probe_scores", "uniform", "window_loss_profile",
            "with_model_windows"]
