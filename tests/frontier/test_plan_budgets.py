@@ -16,6 +16,7 @@ from hf_tiny import tiny  # noqa: E402
 from attnlab.frontier import methods as M  # noqa: E402
 from attnlab.frontier import run as R  # noqa: E402
 from attnlab.plans.plan import HeadPolicy  # noqa: E402
+
 from .test_run import Tok, sample  # noqa: E402
 
 INFORMED = ("duo", "probe", "atlas")
