@@ -86,6 +86,7 @@ def test_plan_keeps_the_top_head_and_fills_the_rest(name):
     window that spends what is left (the default would be 70); the prompt's cache held is the budget."""
     model, ctx = _ctx(2)
     T = 200
+    ctx.cache[f"{name}-split-0.7-{T}"] = torch.tensor([0.0, 2.0, 1.0])  # the calibration kept the split
     plan = M.get(name).build(ctx, 0.7, T).plan
     assert plan.policies[1][1].kind == "full"  # score 1 > 0
     assert plan.policies[1][0] == HeadPolicy.stream(4, 77)
@@ -114,3 +115,34 @@ def test_atlas_scores_rank_retrieval_and_non_streaming_heads():
     assert torch.allclose(s, torch.tensor([[0.9 + 0.8, 0.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match="neither"):
         atlas_scores(Atlas({"sink": torch.zeros(1, 2)}))
+
+
+@pytest.mark.parametrize("name", INFORMED)
+def test_calibration_can_choose_uniform_windows(name):
+    """When the calibration's probes score higher with the budget spent as uniform windows, the plan is
+    StreamingLLM on the full layers; the decision is read from the run's calibrations (not recomputed)."""
+    model, ctx = _ctx(2)
+    T = 200
+    ctx.cache[f"{name}-split-0.7-{T}"] = torch.tensor([1.0, 0.0, 2.0])
+    plan = M.get(name).build(ctx, 0.7, T).plan
+    assert plan.policies == M.get("stream").build(ctx, 0.7, T).plan.policies
+
+
+def test_split_votes_count_what_each_plan_decodes():
+    """Known answer: samples whose answer is the dense model's own continuation; a whole-cache plan reproduces
+    every one, a 2-key window (sinks 0) loses at least one."""
+    from attnlab.plans.plan import HeadPlan
+    from attnlab.plans.tasks import Sample
+
+    model = tiny("llama")
+    tok = Tok()
+    samples = []
+    for seed in range(3):
+        base = sample(10 + seed, length=64)
+        dense = R.run_dense(model, torch.tensor([base.ids]), base.max_new_tokens - 1, capture=False)
+        answer = tok.decode(dense["tokens"][0].tolist())
+        samples.append(Sample("passkey", base.ids, (answer,), 64, 0.5, base.max_new_tokens))
+    whole = HeadPlan.uniform(2, 2, HeadPolicy.full(), 2, name="whole")
+    short = HeadPlan.uniform(2, 2, HeadPolicy.stream(0, 2), 2, name="short")
+    votes = M.split_votes(model, tok, [whole, short], samples)
+    assert votes[0] == 3.0 and votes[1] < 3.0

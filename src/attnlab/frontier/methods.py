@@ -257,16 +257,66 @@ def _split(f: float, L: int, heads: int, sinks: int = 4) -> tuple[int, int]:
     return n_full, min(L, max(base, filled))
 
 
-def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setup:
-    """The ``scores`` ``(layers, kv_heads)`` highest kv heads of the full layers kept whole, the others streaming
-    (:func:`_split`); the sliding layers as :meth:`Context.windows` says."""
+#: passkey prompts (seeds disjoint from every evaluation sample) that decide a plan's split; see :func:`_uniform_wins`
+SPLIT_PROBES = 5
+SPLIT_SEED = 7_001
+
+
+def _score_plan(ctx: Context, scores: Any, n_full: int, window: int, f: float, name: str) -> HeadPlan:
     from ..plans.sources import from_scores
 
     heads = len(ctx.full_layers) * ctx.num_kv_heads
-    n_full, window = _split(f, L, heads)
     layers = [i in ctx.full_layers for i in range(ctx.num_layers)]
     plan = from_scores(scores, ctx.q_per_kv, n_full / heads, 4, window, name=name, source=name, layers=layers)
-    return Setup(plan=ctx.windows(plan, f))
+    return ctx.windows(plan, f)
+
+
+def split_votes(model: Any, tok: Any, plans: list[HeadPlan], samples: list[Any]) -> list[float]:
+    """Per plan, the summed task score over ``samples`` under the press protocol (one dense prefill per sample,
+    each plan's cache replayed from it, greedy decoding of the sample's answer length)."""
+    import torch
+
+    from .run import run_dense, run_press
+
+    votes = [0.0] * len(plans)
+    for s in samples:
+        dense = run_dense(model, torch.tensor([s.ids]), s.max_new_tokens - 1, capture=True)
+        for i, plan in enumerate(plans):
+            toks = run_press(model, plan, dense, s.max_new_tokens - 1)["tokens"]
+            votes[i] += s.score(tok.decode(toks[0].tolist(), skip_special_tokens=True))
+        del dense
+    return votes
+
+
+def _uniform_wins(ctx: Context, scores: Any, f: float, L: int, name: str, rule: tuple[int, int]) -> bool:
+    """Whether the head-level split ``rule`` (whole heads + short windows) loses to spending the same budget as
+    uniform StreamingLLM windows on :data:`SPLIT_PROBES` passkey prompts of length ``L`` (strictly: a tie keeps
+    the split). DuoAttention-style calibration on generated data: on a model whose full layers have few kv heads
+    (Gemma 3: one each) the whole heads a budget affords can be too few to retrieve anything, while windows
+    twice as long still hold the later half of the context. Computed once per (method, f, L) and kept with the
+    run's calibrations."""
+    def decide() -> Any:
+        import torch
+
+        from ..plans.tasks import make_samples
+
+        plans = [_score_plan(ctx, scores, *rule, f, name), _score_plan(ctx, scores, 0, stream_window(f, L), f, name)]
+        probes = make_samples(ctx.tok, "passkey", L, SPLIT_PROBES, seed=SPLIT_SEED)
+        votes = split_votes(ctx.model, ctx.tok, plans, probes)
+        return torch.tensor([float(votes[1] > votes[0]), votes[0], votes[1]])
+
+    return bool(ctx.calibrated(f"{name}-split-{f}-{L}", decide)[0])
+
+
+def _from_scores(ctx: Context, scores: Any, f: float, L: int, name: str) -> Setup:
+    """The ``scores`` ``(layers, kv_heads)`` highest kv heads of the full layers kept whole, the others streaming
+    (:func:`_split`), unless the calibration says uniform windows keep more (:func:`_uniform_wins`); the sliding
+    layers as :meth:`Context.windows` says."""
+    heads = len(ctx.full_layers) * ctx.num_kv_heads
+    n_full, window = _split(f, L, heads)
+    if 0 < n_full < heads and _uniform_wins(ctx, scores, f, L, name, (n_full, window)):
+        n_full, window = 0, stream_window(f, L)
+    return Setup(plan=_score_plan(ctx, scores, n_full, window, f, name))
 
 
 @method("probe", "decode", ("prefill", "press"), ("A28",), "retrieval-probe plan: full heads where passkey "
@@ -356,4 +406,5 @@ for _base in ("moba", "hip", "minference"):
 QUICK = ("stream", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "h2o", "quest", "probe", "moba",
          "moba+delta", "minference")
 
-__all__ = ["Context", "METHODS", "Method", "QUICK", "Setup", "get", "method", "stream_window"]
+__all__ = ["Context", "METHODS", "Method", "QUICK", "SPLIT_PROBES", "Setup", "get", "method", "split_votes",
+           "stream_window"]
