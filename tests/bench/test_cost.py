@@ -137,7 +137,7 @@ def test_known_ops_are_all_registered_and_priced():
 
 
 @pytest.mark.parametrize("name", ["stream", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "h2o", "quest",
-                                  "recycled", "delta", "probe", "duo", "moba", "hip", "minference",
+                                  "recycled", "delta", "probe", "duo", "atlas", "moba", "hip", "minference",
                                   "minference_blocks", "moba+delta"])
 def test_frontier_methods_are_monotone_in_budget(name):
     shape = CM.ModelShape.bare(heads=4, kv_heads=2, head_dim=8)

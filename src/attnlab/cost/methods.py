@@ -360,10 +360,14 @@ def _frontier_program(name: str, shape: ModelShape, L: int, budget: float, proto
                      store=Path(calibration) if calibration else None)
     notes: list[str] = []
     base = name.split("+")[0]
-    if base in ("probe", "duo"):
+    if base in ("probe", "duo", "atlas"):
         # the calibration ranks heads; the cost depends only on how many are full: equal scores stand in
         ctx.cache[base] = torch.zeros(shape.layers, shape.kv_heads)
         notes.append("head ranking not calibrated (cost depends only on the number of full heads)")
+        split = f"{base}-split-{budget}-{L}"  # whole heads vs uniform windows (FM._uniform_wins)
+        if ctx.store is None or FM._load(ctx.store, split) is None:
+            ctx.cache[split] = torch.zeros(3)
+            notes.append("split not calibrated: the budget rule's whole heads priced")
     try:
         setup = meth.build(ctx, budget, L)
     except Exception:  # a calibration that needs the real model (MoA's profile search)
