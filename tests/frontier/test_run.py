@@ -235,3 +235,24 @@ def test_solvable_rows_keep_the_cells_dense_solves():
                                                                                             ("x", 0.2))]
     kept = R.solvable_rows(rows)
     assert sorted({r["task"] for r in kept}) == ["easy", "half"] and len(kept) == 4
+
+
+@pytest.mark.parametrize("name", ["recycled", "delta", "quest"])
+def test_decode_sparse_methods_read_the_prompt_densely(name):
+    """Recycled, DELTA and Quest are decode-family methods: the prompt's logits equal the dense model's (their
+    selection starts with the first decoding step), while a later step reads fewer keys than dense."""
+    from attnlab.models import hf
+
+    model = tiny("llama")
+    ctx = R.context(model, Tok())
+    T = 120
+    ids = torch.tensor([sample(7, length=T).ids])
+    setup = M.get(name).build(ctx, 0.1, T)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with hf.use(model, R.method_runner(model, setup)):
+            own = model(input_ids=ids).logits
+    torch.testing.assert_close(own, dense, rtol=1e-4, atol=1e-4)
+    full = R.run_dense(model, ids, 6, capture=False)
+    res = R.run_prefill(model, setup, ids, 6)
+    assert res["tokens"][0, 0] == full["tokens"][0, 0]

@@ -226,13 +226,14 @@ def _quest(ctx: Context, f: float, L: int) -> Setup:
 @method("recycled", "decode", ("prefill",), ("D27",), "Recycled attention: a full step every 8 positions records the "
         "top keys; the steps between reuse them (whole cache kept)")
 def _recycled(ctx: Context, f: float, L: int) -> Setup:
-    return _on_full_layers(ctx, "recycled", {"top_k": _tokens(f, L), "stride": 8})
+    # prefill=None: the prompt (the first call) is dense, as in the paper; only the decoding steps recycle
+    return _on_full_layers(ctx, "recycled", {"top_k": _tokens(f, L), "stride": 8, "prefill": None})
 
 
 @method("delta", "decode", ("prefill",), ("D42",), "DELTA: head-summed full attention picks one top-k key set per "
         "decoding step (+ 16 recent; whole cache kept)")
 def _delta(ctx: Context, f: float, L: int) -> Setup:
-    return _on_full_layers(ctx, "delta_select", {"top_k": _tokens(f, L), "always": 16})
+    return _on_full_layers(ctx, "delta_select", {"top_k": _tokens(f, L), "always": 16, "prefill": None})
 
 
 # ---- attention-informed plans: streaming heads where the model's analysis allows ---------------------------
