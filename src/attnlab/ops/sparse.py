@@ -81,6 +81,10 @@ def sampled_dense(
     """Dense attention of the query rows ``rows`` (n,) only: q (B, H, Tq, D), k, v (B, Hkv, Tk, D) -> (B, H, n, Dv)."""
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     q_offset = Tk - Tq if q_offset is None else q_offset
+    if causal and q_offset == 0 and Tk == Tq and rows.numel() == Tq and torch.equal(
+            rows, torch.arange(Tq, device=rows.device)):  # a whole prompt: SDPA's causal kernel, no mask tensor
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=default_scale(D, scale),
+                                              enable_gqa=H != Hkv)
     mask = None
     if causal:
         mask = torch.arange(Tk, device=q.device).view(1, Tk) <= (rows + q_offset).view(-1, 1)
