@@ -194,6 +194,18 @@ def test_claims_pass():
     assert not _by(cl, "dense_solvable")  # needs the rows
 
 
+def test_claims_count_decoded_tokens_within_the_kv_tolerance():
+    """A cache compressed to 0.25x of the prompt holds a little more once the answer is appended: 0.251x still
+    counts as KV <= 0.25x; 0.26x does not."""
+    summary = [_s("dense", None, 0.80, 1.0, family="dense", protocol="dense"),
+               _s("pyramidkv", 0.25, 0.78, 0.251, dec=1.4), _s("tova", 0.25, 0.70, 0.250, dec=1.5),
+               _s("big", 0.25, 0.80, 0.26, dec=2.0)]
+    (acc,) = _by(R.claims(summary), "kv25_within_5pts")
+    assert acc["passed"] is True and "pyramidkv" in acc["detail"] and acc["value"] == pytest.approx(-2.0)
+    (acc,) = _by(R.claims(summary, kv_tol=0.0), "kv25_within_5pts")
+    assert acc["passed"] is False and "tova" in acc["detail"]
+
+
 def test_claims_ignore_methods_that_skipped_cells():
     """A method that ran fewer (task, length) cells than dense is not compared with dense's whole suite."""
     summary = [_s("dense", None, 0.80, 1.0, family="dense", protocol="dense"),

@@ -131,6 +131,78 @@ def test_snap_records_the_window_then_keeps_budget_plus_window():
         assert layer.held_positions() == budget + window + (b - prompt)
 
 
+def _chunk_reference(scores, budget, chunk):
+    """ChunkKV's selection written out: chunks of ``chunk`` positions from 0 ranked by summed score, taken whole
+    until the budget; the last one taken keeps its best positions."""
+    L = len(scores)
+    chunks = [list(range(a, min(a + chunk, L))) for a in range(0, L, chunk)]
+    ranked = sorted(chunks, key=lambda c: -sum(scores[i] for i in c))
+    kept = []
+    for c in ranked:
+        room = budget - len(kept)
+        kept += c if len(c) <= room else sorted(c, key=lambda i: -scores[i])[:room]
+        if len(kept) == budget:
+            break
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("budget,chunk,L", [(8, 4, 30), (10, 4, 30), (3, 5, 23), (4, 3, 8), (7, 10, 41)])
+def test_chunk_selection_keeps_the_best_whole_chunks(budget, chunk, L):
+    from attnlab.plans.policies.snap import chunk_top, snap_select
+
+    g = torch.Generator().manual_seed(budget * 100 + L)
+    scores = torch.rand(2, 3, L, generator=g, dtype=torch.float64)
+    got = chunk_top(scores, budget, chunk).sort(-1).values
+    for b in range(2):
+        for h in range(3):
+            assert got[b, h].tolist() == _chunk_reference(scores[b, h].tolist(), budget, chunk)
+    # through snap_select: the last `window` positions are kept as well, and chunk=1 is SnapKV's top-k
+    keep = snap_select(scores, L, budget=budget, window=2, kernel=1, chunk=chunk)
+    assert keep[0, 0].tolist() == _chunk_reference(scores[0, 0, : L - 2].tolist(), budget, chunk) + [L - 2, L - 1]
+    plain = snap_select(scores, L, budget=budget, window=2, kernel=1, chunk=1)
+    assert plain[0, 0, :budget].tolist() == sorted(scores[0, 0, : L - 2].topk(budget).indices.tolist())
+
+
+def test_chunk_selection_keeps_a_needle_that_token_selection_splits():
+    """A 6-token needle whose first token is attended most and whose tail barely: top-k keeps 3 of its tokens,
+    chunks of 6 aligned with it keep all of them."""
+    from attnlab.plans.policies.snap import snap_select
+
+    scores = torch.full((1, 1, 40), 0.05, dtype=torch.float64)
+    scores[0, 0, 12:18] = torch.tensor([3.0, 1.0, 0.5, 0.01, 0.01, 0.01])
+    scores[0, 0, [2, 25, 31]] = 0.6  # three distractors beat the needle's tail token by token
+    tok = snap_select(scores, 40, budget=6, window=2, kernel=1, chunk=1)[0, 0, :6].tolist()
+    assert set(range(12, 18)) - set(tok) == {15, 16, 17}
+    chunked = snap_select(scores, 40, budget=6, window=2, kernel=1, chunk=6)[0, 0, :6].tolist()
+    assert chunked == list(range(12, 18))
+
+
+def test_snap_policy_with_chunks_decodes_over_the_chunks_it_kept():
+    budget, window, chunk, prompt = 6, 3, 3, 30
+    q, k, v = qkv(1, 2, 1, 34, seed=5)
+    pol = Snap(budget, window, 1, chunk)
+    assert pol.label() == "snap(6/3)c3" and HeadPolicy.from_dict(pol.as_dict()) == pol
+    layer = PlanLayer((pol,))
+    runner = PlanRunner(HeadPlan(((pol,),), q_per_kv=2))
+    for a, b in CALLS[:2]:
+        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
+        runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
+    s = (q[0, :, prompt - window: prompt] @ k[0, 0, :prompt].T) * SCALE
+    s = s.masked_fill(~causal(window, prompt)[0], float("-inf"))
+    expect = torch.softmax(s, -1).sum(dim=(0, 1))
+    kept = _chunk_reference(expect[: prompt - window].tolist(), budget, chunk) + list(range(prompt - window, prompt))
+    for a, b in CALLS[2:]:
+        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
+        out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
+        allowed = torch.zeros(1, 1, 1, b, dtype=torch.bool)
+        allowed[..., kept + list(range(prompt, b))] = True
+        assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed)).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="chunk"):
+        Snap(budget, window, 1, 0)
+    with pytest.raises(ValueError, match="'chunk'"):
+        ops.get("snap")(q, k, v, scale=SCALE, chunk=0)
+
+
 def test_snap_compresses_once_then_a_second_turn_appends():
     """Shared-context multi-turn (SCBench): the prompt is compressed at the first decode step; a later multi-row
     call (the next turn's question) and its decode steps attend to the kept keys plus everything after the first

@@ -180,6 +180,13 @@ def _snapkv(ctx: Context, f: float, L: int) -> Setup:
     return _uniform(ctx, HeadPolicy.snap(_tokens(f, L, 32), 32, 7), "snapkv", f)
 
 
+@method("chunkkv", "decode", ("press",), (), "ChunkKV: SnapKV's scores (last 32 queries) summed over chunks of "
+        "10 keys; the best whole chunks + those 32")
+def _chunkkv(ctx: Context, f: float, L: int) -> Setup:
+    # the chunk sum is the paper's grouping; max-pooling (SnapKV's) would blur the chunk boundaries it keeps
+    return _uniform(ctx, HeadPolicy("snap", budget=_tokens(f, L, 32), window=32, kernel=1, chunk=10), "chunkkv", f)
+
+
 @method("pyramidkv", "decode", ("press",), (), "PyramidKV: SnapKV with per-layer budgets falling linearly from "
         "1.5x the mean in the first layer to 0.5x in the last")
 def _pyramid(ctx: Context, f: float, L: int) -> Setup:

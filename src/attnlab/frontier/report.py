@@ -260,8 +260,12 @@ def _label(r: dict[str, Any]) -> str:
 
 def claims(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]] | None = None, *,
            kv_max: float = 0.25, points: float = 5.0, speedup: float = 1.3,
-           solvable: float = 0.5) -> list[dict[str, Any]]:
+           solvable: float = 0.5, kv_tol: float = 0.02) -> list[dict[str, Any]]:
     """The four frontier checks per model, each ``{"model", "claim", "value", "target", "passed", "detail"}``.
+
+    "KV held <= ``kv_max``" means ``kv_ratio <= kv_max * (1 + kv_tol)``: the ratio is measured after decoding,
+    and the answer tokens every cache appends put one compressed to exactly ``kv_max`` of the prompt a little
+    above it (a 0.25 SnapKV cache holds 0.2515x after 8 tokens at 4k, TOVA's fixed cache 0.2495x).
 
     * ``kv25_within_5pts``: among methods holding ``kv_ratio <= kv_max``, the most accurate is within
       ``points`` of dense (value: its ``delta_vs_dense`` in points);
@@ -283,7 +287,7 @@ def claims(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]] | N
         rs = [r for r in summary if str(r["model"]) == model and r.get("accuracy") is not None]
         dense = next((r for r in rs if r.get("family") == DENSE or r["method"] == DENSE), None)
         methods = [r for r in rs if r is not dense]
-        small = [r for r in methods if r.get("kv_ratio") is not None and r["kv_ratio"] <= kv_max]
+        small = [r for r in methods if r.get("kv_ratio") is not None and r["kv_ratio"] <= kv_max * (1 + kv_tol)]
         out.append(_claim_accuracy(model, dense, small, kv_max, points, methods))
         out.extend(_claims_informed(model, methods))
         out.append(_claim_speed(model, small, kv_max, speedup, methods))

@@ -6,10 +6,15 @@
   ``kernel`` neighbours, pick the ``budget`` prompt keys attended most, and the cache keeps those plus the
   last ``window`` prompt keys (``budget + window``), then appends each generated token; a later multi-row
   call (another turn over the same context) is appended too: the prompt is compressed once;
+* ``chunk`` > 1 selects whole chunks instead of single keys (ChunkKV, Liu et al. 2025, arXiv 2502.00299): the
+  positions before the window are cut into chunks of ``chunk`` consecutive keys from position 0, a chunk's
+  score is the sum of its keys' scores, and the ``budget`` kept keys are taken chunk by chunk in decreasing
+  chunk score (so a needle's tokens stay together; when ``budget`` is not a multiple of ``chunk`` the last
+  chunk taken keeps its best-scored keys);
 * decode: SDPA over the held buffer (its entries are in increasing position order, so causality at buffer
   indices is exact).
 
-Op ``snap`` (options ``budget``, ``window``, ``kernel``): stateless it is causal attention (the eviction is
+Op ``snap`` (options ``budget``, ``window``, ``kernel``, ``chunk``): stateless it is causal attention (the eviction is
 defined by a prompt); with ``state=OpState()`` a prompt call records the scores, the first one-row call keeps
 ``state["kept"]`` (``(B, Hkv, budget + window)`` prompt positions) and every later call attends to the kept
 positions plus everything after the prompt.
@@ -43,21 +48,37 @@ def snap_scores(q: Tensor, k: Tensor, *, scale: float, window: int) -> Tensor:
     return total
 
 
-def snap_select(scores: Tensor, prompt: int, *, budget: int, window: int, kernel: int) -> Tensor:
+def chunk_top(scores: Tensor, budget: int, chunk: int) -> Tensor:
+    """ChunkKV's selection: ``budget`` positions taken whole chunk by whole chunk (chunks of ``chunk``
+    consecutive positions from 0, the last one possibly shorter) in decreasing summed score; inside the last
+    chunk taken, its best-scored positions first. Ties keep the earlier chunk / position.
+    scores (B, n, L) -> (B, n, budget) long, unsorted."""
+    B, n, L = scores.shape
+    count = -(-L // chunk)
+    sums = F.pad(scores, (0, count * chunk - L)).view(B, n, count, chunk).sum(-1)
+    own = scores.argsort(dim=-1, descending=True, stable=True)  # best key first, then by chunk (stable)
+    chunk_of = torch.div(own, chunk, rounding_mode="floor")
+    order = sums.gather(-1, chunk_of).argsort(dim=-1, descending=True, stable=True)
+    return own.gather(-1, order[:, :, :budget])
+
+
+def snap_select(scores: Tensor, prompt: int, *, budget: int, window: int, kernel: int, chunk: int = 1) -> Tensor:
     """Prompt positions to keep, sorted: the ``budget`` best pooled scores among ``0 .. prompt - window - 1``
-    plus the last ``window``. scores (B, n, >= prompt) -> (B, n, budget + window) long."""
+    (with ``chunk`` > 1, the best whole chunks: :func:`chunk_top`) plus the last ``window``.
+    scores (B, n, >= prompt) -> (B, n, budget + window) long."""
     prefix = scores[:, :, : prompt - window].float()
     if kernel > 1:
         B, n, L = prefix.shape
         prefix = F.max_pool1d(prefix.reshape(B * n, 1, L), kernel, stride=1, padding=kernel // 2)
         prefix = prefix.reshape(B, n, -1)[:, :, :L]
-    top = prefix.topk(budget, dim=-1).indices.sort(dim=-1).values
+    top = chunk_top(prefix, budget, chunk) if chunk > 1 else prefix.topk(budget, dim=-1).indices
+    top = top.sort(dim=-1).values
     recent = torch.arange(prompt - window, prompt, device=top.device).expand(*top.shape[:2], window)
     return torch.cat([top, recent], dim=-1)
 
 
-def _check(budget: int, window: int, kernel: int) -> None:
-    for name, val in (("budget", budget), ("window", window), ("kernel", kernel)):
+def _check(budget: int, window: int, kernel: int, chunk: int) -> None:
+    for name, val in (("budget", budget), ("window", window), ("kernel", kernel), ("chunk", chunk)):
         if not isinstance(val, int) or val < 1:
             raise ValueError(f"snap: option {name!r} must be an int >= 1, got {val!r}")
 
@@ -65,25 +86,27 @@ def _check(budget: int, window: int, kernel: int) -> None:
 @register_policy
 @dataclass(frozen=True)
 class Snap(Policy):
-    """Keep the ``budget`` prompt keys the last ``window`` prompt queries attend to most, plus that window."""
+    """Keep the ``budget`` prompt keys the last ``window`` prompt queries attend to most (in whole chunks of
+    ``chunk`` keys when ``chunk`` > 1: ChunkKV), plus that window."""
 
     budget: int = 256
     window: int = 32
     kernel: int = 7
+    chunk: int = 1
 
     kind = "snap"
     symbol = "k"
     op = "snap"
 
     def __post_init__(self) -> None:
-        if self.budget < 1 or self.window < 1 or self.kernel < 1:
-            raise ValueError(f"snap policy needs budget, window, kernel >= 1, got {self}")
+        if self.budget < 1 or self.window < 1 or self.kernel < 1 or self.chunk < 1:
+            raise ValueError(f"snap policy needs budget, window, kernel, chunk >= 1, got {self}")
 
     def label(self) -> str:
-        return f"snap({self.budget}/{self.window})"
+        return f"snap({self.budget}/{self.window})" + (f"c{self.chunk}" if self.chunk > 1 else "")
 
     def op_options(self) -> dict[str, Any]:
-        return {"budget": self.budget, "window": self.window, "kernel": self.kernel}
+        return {"budget": self.budget, "window": self.window, "kernel": self.kernel, "chunk": self.chunk}
 
     def kept(self, seq_len: int) -> int:
         return min(seq_len, self.budget + self.window)
@@ -91,7 +114,8 @@ class Snap(Policy):
     def append(self, slot: Slot, k: Tensor, v: Tensor, past: int) -> tuple[Tensor, Tensor]:
         scores = slot.state.pop("_scores", None)
         if k.shape[2] == 1 and scores is not None and past > self.budget + self.window:
-            keep = snap_select(scores, past, budget=self.budget, window=self.window, kernel=self.kernel)
+            keep = snap_select(scores, past, budget=self.budget, window=self.window, kernel=self.kernel,
+                               chunk=self.chunk)
             idx = keep.unsqueeze(-1)
             slot.hold(*(torch.gather(t, 2, idx.expand(-1, -1, -1, t.shape[-1])).contiguous()
                         for t in (slot.keys, slot.values)))
@@ -127,14 +151,16 @@ def _snap_mask(q: Tensor, k: Tensor, *, q_offset: int, state: dict | None = None
 
 
 @register_op("snap", family="cache", summary="SnapKV prompt eviction: after the prompt keep the budget keys the "
-             "last window queries attend to most (max-pooled) plus the window; state carries what was kept",
-             options={"budget": 256, "window": 32, "kernel": 7}, causal_only=True, weights_mask=_snap_mask,
-             dense_options={"budget": 1 << 20}, example={"budget": 4, "window": 4, "kernel": 3},
+             "last window queries attend to most (max-pooled; whole chunks with chunk > 1, ChunkKV) plus the "
+             "window; state carries what was kept",
+             options={"budget": 256, "window": 32, "kernel": 7, "chunk": 1}, causal_only=True,
+             weights_mask=_snap_mask, dense_options={"budget": 1 << 20},
+             example={"budget": 4, "window": 4, "kernel": 3, "chunk": 2},
              decodes=False)  # the decode steps read the kept keys only: by design not the full forward
 def snap_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mask: Tensor | None = None,
-            state: dict | None = None, budget: int = 256, window: int = 32, kernel: int = 7):
+            state: dict | None = None, budget: int = 256, window: int = 32, kernel: int = 7, chunk: int = 1):
     """q (B, H, Tq, D), k, v (B, Hkv, Tk, D) (every key so far) -> (B, H, Tq, Dv) [, state]."""
-    _check(budget, window, kernel)
+    _check(budget, window, kernel, chunk)
     Tq, Tk = q.shape[2], k.shape[2]
     if state is not None:
         if Tq > 1 and "kept" not in state:
@@ -144,7 +170,8 @@ def snap_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mas
             prompt = state.pop("prompt")
             scores = state.pop("scores")
             if prompt > budget + window:
-                state["kept"] = snap_select(scores, prompt, budget=budget, window=window, kernel=kernel)
+                state["kept"] = snap_select(scores, prompt, budget=budget, window=window, kernel=kernel,
+                                            chunk=chunk)
                 state["prompt"] = prompt
     if state is not None and "kept" in state:
         allowed = _snap_allowed(k, state, Tq, q_offset, q.shape[1])
@@ -157,4 +184,4 @@ def snap_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mas
     return out if state is None else (out, state)
 
 
-__all__ = ["Snap", "snap_op", "snap_scores", "snap_select"]
+__all__ = ["Snap", "chunk_top", "snap_op", "snap_scores", "snap_select"]
