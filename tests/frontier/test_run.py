@@ -34,7 +34,8 @@ class Tok:
 
 
 #: methods whose own prompt computation is dense (press only): their replayed cache must equal their own
-PRESS = [m for m in M.METHODS.values() if m.protocols == ("press",)]
+#: (LAQ decodes pseudo tokens between the prompt and its compression: tested on its own below)
+PRESS = [m for m in M.METHODS.values() if m.protocols == ("press",) and m.name != "laq"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -256,3 +257,69 @@ def test_decode_sparse_methods_read_the_prompt_densely(name):
     full = R.run_dense(model, ids, 6, capture=False)
     res = R.run_prefill(model, setup, ids, 6)
     assert res["tokens"][0, 0] == full["tokens"][0, 0]
+
+
+def test_laq_re_selects_with_the_queries_of_tokens_decoded_over_snapkvs_cache():
+    """LAQ = SnapKV whose scores add the queries of `lookahead` tokens first decoded over SnapKV's own cache.
+    Checked against a reference that recomputes every step by hand: the pseudo tokens are SnapKV's own
+    continuation, their queries come from hooks on that decoding, and the kept positions are the top-k of
+    (last-window scores + lookahead scores) written out with softmax over the prompt keys."""
+    from attnlab.models import hf
+    from attnlab.plans.policies.snap import snap_select
+
+    model = tiny("llama")
+    ctx = R.context(model, Tok())
+    s = sample(3, new=6)
+    ids = torch.tensor([s.ids])
+    dense = R.run_dense(model, ids, 5, capture=True)
+    laq = M.get("laq").build(ctx, 0.25, L)
+    snap = M.get("snapkv").build(ctx, 0.25, L)
+    assert laq.lookahead == M.LOOKAHEAD and laq.plan == snap.plan
+    G = 3
+    # the pseudo tokens are SnapKV's greedy continuation; the hooks see one query row per step and layer
+    snap_run = R.run_press(model, snap.plan, dense, G)
+    rows = {}
+    cache, runner = R.replay(snap.plan, dense["captured"])
+    with hf.use(model, runner), hf.hooks(model, {"blocks.*.attn.q": lambda v, c: rows.setdefault(c.layer, []).append(v)}):
+        R.decode(model, dense["first"], cache, G)
+    ahead = R.pseudo_queries(model, snap.plan, dense, G)
+    assert sorted(ahead) == list(range(ctx.num_layers))
+    for layer, q in ahead.items():
+        assert q.shape[2] == G and torch.equal(q, torch.cat(rows[layer], dim=2))
+    assert snap_run["tokens"].shape[1] == G + 1
+    # the kept positions: window scores + lookahead scores, by hand
+    pol = snap.plan[0, 0]
+    cache, _ = R.replay(snap.plan, dense["captured"], ahead)
+    for layer in range(ctx.num_layers):
+        rec = dense["captured"][layer]
+        q, k = rec["q"].double(), rec["k"].double()
+        H, Hkv = q.shape[1], k.shape[1]
+        kk = k.repeat_interleave(H // Hkv, dim=1)
+        w = pol.window
+        att = (q[:, :, L - w:] @ kk.transpose(-1, -2)) * rec["scale"]
+        att = att.masked_fill(torch.ones(w, L, dtype=torch.bool).triu(L - w + 1), float("-inf")).softmax(-1)
+        la = ((ahead[layer].double() @ kk.transpose(-1, -2)) * rec["scale"]).softmax(-1)
+        total = (att.sum(2) + la.sum(2)).view(1, Hkv, H // Hkv, L).sum(2)
+        expect = snap_select(total, L, budget=pol.budget, window=w, kernel=pol.kernel)
+        slot = cache.layers[layer].groups[0]
+        got = snap_select(slot.state["_scores"].double(), L, budget=pol.budget, window=w, kernel=pol.kernel)
+        assert torch.equal(got, expect), layer
+        assert (slot.state["_scores"].double() - total).abs().max() < 1e-5
+    # the whole method: the cache SnapKV's budget allows, and at a full budget the dense tokens
+    res = R.run_press(model, laq.plan, dense, 5, laq.lookahead)
+    assert res["kv_bytes"] == R.run_press(model, snap.plan, dense, 5)["kv_bytes"]
+    full = M.get("laq").build(ctx, 1.0, L)
+    assert torch.equal(R.run_press(model, full.plan, dense, 5, full.lookahead)["tokens"], dense["tokens"])
+
+
+def test_lookahead_methods_are_refused_where_the_lookahead_cannot_run():
+    from attnlab.cost import methods as CM
+    from attnlab.cost.model import NotPriced
+
+    with pytest.raises(NotPriced, match="pseudo tokens"):
+        CM.price("laq", CM.ModelShape.bare(), 256)
+    from attnlab.cost.tts import plan_for
+
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="lookahead"):
+        plan_for(model, Tok(), "laq", 0.25, L)

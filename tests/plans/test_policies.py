@@ -380,3 +380,30 @@ def test_every_file_of_the_policies_package_registers_its_policy():
     files = {m.name for m in pkgutil.iter_modules(P.__path__)} - {"base"}
     owners = {policy_class(k).__module__ for k in kinds()}
     assert {f"{P.__name__}.{f}" for f in files} <= owners and len(files) >= 5
+
+
+def test_look_ahead_adds_the_pseudo_queries_attention_to_the_scores_of_scoring_policies():
+    """PlanRunner.look_ahead routes each kv head's query heads to its policy: SnapKV and Ada-KV add the
+    rows' softmax over the prompt keys (every key visible) to their recorded scores; a streaming head ignores
+    them. Written out in float64 per kv head."""
+    from attnlab.plans.policies import policy_class
+
+    prompt, G, window = 20, 3, 4
+    q, k, v = qkv(1, 6, 3, prompt, seed=11)
+    qa = torch.randn(1, 6, G, 8, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    ada = policy_class("ada")(budget=6, window=window, kernel=1, alpha=0.5)
+    pols = (Snap(6, window, 1), Stream(2, 6), ada)
+    layer = PlanLayer(pols)
+    runner = PlanRunner(HeadPlan((pols,), q_per_kv=2))
+    lkv, _ = layer.update(k, v)
+    runner.observe(q, lkv, scale=SCALE)
+    before = {i: g.slot.state.get("_scores") for i, g in enumerate(lkv.groups)}
+    before = {i: None if t is None else t.clone() for i, t in before.items()}
+    runner.look_ahead(qa, lkv, scale=SCALE)
+    for i, g in enumerate(lkv.groups):
+        h = int(g.index[0])
+        if isinstance(g.policy, Stream):
+            assert "_scores" not in g.slot.state
+            continue
+        att = torch.softmax((qa[0, 2 * h: 2 * h + 2] @ k[0, h].T) * SCALE, -1).sum(dim=(0, 1))
+        assert (g.slot.state["_scores"][0, 0].double() - before[i][0, 0].double() - att).abs().max() < 1e-5

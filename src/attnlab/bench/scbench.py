@@ -404,6 +404,9 @@ def run_config(cfg: Config) -> dict[str, Any]:
             if cfg.protocol not in _protocols_of(meth):
                 raise ValueError(f"method {cfg.method!r} runs under {_protocols_of(meth)}, not {cfg.protocol!r}")
             setup = meth.build(_context(cfg, model, tok), cfg.budget, cfg.length)
+            if setup.lookahead:
+                raise ValueError(f"method {cfg.method!r} decodes pseudo tokens before compressing (LAQ): it runs "
+                                 "in attnlab frontier's single-turn press protocol only")
             family = meth.family
             if cfg.protocol == "prefill":
                 res = run_prefill(model, setup, sample, history=cfg.history)

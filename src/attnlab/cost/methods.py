@@ -374,6 +374,10 @@ def _frontier_program(name: str, shape: ModelShape, L: int, budget: float, proto
         raise NotPriced(f"frontier method {name!r} needs a calibration of the model to build its plan; "
                         "pass --calibration DIR (a frontier run's calibration-<model>/ folder holding it) or "
                         "price a saved plan with plan:PATH") from None
+    if setup.lookahead:
+        raise NotPriced(f"frontier method {name!r} decodes {setup.lookahead} pseudo tokens before it compresses "
+                        "(Lookahead Q-Cache); that step has no cost formula: price the method it re-runs (snapkv) "
+                        "plus as many decode steps")
     if setup.plan is not None:
         return Program(tuple(_plan_program(setup.plan, shape)), proto, tuple(notes))
     layers = _dense_layers(shape)

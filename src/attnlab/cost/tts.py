@@ -136,9 +136,10 @@ def plan_for(model: Any, tok: Any, method: str, budget: float, length: int) -> A
         plan = HeadPlan.uniform(ctx.num_layers, ctx.num_kv_heads, HeadPolicy.full(), ctx.q_per_kv, name="dense")
         return ctx.windows(plan, 1.0)
     setup = FM.get(method).build(ctx, budget, length)
-    if setup.plan is None:
-        raise ValueError(f"tts decodes from a replayed cache: {method!r} is an ops-based method (no plan); use "
-                         "a plan-based one (stream, snapkv, quest, tova, h2o, ...)")
+    if setup.plan is None or setup.lookahead:
+        raise ValueError(f"tts decodes from a replayed cache: {method!r} is "
+                         + ("an ops-based method (no plan)" if setup.plan is None else "a lookahead method (LAQ)")
+                         + "; use a plan-based one (stream, snapkv, quest, tova, h2o, ...)")
     return setup.plan
 
 

@@ -30,7 +30,7 @@ keep the whole cache and act on the full layers; the local layers run the model'
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class Setup:
 
     plan: HeadPlan | None = None
     ops: dict[int, tuple[str, dict[str, Any]]] | None = None
+    #: Lookahead Q-Cache: greedy tokens decoded over the plan's compressed cache whose queries the plan's
+    #: policies see before compressing the dense prompt's cache again (press protocol; 0: none)
+    lookahead: int = 0
 
 
 LOCAL_MODES = ("shrink", "keep")
@@ -162,6 +165,10 @@ def _on_full_layers(ctx: Context, op: str, options: dict[str, Any]) -> Setup:
     return Setup(ops={layer: (op, dict(options)) for layer in ctx.full_layers})
 
 
+#: pseudo tokens LAQ decodes (the answers of the suite are 7-10 tokens)
+LOOKAHEAD = 8
+
+
 def stream_window(f: float, L: int, sinks: int = 4) -> int:
     """The window that makes sinks + window - 1 held positions about ``f * L``."""
     return max(8, _tokens(f, L) - sinks + 1)
@@ -185,6 +192,12 @@ def _snapkv(ctx: Context, f: float, L: int) -> Setup:
 def _chunkkv(ctx: Context, f: float, L: int) -> Setup:
     # the chunk sum is the paper's grouping; max-pooling (SnapKV's) would blur the chunk boundaries it keeps
     return _uniform(ctx, HeadPolicy("snap", budget=_tokens(f, L, 32), window=32, kernel=1, chunk=10), "chunkkv", f)
+
+
+@method("laq", "decode", ("press",), (), "Lookahead Q-Cache (LAQ++): SnapKV's selection, re-run with the "
+        "queries of 8 tokens first decoded over SnapKV's cache added to the last 32 prompt queries")
+def _laq(ctx: Context, f: float, L: int) -> Setup:
+    return replace(_snapkv(ctx, f, L), lookahead=LOOKAHEAD)
 
 
 @method("pyramidkv", "decode", ("press",), (), "PyramidKV: SnapKV with per-layer budgets falling linearly from "

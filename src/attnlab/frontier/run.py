@@ -149,22 +149,46 @@ def run_dense(model: nn.Module, ids: Tensor, steps: int, capture: bool) -> dict[
 
 
 @torch.no_grad()
-def replay(plan: HeadPlan, captured: dict[int, dict[str, Any]]) -> tuple[PlanCache, PlanRunner]:
+def replay(plan: HeadPlan, captured: dict[int, dict[str, Any]],
+           ahead: dict[int, Tensor] | None = None) -> tuple[PlanCache, PlanRunner]:
     """The cache ``plan`` would hold after a dense prefill: each layer's recorded keys/values go through its
     policies' ``append`` and the recorded queries through ``observe`` (what :class:`PlanRunner` does on a
-    prompt call, minus the output, which the dense prefill already computed)."""
+    prompt call, minus the output, which the dense prefill already computed). ``ahead``: per layer, queries
+    of tokens after the prompt ``(B, H, G, D)`` shown to the policies before they compress (``look_ahead``)."""
     cache, runner = PlanCache(plan), PlanRunner(plan)
     for layer in range(plan.num_layers):
         rec = captured[layer]
         lkv, _ = cache.layers[layer].update(rec["k"], rec["v"])
         runner.observe(rec["q"], lkv, scale=rec["scale"])
+        if ahead is not None:
+            runner.look_ahead(ahead[layer], lkv, scale=rec["scale"])
     return cache, runner
 
 
 @torch.no_grad()
-def run_press(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], steps: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def pseudo_queries(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], count: int) -> dict[int, Tensor]:
+    """Lookahead Q-Cache's pseudo queries: ``count`` greedy tokens decoded from the first one over the cache
+    ``plan`` keeps after the dense prompt (the method never reads what it evicts), and every layer's queries
+    of those steps, ``{layer: (B, H, count, D)}`` (positions prompt .. prompt + count - 1)."""
     cache, runner = replay(plan, dense["captured"])
+    rows: dict[int, list[Tensor]] = {}
+
+    def keep(value: Tensor, ctx: hf.HookContext) -> None:
+        rows.setdefault(ctx.layer, []).append(value)
+
+    with hf.use(model, runner), hf.hooks(model, {"blocks.*.attn.q": keep}):
+        decode(model, dense["first"], cache, count)
+    return {layer: torch.cat(qs, dim=2) for layer, qs in rows.items()}
+
+
+@torch.no_grad()
+def run_press(model: nn.Module, plan: HeadPlan, dense: dict[str, Any], steps: int,
+              lookahead: int = 0) -> dict[str, Any]:
+    """Compress the dense prompt's cache with ``plan`` (after ``lookahead`` pseudo tokens, LAQ), then decode;
+    the prefill seconds count the dense prompt, the compression and the pseudo decoding."""
+    t0 = time.perf_counter()
+    ahead = pseudo_queries(model, plan, dense, lookahead) if lookahead else None
+    cache, runner = replay(plan, dense["captured"], ahead)
     replay_s = time.perf_counter() - t0
     with hf.use(model, runner):
         toks, first_s, decode_s = decode(model, dense["first"], cache, steps)
@@ -254,7 +278,7 @@ def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs,
         try:
             setup = meth.build(ctx, budget, sample.length)
             if protocol == "press":
-                res = run_press(model, setup.plan, dense, steps)
+                res = run_press(model, setup.plan, dense, steps, setup.lookahead)
             else:
                 res = run_prefill(model, setup, ids, steps)
             out.append(record(meth.name, budget, protocol, meth.family, res))

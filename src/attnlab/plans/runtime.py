@@ -160,11 +160,22 @@ class PlanRunner:
     # ---- computing -------------------------------------------------------------------------------
     def observe(self, q: Tensor, lkv: LayerKV, *, scale: float) -> None:
         """Let each policy see the call before its output is computed (SnapKV records the prompt here)."""
+        for g, qg in self._groups(q, lkv):
+            g.policy.observe(qg, g, scale=scale)
+
+    def look_ahead(self, q: Tensor, lkv: LayerKV, *, scale: float) -> None:
+        """Show each policy queries of tokens after the prompt ``(B, H, G, D)`` before it compresses
+        (:meth:`Policy.look_ahead <attnlab.plans.policies.base.Policy.look_ahead>`, Lookahead Q-Cache)."""
+        for g, qg in self._groups(q, lkv):
+            g.policy.look_ahead(qg, g, scale=scale)
+
+    @staticmethod
+    def _groups(q: Tensor, lkv: LayerKV):
+        """(group, its query heads of ``q``) for the groups that hold keys."""
         qpk = q.shape[1] // lkv.num_kv_heads
         for g in lkv.groups:
             if g.keys is not None:
-                qg = q if len(lkv.groups) == 1 else q.index_select(1, _q_index(g.index, qpk))
-                g.policy.observe(qg, g, scale=scale)
+                yield g, (q if len(lkv.groups) == 1 else q.index_select(1, _q_index(g.index, qpk)))
 
     def prefill_pattern(self, lkv: LayerKV, heads: int, window: int | None = None) -> Pattern | None:
         """One per-query-head pattern for a layer's first call when every policy of the layer has a static

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import GroupKV, Policy, Slot, causal_attend, masked_sdpa, register_policy
-from .snap import snap_scores
+from .snap import add_lookahead, snap_scores
 from .tova import first_decode_step, top_indices
 
 
@@ -173,6 +173,9 @@ class Ada(Policy):
     def observe(self, q: Tensor, view: GroupKV, *, scale: float) -> None:
         if view.cached and q.shape[2] > 1 and "lens" not in view.slot.state:
             view.slot.state["_scores"] = snap_scores(q, view.keys, scale=scale, window=self.window)
+
+    def look_ahead(self, q: Tensor, view: GroupKV, *, scale: float) -> None:
+        add_lookahead(view.slot.state, q, view.keys, scale)
 
     def attend(self, q: Tensor, view: GroupKV, *, scale: float, mask: Tensor | None = None) -> Tensor:
         st = view.slot.state

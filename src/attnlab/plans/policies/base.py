@@ -309,6 +309,12 @@ class Policy(metaclass=_PolicyMeta):
         """Called once per call before the output is computed (by :meth:`attend` or by a weights hook):
         a policy that learns from the prompt (SnapKV) records it here."""
 
+    def look_ahead(self, q: Tensor, view: GroupKV, *, scale: float) -> None:
+        """Queries of tokens *after* the prompt (Lookahead Q-Cache's pseudo queries, ``(B, heads, G, D)``),
+        shown to the policy after :meth:`observe` and before it compresses: a policy that keeps keys by
+        attention score (SnapKV, Ada-KV) adds these rows' attention over the prompt to its scores. Others
+        ignore them."""
+
     def attend(self, q: Tensor, view: GroupKV, *, scale: float, mask: Tensor | None = None) -> Tensor:
         """Output ``(B, heads, q_len, Dv)`` of the group's query heads; ``mask``: bool over buffer columns
         ``(B or 1, 1 or heads, q_len, buffer_len)`` (padding), or None. Prefill chunks and decode steps."""

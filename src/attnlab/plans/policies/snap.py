@@ -48,6 +48,26 @@ def snap_scores(q: Tensor, k: Tensor, *, scale: float, window: int) -> Tensor:
     return total
 
 
+def lookahead_scores(q: Tensor, k: Tensor, *, scale: float) -> Tensor:
+    """Attention of query rows placed after every key of ``k`` (Lookahead Q-Cache's pseudo queries: each row
+    sees the whole prompt, nothing else), summed over the rows and the query heads of each key/value head:
+    q (B, H, G, D), k (B, Hkv, Tk, D) -> (B, Hkv, Tk)."""
+    B, H, G, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    total = q.new_zeros(B, Hkv, Tk, dtype=torch.float32)
+    for _, w in weights_chunks(q, k, scale=scale, q_offset=Tk, pattern=Causal(), dtype=torch.float32):
+        total += w.view(B, Hkv, H // Hkv, -1, Tk).sum(dim=(2, 3))
+    return total
+
+
+def add_lookahead(state: dict, q: Tensor, keys: Tensor, scale: float) -> None:
+    """Add the pseudo queries' attention to the recorded prompt scores ``state["_scores"]`` (over the
+    prompt's keys: the first ``_scores.shape[-1]`` of ``keys``), if any are pending."""
+    if "_scores" in state:
+        prompt = state["_scores"].shape[-1]
+        state["_scores"] = state["_scores"] + lookahead_scores(q, keys[:, :, :prompt], scale=scale)
+
+
 def chunk_top(scores: Tensor, budget: int, chunk: int) -> Tensor:
     """ChunkKV's selection: ``budget`` positions taken whole chunk by whole chunk (chunks of ``chunk``
     consecutive positions from 0, the last one possibly shorter) in decreasing summed score; inside the last
@@ -132,6 +152,9 @@ class Snap(Policy):
         if view.cached and q.shape[2] > 1 and "_kept" not in view.slot.state:
             view.slot.state["_scores"] = snap_scores(q, view.keys, scale=scale, window=self.window)
 
+    def look_ahead(self, q: Tensor, view: GroupKV, *, scale: float) -> None:
+        add_lookahead(view.slot.state, q, view.keys, scale)
+
 
 def _snap_allowed(k: Tensor, state: dict, Tq: int, q_offset: int, heads: int) -> Tensor:
     """(B, heads, Tq, Tk): kept prompt positions and everything after the prompt, causal."""
@@ -184,4 +207,4 @@ def snap_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: int, mas
     return out if state is None else (out, state)
 
 
-__all__ = ["Snap", "chunk_top", "snap_op", "snap_scores", "snap_select"]
+__all__ = ["Snap", "add_lookahead", "chunk_top", "lookahead_scores", "snap_op", "snap_scores", "snap_select"]
