@@ -104,6 +104,24 @@ def _pool(x, kernel):
     return torch.stack([x[..., max(0, i - r): i + r + 1].amax(-1) for i in range(x.shape[-1])], dim=-1)
 
 
+def _window_scores(q, k, window, prompt):
+    """SnapKV's scores written out: the last ``window`` prompt queries' softmax (causal), summed over rows and heads."""
+    s = (q[0, :, prompt - window: prompt] @ k[0, 0, :prompt].T) * SCALE
+    s = s.masked_fill(~causal(window, prompt)[0], float("-inf"))
+    return torch.softmax(s, -1).sum(dim=(0, 1))
+
+
+def _check_decode_over(layer, runner, q, k, v, kept, prompt):
+    """The decode calls after the prompt attend to exactly ``kept`` prompt positions + everything after it."""
+    for a, b in CALLS[2:]:
+        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
+        out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
+        allowed = torch.zeros(1, 1, 1, b, dtype=torch.bool)
+        allowed[..., kept + list(range(prompt, b))] = True
+        assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed)).abs().max() < 1e-12
+        yield b
+
+
 def test_snap_records_the_window_then_keeps_budget_plus_window():
     budget, window, kernel = 4, 3, 3
     prompt = 30
@@ -116,18 +134,11 @@ def test_snap_records_the_window_then_keeps_budget_plus_window():
         out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
         assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], causal(b - a, b))).abs().max() < 1e-12
     # the recorded scores: attention of the last `window` prompt queries, summed over rows and query heads
-    s = (q[0, :, prompt - window: prompt] @ k[0, 0, :prompt].T) * SCALE
-    s = s.masked_fill(~causal(window, prompt)[0], float("-inf"))
-    expect = torch.softmax(s, -1).sum(dim=(0, 1))
+    expect = _window_scores(q, k, window, prompt)
     assert (layer.groups[0].state["_scores"][0, 0] - expect).abs().max() < 1e-5
     pooled = _pool(expect[: prompt - window], kernel)
     kept = sorted(pooled.topk(budget).indices.tolist()) + list(range(prompt - window, prompt))
-    for a, b in CALLS[2:]:
-        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
-        out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
-        allowed = torch.zeros(1, 1, 1, b, dtype=torch.bool)
-        allowed[..., kept + list(range(prompt, b))] = True
-        assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed)).abs().max() < 1e-12
+    for b in _check_decode_over(layer, runner, q, k, v, kept, prompt):
         assert layer.held_positions() == budget + window + (b - prompt)
 
 
@@ -187,16 +198,9 @@ def test_snap_policy_with_chunks_decodes_over_the_chunks_it_kept():
     for a, b in CALLS[:2]:
         lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
         runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
-    s = (q[0, :, prompt - window: prompt] @ k[0, 0, :prompt].T) * SCALE
-    s = s.masked_fill(~causal(window, prompt)[0], float("-inf"))
-    expect = torch.softmax(s, -1).sum(dim=(0, 1))
+    expect = _window_scores(q, k, window, prompt)
     kept = _chunk_reference(expect[: prompt - window].tolist(), budget, chunk) + list(range(prompt - window, prompt))
-    for a, b in CALLS[2:]:
-        lkv, _ = layer.update(k[:, :, a:b], v[:, :, a:b])
-        out = runner.attend(0, None, q[:, :, a:b], lkv, lkv, mask=None, scale=SCALE)
-        allowed = torch.zeros(1, 1, 1, b, dtype=torch.bool)
-        allowed[..., kept + list(range(prompt, b))] = True
-        assert (out - ref(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed)).abs().max() < 1e-12
+    assert len(list(_check_decode_over(layer, runner, q, k, v, kept, prompt))) == len(CALLS) - 2
     with pytest.raises(ValueError, match="chunk"):
         Snap(budget, window, 1, 0)
     with pytest.raises(ValueError, match="'chunk'"):
