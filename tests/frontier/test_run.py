@@ -112,7 +112,7 @@ def test_gemma3_budgets_cover_the_local_layers_unless_kept():
     ids = torch.tensor([s.ids])
     dense = R.run_dense(model, ids, 2, capture=True)
     held = {}
-    for local in M.LOCAL_MODES:
+    for local in ("shrink", "keep"):
         ctx = R.context(model, Tok(), local=local)
         plan = M.get("snapkv").build(ctx, 0.25, T).plan
         held[local] = R.run_press(model, plan, dense, 2)["kv_bytes"]
@@ -135,6 +135,33 @@ def test_gemma3_budgets_cover_the_local_layers_unless_kept():
     with pytest.raises(ValueError, match="local"):
         M.Context(None, None, 2, 2, 2, (1,), local="drop")
     assert R.model_label("smollm2", R.context(tiny("llama"), Tok(), local="keep")) == "smollm2"
+
+
+@pytest.mark.parametrize("f", [0.25, 0.5, 0.9])
+def test_gemma3_local_min_gives_the_full_layers_what_the_windows_do_not_hold(f):
+    """local="min": every KV method holds about f of the dense cache, the sliding layers LOCAL_MIN positions
+    (unless the full layers cannot spend the budget: then the windows get the rest), the full layers the
+    rest; density methods (Quest) keep every key; records are labelled MODEL:local-min."""
+    model = tiny("gemma3", sliding_window=128)
+    T = 400
+    ids = torch.tensor([sample(5, length=T).ids])
+    dense = R.run_dense(model, ids, 2, capture=True)
+    ctx = R.context(model, Tok(), local="min")
+    assert R.model_label("gemma3", ctx) == "gemma3:local-min"
+    dense_positions = 127 + T  # the sliding layer's window, the full layer's prompt
+    each = min(M.LOCAL_MIN, f * 127)  # never more than shrink would hold
+    local_kept = max(each, f * dense_positions - T)
+    assert ctx.layer_fraction(f, T) == pytest.approx(min(1.0, (f * dense_positions - each) / T))
+    for name in ("stream", "snapkv", "tova", "adakv"):  # (PyramidKV gives a lone full layer 1.5x by design)
+        setup = M.get(name).build(ctx, f, T)
+        assert abs(setup.plan.policies[0][0].kept(T) - local_kept) <= 2, name
+        res = R.run_press(model, setup.plan, dense, 2)
+        assert abs(res["kv_bytes"] / dense["kv_bytes"] - f) < 0.03, (name, res["kv_bytes"] / dense["kv_bytes"])
+    shrink = M.get("snapkv").build(R.context(model, Tok()), f, T).plan
+    more = M.get("snapkv").build(ctx, f, T).plan[1, 0].budget - shrink[1, 0].budget  # what the full layer gains
+    assert more > 0 if f >= 0.5 else more == 0
+    quest = M.get("quest").build(ctx, f, T).plan
+    assert quest[0, 0] == HeadPolicy.stream(0, 128) and quest[1, 0].kind == "topk"
 
 
 def test_run_sample_records_and_aggregate(tmp_path):

@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                 "prefill, then compress), or both")
     p.add_argument("--local-windows", dest="local", choices=M.LOCAL_MODES, default="shrink",
                    help="sliding-window layers (Gemma 3) under a KV budget: shrink them to the same fraction "
-                        "(default; the budget covers every layer) or keep the model's own window (records are "
-                        "labelled MODEL:own-windows)")
+                        "(default; the budget covers every layer), keep the model's own window (records are "
+                        "labelled MODEL:own-windows), or min: 4 sinks + a short window each, the rest of the "
+                        "budget to the full layers (MODEL:local-min)")
     p.add_argument("--n", type=int, default=None, help="samples per task and length (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few minutes: SmolLM2, passkey + kv at 1024, n=2, "

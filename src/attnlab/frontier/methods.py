@@ -50,7 +50,9 @@ class Setup:
     lookahead: int = 0
 
 
-LOCAL_MODES = ("shrink", "keep")
+LOCAL_MODES = ("shrink", "keep", "min")
+#: positions a sliding-window layer holds under local="min" (4 sinks + a 29-key window)
+LOCAL_MIN = 32
 
 
 @dataclass
@@ -67,18 +69,57 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
     #: a folder where calibrations are kept between runs (``calibration-<model>/`` in a frontier run folder)
     store: Path | None = None
-    #: sliding-window layers under a KV budget: "shrink" (to the budget's fraction of their window) or "keep"
+    #: sliding-window layers under a KV budget: "shrink" (to the budget's fraction of their window), "keep"
+    #: (the model's own window; the budget covers the full layers) or "min" (``LOCAL_MIN`` positions each; the
+    #: full layers get the rest of the budget: :meth:`layer_fraction`)
     local: str = "shrink"
 
     def __post_init__(self) -> None:
         if self.local not in LOCAL_MODES:
             raise ValueError(f"local must be one of {LOCAL_MODES}, got {self.local!r}")
 
+    def _local_windows(self) -> list[int]:
+        from ..plans.sources import model_windows
+
+        return [w for w in model_windows(self.model) if w is not None]
+
     def windows(self, plan: HeadPlan, f: float) -> HeadPlan:
         """``plan`` with the model's sliding-window layers as :attr:`local` says (budget ``f``)."""
         from ..plans.sources import with_model_windows
 
+        if self.local == "min" and (local := self._local_windows()):
+            return with_model_windows(self.model, plan, LOCAL_MIN / (min(local) - 1) if f < 1 else None)
         return with_model_windows(self.model, plan, f if self.local == "shrink" else None)
+
+    def _min_split(self, f: float, L: int) -> tuple[float, float]:
+        """local="min": (fraction of its ``L`` keys each full layer holds, fraction of its window each sliding
+        layer holds) for a budget ``f`` of the dense cache: each sliding layer ``LOCAL_MIN`` positions (or
+        less, where ``shrink`` would hold less), the full layers the rest; a budget the full layers cannot
+        spend (the rest exceeds them) goes back to the windows."""
+        local = self._local_windows()
+        W = min(L, min(local) - 1)  # positions a sliding layer's dense cache holds
+        each = min(LOCAL_MIN, f * W)
+        dense = len(local) * W + len(self.full_layers) * L
+        full = (f * dense - len(local) * each) / (len(self.full_layers) * L)
+        if full <= 1.0:
+            return max(full, 1.0 / L), each / W
+        return 1.0, (f * dense - len(self.full_layers) * L) / (len(local) * W)
+
+    def layer_fraction(self, f: float, L: int) -> float:
+        """The fraction of its ``L`` prompt keys each full layer may hold when a KV method's budget is ``f`` of
+        the whole dense cache: ``f``, except under ``local="min"`` (:meth:`_min_split`)."""
+        if self.local != "min" or not self._local_windows():
+            return f
+        return self._min_split(f, L)[0]
+
+    def fit_local(self, setup: Setup, f: float, L: int) -> Setup:
+        """local="min": the sliding layers of a KV method's plan hold what :meth:`_min_split` leaves them."""
+        if self.local != "min" or setup.plan is None or not self._local_windows():
+            return setup
+        from ..plans.sources import with_model_windows
+
+        share = self._min_split(f, L)[1]
+        return replace(setup, plan=with_model_windows(self.model, setup.plan, share))
 
     def calibrated(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` once per model: kept in memory and, with a ``store``, on disk (tensors as safetensors,
@@ -130,9 +171,18 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, family: str, protocols: tuple[str, ...], papers: tuple[str, ...], summary: str):
+def method(name: str, family: str, protocols: tuple[str, ...], papers: tuple[str, ...], summary: str,
+           kv: bool | None = None):
+    """Register ``fn(ctx, f, L) -> Setup``. ``kv``: ``f`` is a fraction of the KV cache to hold (default: the
+    ``decode`` family), so the method's full layers get :meth:`Context.layer_fraction` of theirs; otherwise
+    ``f`` is a density of keys read (prefill methods, Quest, Recycled, DELTA) and passes unchanged."""
+    holds = family == "decode" if kv is None else kv
+
     def deco(fn: Callable[[Context, float, int], Setup]) -> Callable[[Context, float, int], Setup]:
-        METHODS[name] = Method(name, family, protocols, papers, summary, fn)
+        def build(ctx: Context, f: float, L: int) -> Setup:
+            return ctx.fit_local(fn(ctx, ctx.layer_fraction(f, L), L), f, L) if holds else fn(ctx, f, L)
+
+        METHODS[name] = Method(name, family, protocols, papers, summary, build)
         return fn
 
     return deco
@@ -238,20 +288,20 @@ def _h2o(ctx: Context, f: float, L: int) -> Setup:
 
 
 @method("quest", "decode", ("prefill",), (), "Quest: dense prefill; each decode step reads the top pages of 16 "
-        "keys by the score bound (the whole cache stays)")
+        "keys by the score bound (the whole cache stays)", kv=False)
 def _quest(ctx: Context, f: float, L: int) -> Setup:
     return _uniform(ctx, HeadPolicy.topk(max(1, _tokens(f, L) // 16), 16), "quest", 1.0)  # keeps every key
 
 
 @method("recycled", "decode", ("prefill",), ("D27",), "Recycled attention: a full step every 8 positions records the "
-        "top keys; the steps between reuse them (whole cache kept)")
+        "top keys; the steps between reuse them (whole cache kept)", kv=False)
 def _recycled(ctx: Context, f: float, L: int) -> Setup:
     # prefill=None: the prompt (the first call) is dense, as in the paper; only the decoding steps recycle
     return _on_full_layers(ctx, "recycled", {"top_k": _tokens(f, L), "stride": 8, "prefill": None})
 
 
 @method("delta", "decode", ("prefill",), ("D42",), "DELTA: head-summed full attention picks one top-k key set per "
-        "decoding step (+ 16 recent; whole cache kept)")
+        "decoding step (+ 16 recent; whole cache kept)", kv=False)
 def _delta(ctx: Context, f: float, L: int) -> Setup:
     return _on_full_layers(ctx, "delta_select", {"top_k": _tokens(f, L), "always": 16, "prefill": None})
 

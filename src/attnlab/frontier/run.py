@@ -229,9 +229,12 @@ def context(model: nn.Module, tok: Any, store: Path | None = None, local: str = 
 
 
 def model_label(name: str, ctx: M.Context) -> str:
-    """The name records carry: ``name``, or ``name:own-windows`` when a model with sliding-window layers
-    keeps them whole under every budget (so the two conventions never share cells)."""
-    return f"{name}:own-windows" if ctx.local == "keep" and len(ctx.full_layers) < ctx.num_layers else name
+    """The name records carry: ``name`` (``local="shrink"``, or a model without sliding-window layers),
+    ``name:own-windows`` (``keep``: the windows whole under every budget) or ``name:local-min`` (``min``), so
+    the conventions never share cells."""
+    if len(ctx.full_layers) == ctx.num_layers or ctx.local == "shrink":
+        return name
+    return f"{name}:own-windows" if ctx.local == "keep" else f"{name}:local-min"
 
 
 def _key(rec: dict[str, Any]) -> tuple:
