@@ -658,7 +658,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "token (a turn is right when greedy decoding would begin with the answer); model = the "
                         "model's own greedy answer (scored by the answer in its text)")
     p.add_argument("--local-windows", dest="local", choices=LOCAL_MODES, default="shrink",
-                   help="sliding-window layers (Gemma 3) under a budget: shrink to the same fraction or keep")
+                   help="sliding-window layers (Gemma 3) under a budget: shrink to the same fraction, keep, or min "
+                        "(4 sinks + a short window; the full layers get the rest of the budget)")
     p.add_argument("--quick", action="store_true",
                    help=f"SmolLM2, {','.join(QUICK_METHODS)}, n=2, 1024 tokens, budget 0.25, 1 thread (a few minutes)")
     p.add_argument("--resume", default=None, help="a run folder to continue (finished configurations are skipped)")

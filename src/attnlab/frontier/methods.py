@@ -474,7 +474,7 @@ for _base in ("moba", "hip", "minference"):
                                        _with_delta(_base))
 
 #: the quick set: one or more of each kind, cheap enough for the README's main job
-QUICK = ("stream", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "h2o", "quest", "probe", "moba",
+QUICK = ("stream", "snapkv", "laq", "pyramidkv", "adakv", "knorm", "tova", "h2o", "quest", "probe", "moba",
          "moba+delta", "minference")
 
 __all__ = ["Context", "METHODS", "Method", "QUICK", "SPLIT_PROBES", "Setup", "get", "method", "split_votes",
