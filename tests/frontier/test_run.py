@@ -229,6 +229,12 @@ def test_cli_writes_the_report_and_resumes(smol, tmp_path, capsys):
     added = recs[4:]
     assert sorted((r["method"], r["budget"]) for r in added) == [
         ("dense", None), ("snapkv", 0.25), ("stream", 0.25), ("stream", 0.25)]
+    # another --n or --seed would draw other prompts under the same sample indices: refused, nothing run
+    other_n = [a if prev != "--n" else "2" for prev, a in zip([None] + more, more)]
+    for flag, other in (("--n", other_n), ("--seed", more + ["--seed", "1"])):
+        with pytest.raises(SystemExit, match=f"was run with {flag}"):
+            main(other + ["--resume", str(run_dir)])
+    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == len(recs)
 
 
 def test_cli_refuses_unknown_names():

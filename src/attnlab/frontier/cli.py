@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not protocols or set(protocols) - {"prefill", "press"}:
         raise SystemExit(f"--protocols takes prefill and/or press, got {args.protocols!r}")
     run_dir = Path(args.resume) if args.resume else new_run_dir("frontier", args.out)
+    _same_samples(run_dir, n, args.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
             "lengths": lengths if isinstance(lengths, dict) else list(lengths), "n": n, "seed": args.seed,
@@ -116,6 +117,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
     print(f"wrote {run_dir}")
     return 0
+
+
+def _same_samples(run_dir: Path, n: int, seed: int) -> None:
+    """A resumed run must draw the samples it already holds: sample i's depth depends on ``n`` (depths spread
+    over the n samples) and its keys on ``seed``, and finished samples are recognised by their index alone."""
+    prev = run_dir / "results.json"
+    if not prev.is_file():
+        return
+    import json
+
+    old = json.loads(prev.read_text()).get("meta", {})
+    for flag, asked in (("n", n), ("seed", seed)):
+        if flag in old and old[flag] != asked:
+            raise SystemExit(f"{run_dir} was run with --{flag} {old[flag]}; its samples depend on it (sample i's "
+                             f"depth on --n, its keys on --seed): resume with --{flag} {old[flag]}, or start a "
+                             "new run folder")
 
 
 __all__ = ["QUICK", "register", "run"]
