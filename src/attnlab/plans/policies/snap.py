@@ -35,29 +35,29 @@ from ...ops.registry import register_op
 from .base import GroupKV, Policy, Slot, causal_attend, masked_sdpa, register_policy
 
 
+def _summed_weights(q: Tensor, k: Tensor, *, scale: float, q_offset: int) -> Tensor:
+    """Causal attention weights of the rows of ``q`` (first at ``q_offset``) summed over rows and the query heads
+    of each key/value head: q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (B, Hkv, Tk) float32."""
+    B, H = q.shape[:2]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    total = q.new_zeros(B, Hkv, Tk, dtype=torch.float32)
+    for _, w in weights_chunks(q, k, scale=scale, q_offset=q_offset, pattern=Causal(), dtype=torch.float32):
+        total += w.view(B, Hkv, H // Hkv, -1, Tk).sum(dim=(2, 3))
+    return total
+
+
 def snap_scores(q: Tensor, k: Tensor, *, scale: float, window: int) -> Tensor:
     """Attention of the last ``window`` query rows (causal, bottom-right aligned over ``k``), summed over
     those rows and the query heads of each key/value head: q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (B, Hkv, Tk)."""
-    B, H, Tq, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    obs = min(window, Tq)
-    total = q.new_zeros(B, Hkv, Tk, dtype=torch.float32)
-    for _, w in weights_chunks(q[:, :, Tq - obs:], k, scale=scale, q_offset=Tk - obs, pattern=Causal(),
-                               dtype=torch.float32):
-        total += w.view(B, Hkv, H // Hkv, -1, Tk).sum(dim=(2, 3))
-    return total
+    obs = min(window, q.shape[2])
+    return _summed_weights(q[:, :, q.shape[2] - obs:], k, scale=scale, q_offset=k.shape[2] - obs)
 
 
 def lookahead_scores(q: Tensor, k: Tensor, *, scale: float) -> Tensor:
     """Attention of query rows placed after every key of ``k`` (Lookahead Q-Cache's pseudo queries: each row
     sees the whole prompt, nothing else), summed over the rows and the query heads of each key/value head:
     q (B, H, G, D), k (B, Hkv, Tk, D) -> (B, Hkv, Tk)."""
-    B, H, G, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    total = q.new_zeros(B, Hkv, Tk, dtype=torch.float32)
-    for _, w in weights_chunks(q, k, scale=scale, q_offset=Tk, pattern=Causal(), dtype=torch.float32):
-        total += w.view(B, Hkv, H // Hkv, -1, Tk).sum(dim=(2, 3))
-    return total
+    return _summed_weights(q, k, scale=scale, q_offset=k.shape[2])
 
 
 def add_lookahead(state: dict, q: Tensor, keys: Tensor, scale: float) -> None:
