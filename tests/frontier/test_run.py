@@ -162,6 +162,12 @@ def test_gemma3_local_min_gives_the_full_layers_what_the_windows_do_not_hold(f):
     assert more > 0 if f >= 0.5 else more == 0
     quest = M.get("quest").build(ctx, f, T).plan
     assert quest[0, 0] == HeadPolicy.stream(0, 128) and quest[1, 0].kind == "topk"
+    # a prompt shorter than the window: the window's share is of the positions it holds, not of its length
+    short = 60
+    plan = M.get("snapkv").build(ctx, f, short).plan
+    assert plan[0, 0].kept(short) <= max(min(M.LOCAL_MIN, f * short), f * 2 * short - short) + 2
+    with pytest.raises(ValueError, match="has none"):
+        M.Context(None, None, 2, 2, 2, (), local="min")._min_split(f, T)
 
 
 def test_run_sample_records_and_aggregate(tmp_path):
@@ -235,6 +241,12 @@ def test_cli_writes_the_report_and_resumes(smol, tmp_path, capsys):
         with pytest.raises(SystemExit, match=f"was run with {flag}"):
             main(other + ["--resume", str(run_dir)])
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == len(recs)
+    # an interrupted run (no results.json yet) is guarded too: sampling.json is written before the first sample
+    (run_dir / "results.json").unlink()
+    with pytest.raises(SystemExit, match="was run with --n"):
+        main(other_n + ["--resume", str(run_dir)])
+    (run_dir / "sampling.json").unlink()  # a folder from before sampling.json, interrupted: nothing to compare
+    assert main(more + ["--resume", str(run_dir)]) == 0 and (run_dir / "sampling.json").is_file()
 
 
 def test_cli_refuses_unknown_names():
@@ -294,9 +306,10 @@ def test_decode_sparse_methods_read_the_prompt_densely(name):
 
 def test_laq_re_selects_with_the_queries_of_tokens_decoded_over_snapkvs_cache():
     """LAQ = SnapKV whose scores add the queries of `lookahead` tokens first decoded over SnapKV's own cache.
-    Checked against a reference that recomputes every step by hand: the pseudo tokens are SnapKV's own
-    continuation, their queries come from hooks on that decoding, and the kept positions are the top-k of
-    (last-window scores + lookahead scores) written out with softmax over the prompt keys."""
+    Checked against a reference that recomputes every step by hand: the pseudo queries equal those hooked on
+    SnapKV's own greedy decoding (so the pseudo tokens are SnapKV's continuation), and the kept positions are the
+    top-k of (last-window scores + lookahead scores) written out with softmax over the prompt keys; the whole
+    method holds SnapKV's bytes, and with nothing to evict decodes as dense."""
     from attnlab.models import hf
     from attnlab.plans.policies.snap import snap_select
 
@@ -309,8 +322,7 @@ def test_laq_re_selects_with_the_queries_of_tokens_decoded_over_snapkvs_cache():
     snap = M.get("snapkv").build(ctx, 0.25, L)
     assert laq.lookahead == M.LOOKAHEAD and laq.plan == snap.plan
     G = 3
-    # the pseudo tokens are SnapKV's greedy continuation; the hooks see one query row per step and layer
-    snap_run = R.run_press(model, snap.plan, dense, G)
+    # SnapKV's own greedy continuation over its cache, hooked: one query row per step and layer
     rows = {}
     cache, runner = R.replay(snap.plan, dense["captured"])
     with hf.use(model, runner), hf.hooks(model, {"blocks.*.attn.q": lambda v, c: rows.setdefault(c.layer, []).append(v)}):
@@ -319,7 +331,6 @@ def test_laq_re_selects_with_the_queries_of_tokens_decoded_over_snapkvs_cache():
     assert sorted(ahead) == list(range(ctx.num_layers))
     for layer, q in ahead.items():
         assert q.shape[2] == G and torch.equal(q, torch.cat(rows[layer], dim=2))
-    assert snap_run["tokens"].shape[1] == G + 1
     # the kept positions: window scores + lookahead scores, by hand
     pol = snap.plan[0, 0]
     cache, _ = R.replay(snap.plan, dense["captured"], ahead)

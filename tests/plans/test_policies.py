@@ -174,6 +174,16 @@ def test_chunk_selection_keeps_the_best_whole_chunks(budget, chunk, L):
     assert plain[0, 0, :budget].tolist() == sorted(scores[0, 0, : L - 2].topk(budget).indices.tolist())
 
 
+def test_chunk_selection_breaks_ties_by_whole_chunks():
+    """Chunks of equal score are taken whole, the earlier first (not their best keys interleaved)."""
+    from attnlab.plans.policies.snap import chunk_top
+
+    scores = torch.tensor([[[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]]])
+    assert chunk_top(scores, 2, 2).sort(-1).values.tolist() == [[[0, 1]]]
+    assert chunk_top(scores, 3, 2).sort(-1).values.tolist() == [[[0, 1, 3]]]
+    assert chunk_top(torch.zeros(1, 1, 7), 4, 3).sort(-1).values.tolist() == [[[0, 1, 2, 3]]]
+
+
 def test_chunk_selection_keeps_a_needle_that_token_selection_splits():
     """A 6-token needle whose first token is attended most and whose tail barely: top-k keeps 3 of its tokens,
     chunks of 6 aligned with it keep all of them."""

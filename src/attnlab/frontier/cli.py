@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--protocols takes prefill and/or press, got {args.protocols!r}")
     run_dir = Path(args.resume) if args.resume else new_run_dir("frontier", args.out)
     _same_samples(run_dir, n, args.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"models": list(models), "methods": list(names), "budgets": list(budgets), "tasks": list(tasks),
             "lengths": lengths if isinstance(lengths, dict) else list(lengths), "n": n, "seed": args.seed,
             "local_windows": args.local, "executor": args.executor + (f" ({args.address})" if args.address else ""),
@@ -121,18 +120,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _same_samples(run_dir: Path, n: int, seed: int) -> None:
     """A resumed run must draw the samples it already holds: sample i's depth depends on ``n`` (depths spread
-    over the n samples) and its keys on ``seed``, and finished samples are recognised by their index alone."""
-    prev = run_dir / "results.json"
-    if not prev.is_file():
-        return
+    over the n samples) and its keys on ``seed``, and finished samples are recognised by their index alone.
+    The folder's ``sampling.json`` (written before the first sample runs, so an interrupted run has it; older
+    folders: the meta of ``results.json``) says which were drawn."""
     import json
 
-    old = json.loads(prev.read_text()).get("meta", {})
+    old: dict = {}
+    for name, read in (("sampling.json", lambda d: d), ("results.json", lambda d: d.get("meta", {}))):
+        if (run_dir / name).is_file():
+            old = read(json.loads((run_dir / name).read_text()))
+            break
     for flag, asked in (("n", n), ("seed", seed)):
         if flag in old and old[flag] != asked:
             raise SystemExit(f"{run_dir} was run with --{flag} {old[flag]}; its samples depend on it (sample i's "
                              f"depth on --n, its keys on --seed): resume with --{flag} {old[flag]}, or start a "
                              "new run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "sampling.json").write_text(json.dumps({"n": n, "seed": seed}) + "\n")
 
 
 __all__ = ["QUICK", "register", "run"]

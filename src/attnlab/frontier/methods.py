@@ -22,7 +22,8 @@ On models with sliding-window layers (Gemma 3) every method acts on the full lay
 (:attr:`Context.local`) either shrink to the same fraction of their own window, StreamingLLM-style
 (``"shrink"``, the default: the budget then covers every layer's cache, as it does on SmolLM2), or keep the
 model's own window (``"keep"``: the budget covers the full layers only, and the cache can never go below the
-local layers' share -- 0.38x of Gemma 3's dense cache at 4k tokens). See
+local layers' share -- 0.38x of Gemma 3's dense cache at 4k tokens), or hold ``LOCAL_MIN`` positions each while
+the full layers get the rest of the budget (``"min"``: :meth:`Context.layer_fraction`). See
 :func:`attnlab.plans.sources.with_model_windows`. Ops-based setups (Recycled, DELTA, MoBA, HiP, MInference)
 keep the whole cache and act on the full layers; the local layers run the model's own window.
 """
@@ -96,14 +97,18 @@ class Context:
         layer holds) for a budget ``f`` of the dense cache: each sliding layer ``LOCAL_MIN`` positions (or
         less, where ``shrink`` would hold less), the full layers the rest; a budget the full layers cannot
         spend (the rest exceeds them) goes back to the windows."""
+        if not self.full_layers:
+            raise ValueError("local='min' gives the budget to the full layers; this model has none (every layer "
+                             "slides): use 'shrink' or 'keep'")
         local = self._local_windows()
-        W = min(L, min(local) - 1)  # positions a sliding layer's dense cache holds
+        window = min(local) - 1  # what local_policy's fraction is of
+        W = min(L, window)  # positions a sliding layer's dense cache holds after L tokens
         each = min(LOCAL_MIN, f * W)
         dense = len(local) * W + len(self.full_layers) * L
         full = (f * dense - len(local) * each) / (len(self.full_layers) * L)
         if full <= 1.0:
-            return max(full, 1.0 / L), each / W
-        return 1.0, (f * dense - len(self.full_layers) * L) / (len(local) * W)
+            return max(full, 1.0 / L), each / window
+        return 1.0, (f * dense - len(self.full_layers) * L) / len(local) / window
 
     def layer_fraction(self, f: float, L: int) -> float:
         """The fraction of its ``L`` prompt keys each full layer may hold when a KV method's budget is ``f`` of

@@ -267,6 +267,7 @@ def run_sample(model: nn.Module, tok: Any, ctx: M.Context, sample: Sample, cfgs,
         n_steps = res["tokens"].shape[1] - 2  # steady-state steps: after the first decode step
         return {**base, "method": method, "budget": budget, "protocol": protocol, "family": family,
                 "score": sample.score(text), "text": text, "kv_bytes": res["kv_bytes"],
+                "new_tokens": int(res["tokens"].shape[1]),
                 "prefill_s": res["prefill_s"],
                 "decode_tok_s": n_steps / res["decode_s"] if n_steps and res["decode_s"] > 0 else None}
 
@@ -318,6 +319,9 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": statistics.mean(r["score"] for r in rs),
             "kv_bytes": statistics.mean(r["kv_bytes"] for r in rs),
             "kv_ratio": statistics.mean(r["kv_bytes"] / d["kv_bytes"] for r, d in pairs) if pairs else None,
+            # the answer's share of the dense cache (the claims' KV limit); None for records before new_tokens
+            "answer_share": statistics.mean(r["new_tokens"] / (length + r["new_tokens"]) for r in rs)
+            if all("new_tokens" in r for r in rs) else None,
             "prefill_speedup": statistics.median(d["prefill_s"] / r["prefill_s"] for r, d in pairs) if pairs else None,
             "decode_speedup": statistics.median(dec) if dec else None,
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs if r.get("decode_tok_s")) if any(
@@ -482,7 +486,7 @@ def frontier(models: Sequence[str], method_names: Sequence[str], budgets: Sequen
              executor: Executor | None = None,
              loader: Callable[[str], tuple[Any, Any]] | None = None) -> list[dict]:
     """Run everything; appends to ``run_dir/samples.jsonl`` and returns all records (old and new).
-    ``local``: what budgets do to sliding-window layers ("shrink" or "keep", see :class:`methods.Context`).
+    ``local``: what budgets do to sliding-window layers ("shrink", "keep" or "min", see :class:`methods.Context`).
 
     ``executor`` (:mod:`attnlab.sweep`; default: this process): where the samples run. In this process every
     sample runs in turn on the loaded model; otherwise each (model, task, length, sample) with the

@@ -76,9 +76,10 @@ def chunk_top(scores: Tensor, budget: int, chunk: int) -> Tensor:
     B, n, L = scores.shape
     count = -(-L // chunk)
     sums = F.pad(scores, (0, count * chunk - L)).view(B, n, count, chunk).sum(-1)
-    own = scores.argsort(dim=-1, descending=True, stable=True)  # best key first, then by chunk (stable)
-    chunk_of = torch.div(own, chunk, rounding_mode="floor")
-    order = sums.gather(-1, chunk_of).argsort(dim=-1, descending=True, stable=True)
+    own = scores.argsort(dim=-1, descending=True, stable=True)  # keys by their own score, ties by position
+    rank = sums.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # chunk rank, ties: earlier first
+    # keys by their chunk's rank; the stable sort keeps the own-score order inside a chunk
+    order = rank.gather(-1, torch.div(own, chunk, rounding_mode="floor")).argsort(dim=-1, stable=True)
     return own.gather(-1, order[:, :, :budget])
 
 
