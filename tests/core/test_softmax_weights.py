@@ -9,7 +9,7 @@ import torch
 
 from attnlab.core.patterns import Causal, Sinks, SlidingWindow
 from attnlab.core.score_mods import ALiBi
-from attnlab.core.softmax import masked_softmax, weights_chunks
+from attnlab.core.softmax import grouped_apply, grouped_scores, masked_softmax, weights_chunks
 from attnlab.testing import qkv
 
 
@@ -69,3 +69,21 @@ def test_weights_chunks_callable_mask_and_score_mod_match_reference():
     _, ref = reference_attention(q, k, v, Causal(), mod, 0.25, 0, return_weights=True)
     assert starts == [0, 4, 8]
     assert (got - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (4, 4), (3, 1)])
+def test_grouped_scores_and_apply_match_per_head_loops(H, Hkv):
+    # a row slice (non-contiguous query view, as weights_chunks passes) and a transposed-storage value
+    g = torch.Generator().manual_seed(H * 10 + Hkv)
+    q = torch.randn(2, H, 7, 5, generator=g, dtype=torch.float64)[:, :, 2:6]
+    k = torch.randn(2, Hkv, 9, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(2, Hkv, 3, 9, generator=g, dtype=torch.float64).transpose(-1, -2)  # (2, Hkv, 9, 3)
+    rep = H // Hkv
+    s = grouped_scores(q, k)
+    w = torch.softmax(s, -1)
+    o = grouped_apply(w, v)
+    assert s.shape == (2, H, 4, 9) and o.shape == (2, H, 4, 3)
+    for b in range(2):
+        for h in range(H):
+            assert torch.allclose(s[b, h], q[b, h] @ k[b, h // rep].T)
+            assert torch.allclose(o[b, h], w[b, h] @ v[b, h // rep])

@@ -18,7 +18,7 @@ from attnlab.plans.policies import Full, Snap
 from attnlab.plans.policies.ada import Ada
 from attnlab.plans.policies.h2o import H2O
 from attnlab.plans.policies.knorm import KNorm
-from attnlab.plans.policies.tova import Tova
+from attnlab.plans.policies.tova import Tova, tova_keep
 
 SCALE = 0.3
 PROMPT = 30
@@ -356,3 +356,16 @@ def test_each_policy_in_a_tiny_llama(tiny):
                 toks.append(tiny(input_ids=toks[-1][:, None], cache=cache, use_cache=True).logits[:, -1].argmax(-1))
         assert torch.equal(torch.stack(toks, 1), res["tokens"]), pol.kind
         assert cache.held_positions() == positions
+
+
+@pytest.mark.parametrize("extra", [1, 2, 5])
+def test_tova_keep_one_drop_and_many_drops_follow_the_sorted_rule_with_ties(extra):
+    # weights on a coarse grid: many ties, where the rule (keep the earlier of equals) decides
+    budget = 6
+    w = torch.randint(0, 3, (3, 2, budget + extra), generator=torch.Generator().manual_seed(extra)).double()
+    kept = tova_keep(w, budget)
+    for b in range(3):
+        for j in range(2):
+            row = w[b, j].tolist()
+            others = sorted(range(len(row) - 1), key=lambda i: -row[i])[: budget - 1]  # stable: earlier first
+            assert kept[b, j].tolist() == sorted(others) + [len(row) - 1]

@@ -1,4 +1,5 @@
-"""The one masked softmax, the one chunked weights generator and the one log-sum-exp merge.
+"""The one masked softmax, the one chunked weights generator, the one log-sum-exp merge, and the grouped-query
+products every weights consumer uses (:func:`grouped_scores`, :func:`grouped_apply`).
 
 Every consumer of attention *weights* (the float64 reference, the naive ``dense_mask`` baseline, selection
 recall, the head atlas, SnapKV's observation window, calibrations, hooks on ``blocks.{l}.attn.weights``) goes
@@ -35,6 +36,23 @@ def masked_softmax(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     return torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * has_any
 
 
+def grouped_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q (B, H, R, D) . k (B, Hkv, Tk, D) -> (B, H, R, Tk), query head h reading kv head ``h // (H // Hkv)``.
+
+    One batched matmul per kv head with its query heads' rows stacked (B, Hkv, g * R, D): broadcasting k over
+    a group axis instead makes matmul expand k per query head, 15x slower for one decode row on CPU."""
+    B, H, R, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    return (q.reshape(B, Hkv, (H // Hkv) * R, D) @ k.transpose(-1, -2)).view(B, H, R, Tk)
+
+
+def grouped_apply(w: Tensor, v: Tensor) -> Tensor:
+    """Weights (B, H, R, Tk) @ v (B, Hkv, Tk, Dv) -> (B, H, R, Dv), grouped as in :func:`grouped_scores`."""
+    B, H, R, Tk = w.shape
+    Hkv = v.shape[1]
+    return (w.reshape(B, Hkv, (H // Hkv) * R, Tk) @ v).view(B, H, R, v.shape[-1])
+
+
 MaskRows = Callable[[int, int], "Tensor | None"]
 
 
@@ -57,17 +75,15 @@ def weights_chunks(
     mask, or None. ``pattern`` (an attnlab Pattern, absolute positions from ``q_offset``) and ``score_mod``
     apply on top. Peak memory is ``B * Hq * rows * Tk`` weights, never the whole square.
     """
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
     dtype = dtype or q.dtype
     kd = k.to(dtype)
     if pattern is not None:
         pattern.check_heads(Hq)
     for s in range(0, Tq, rows):
         e = min(Tq, s + rows)
-        qc = q[:, :, s:e].to(dtype).reshape(B, Hkv, g, e - s, D)
-        sc = (qc @ kd.unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, e - s, Tk) * scale
+        sc = grouped_scores(q[:, :, s:e].to(dtype), kd) * scale
         qpos = torch.arange(q_offset + s, q_offset + e, device=q.device).view(-1, 1)
         kpos = torch.arange(Tk, device=q.device).view(1, -1)
         if score_mod is not None:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from ..core.softmax import masked_softmax
+from ..core.softmax import grouped_scores, masked_softmax
 from ..inspect.capture import transformer_blocks
 from ..models import hf
 
@@ -146,8 +146,8 @@ def attention_importance(model: nn.Module, ids: Tensor, layers: Sequence[int], q
     def on_k(k: Tensor, ctx: Any) -> None:  # k (1, Hkv, T, D)
         q = last_q.pop(ctx.layer)
         B, H, _, D = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        s = (q.view(B, Hkv, H // Hkv, r, D) @ k.float().unsqueeze(2).transpose(-1, -2)).view(B, H, r, Tk)
+        Tk = k.shape[2]
+        s = grouped_scores(q, k.float())
         qpos = torch.arange(Tk - r, Tk, device=k.device).view(r, 1)
         allowed = (torch.arange(Tk, device=k.device).view(1, Tk) <= qpos).view(1, 1, r, Tk)
         m = masks.pop(ctx.layer)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..core.attention import attention
 from ..core.patterns import Pattern, PerHead, SlidingWindow
 from ..core.score_mods import ScoreMod
-from ..core.softmax import weights_chunks
+from ..core.softmax import grouped_apply, weights_chunks
 from ..models.hf import geometry, use
 from .cache import LayerKV, PlanCache, PlanLayer
 from .plan import HeadPlan
@@ -248,12 +248,9 @@ class PlanRunner:
         allowed = self.weights_mask(layer, q, lkv)
         if mask is not None:
             allowed = allowed & mask
-        Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        out = q.new_empty(B, H, Tq, Dv)
+        out = q.new_empty(B, H, Tq, v.shape[-1])
         for s, w in weights_chunks(q, k, scale=scale, q_offset=lkv.past, mask=allowed, score_mod=score_mod):
-            r = w.shape[2]
-            o = w.to(v.dtype).reshape(B, Hkv, H // Hkv, r, T) @ v.unsqueeze(2)
-            out[:, :, s: s + r] = o.reshape(B, H, r, Dv)
+            out[:, :, s: s + w.shape[2]] = grouped_apply(w.to(v.dtype), v)
         return out
 
 

@@ -3,7 +3,8 @@
 ``visible`` is the boolean mask of keys each query row may see (absolute positions, as everywhere in attnlab);
 ``allowed`` adds a free mask to it for a block of rows; ``by_rows`` runs a row function over query chunks so an op
 whose weights cannot go through SDPA still never holds more than ``chunk x kv_len`` scores at once;
-``grouped_scores`` / ``grouped_apply`` handle grouped-query heads without repeating keys or values;
+``grouped_scores`` / ``grouped_apply`` (from :mod:`attnlab.core.softmax`) handle grouped-query heads without
+repeating keys or values;
 ``repeat_kv`` and ``dense_allowed`` serve the plain float64 references.
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.patterns import Causal
+from attnlab.core.softmax import grouped_apply, grouped_scores
 from attnlab.ops.sparse import check_mask
 
 
@@ -50,21 +52,6 @@ def by_rows(fn: Callable[[int, int], Tensor], q_len: int, chunk: int) -> Tensor:
     if len(spans) > 1 and torch.is_grad_enabled():
         return torch.cat([checkpoint(fn, a, b, use_reentrant=False) for a, b in spans], dim=2)
     return torch.cat([fn(a, b) for a, b in spans], dim=2)
-
-
-def grouped_scores(q: Tensor, k: Tensor) -> Tensor:
-    """q (B, H, R, D) . k (B, Hkv, Tk, D) -> (B, H, R, Tk), query head h reading kv head ``h // (H // Hkv)``."""
-    B, H, R, D = q.shape
-    Hkv = k.shape[1]
-    s = q.view(B, Hkv, H // Hkv, R, D) @ k.unsqueeze(2).transpose(-1, -2)
-    return s.view(B, H, R, k.shape[2])
-
-
-def grouped_apply(w: Tensor, v: Tensor) -> Tensor:
-    """Weights (B, H, R, Tk) @ v (B, Hkv, Tk, Dv) -> (B, H, R, Dv), grouped as in :func:`grouped_scores`."""
-    B, H, R, Tk = w.shape
-    Hkv = v.shape[1]
-    return (w.view(B, Hkv, H // Hkv, R, Tk) @ v.unsqueeze(2)).view(B, H, R, v.shape[-1])
 
 
 def repeat_kv(t: Tensor, heads: int) -> Tensor:

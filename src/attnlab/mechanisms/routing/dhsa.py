@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import grouped_scores
 from attnlab.ops._engine import tile_attention, tiles_from_selection
 from attnlab.ops.sparse import ALL, sparse_op
 
@@ -93,7 +94,6 @@ def dhsa_select(
     """
     positive_int("top_k", top_k)
     B, H, Tq, D = q.shape
-    Hkv = k.shape[1]
     dev = q.device
     chunk_id = dhsa_chunks(k, min_len, max_len, threshold)
     starts, lengths, sets = chunk_layout(chunk_id, max_len)
@@ -110,7 +110,7 @@ def dhsa_select(
         count = (pos.view(1, Tq) - s_row + 1).to(q.dtype)
         q_rep = (take(pos.view(1, Tq).expand(B, Tq) - s0) - before) / count.sqrt().view(B, 1, Tq, 1)
         k_rep = chunk_keys(k, chunk_id, lengths)  # (B, Hkv, S, D)
-        score = (q_rep.view(B, Hkv, H // Hkv, Tq, D) @ k_rep.unsqueeze(2).transpose(-1, -2)).view(B, H, Tq, S)
+        score = grouped_scores(q_rep, k_rep)
         past = torch.arange(S, device=dev).view(1, 1, S) < cur.unsqueeze(-1)  # (B, Tq, S)
         score = score.masked_fill(~past.unsqueeze(1), float("-inf"))
         n = min(top_k - 1, S)

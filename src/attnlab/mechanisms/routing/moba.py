@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import grouped_scores
 from attnlab.ops._engine import tile_attention, tiles_from_selection
 from attnlab.ops.sparse import ALL, sparse_op
 
@@ -38,11 +39,7 @@ def block_means(k: Tensor, block: int) -> Tensor:
 
 def gate_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
     """Per-query gate over key blocks: q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (B, H, Tq, nb)."""
-    B, H, Tq, D = q.shape
-    Hkv = k.shape[1]
-    kbar = block_means(k, block)  # (B, Hkv, nb, D)
-    s = q.view(B, Hkv, H // Hkv, Tq, D) @ kbar.unsqueeze(2).transpose(-1, -2)
-    return s.view(B, H, Tq, -1)
+    return grouped_scores(q, block_means(k, block))  # block means (B, Hkv, nb, D)
 
 
 def moba_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int) -> tuple[Tensor, Tensor]:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.softmax import masked_softmax
+from attnlab.core.softmax import grouped_scores, masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, tile_attention, tiles_from_selection
 from attnlab.ops.sparse import ALL, nonneg_int, sparse_op
 
@@ -70,7 +70,7 @@ def local_start(pos: Tensor, stride: int, window: int) -> Tensor:
 def span_search(q: Tensor, k: Tensor, stride: int, window: int, top_k: int, q_offset: int) -> tuple[Tensor, Tensor]:
     """Step 1: (sel, valid) each (B, H, Tq, n) span ids per query, n = min(top_k, complete spans)."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Tk = k.shape[2]
     dev = q.device
     with torch.no_grad():
         nb = Tk // stride  # complete spans (the eligible ones are complete)
@@ -79,7 +79,7 @@ def span_search(q: Tensor, k: Tensor, stride: int, window: int, top_k: int, q_of
             return z, z.bool()
         anchors = torch.arange(nb, device=dev) * stride + stride // 2
         ka = k[:, :, anchors]  # (B, Hkv, nb, D): one strided key per span
-        s = (q.view(B, Hkv, H // Hkv, Tq, D) @ ka.unsqueeze(2).transpose(-1, -2)).view(B, H, Tq, nb)
+        s = grouped_scores(q, ka)
         lo = local_start(torch.arange(Tq, device=dev) + q_offset, stride, window)
         eligible = (torch.arange(nb, device=dev).view(1, nb) + 1) * stride <= lo.view(Tq, 1)
         s = s.masked_fill(~eligible, float("-inf"))

@@ -59,6 +59,10 @@ def tova_keep(weights: Tensor, budget: int) -> Tensor:
     """Buffer entries kept, sorted: the last (the current token) plus the ``budget - 1`` others of highest
     weight (ties: the earlier). weights (B, n, Tb), Tb > budget -> (B, n, budget) long."""
     Tb = weights.shape[-1]
+    if Tb == budget + 1:  # a decode step drops one entry: the least weighted, the later of equals (no sort)
+        drop = Tb - 2 - weights[..., : Tb - 1].flip(-1).argmin(dim=-1, keepdim=True)  # argmin: first of equals
+        col = torch.arange(budget, device=weights.device)
+        return col + (col >= drop)
     top = top_indices(weights[..., : Tb - 1], budget - 1)
     last = torch.full((*top.shape[:2], 1), Tb - 1, dtype=top.dtype, device=top.device)
     return torch.cat([top, last], dim=-1)
