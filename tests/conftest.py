@@ -7,9 +7,6 @@ import torch
 torch.manual_seed(0)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny shapes: on the shared 2-core machines a second intra-op thread only

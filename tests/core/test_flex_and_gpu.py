@@ -1,11 +1,14 @@
 """FlexAttention glue: CPU forward against the reference (one compile), GPU forward+backward when present."""
 
+import pytest
 import torch
-from conftest import requires_cuda
 
 from attnlab import attention, reference_attention
 from attnlab.core.patterns import Causal, Sinks, SlidingWindow
 from attnlab.testing import grads, max_err, qkv, sdpa_error, tolerance
+
+# defined here, not imported from conftest: a subdirectory's conftest.py can shadow the module name
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_flex_forward_cpu_matches_reference_with_gqa_and_offset():
