@@ -353,3 +353,20 @@ def test_print_summary(capsys):
     R.print_summary(R.summarize(_hand_rows()))
     out = capsys.readouterr().out
     assert "snapkv" in out and "dense" in out and "-29.2" in out
+
+
+def test_plot_draws_a_panel_per_family_present(tmp_path):
+    import struct
+
+    def width(path):  # PNG IHDR: width at bytes 16..20
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]
+
+    rows = [r for r in _suite_rows() if r["model"] == "smollm2"]
+    press = [r for r in rows if r["family"] != "prefill"]
+    (tmp_path / "both").mkdir()
+    (tmp_path / "one").mkdir()
+    both = R.plot(R.summarize(rows), tmp_path / "both", "smollm2")
+    one = R.plot(R.summarize(press), tmp_path / "one", "smollm2")
+    assert len(both) == len(one) == 3
+    for a, b in zip(both, one):
+        assert width(b) < 0.6 * width(a)  # one panel (decode-sparse), not an empty prefill-sparse beside it

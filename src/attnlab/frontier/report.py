@@ -455,8 +455,9 @@ def _place_labels(ax: Any, pts: list[tuple[float, float, str, Any]]) -> None:
 def plot(summary: Sequence[dict[str, Any]], run_dir: str | Path, model: str) -> list[Path]:
     """PNGs of ``model``'s accuracy vs KV held, vs prefill speed-up and vs decode speed-up.
 
-    Each figure has two panels, prefill-sparse and decode-sparse methods; markers tell the protocol (circle:
-    compress while prefilling, square: prefill densely then compress), colors the method. Error bars are the
+    Each figure has a panel for prefill-sparse and one for decode-sparse methods (only those the rows have);
+    markers tell the protocol (circle: compress while prefilling, square: prefill densely then compress),
+    colors the method. Error bars are the
     95% CIs, the Pareto front of the panel (dense included) is a step line (the best accuracy reachable at
     that cost or cheaper), dense is a horizontal line with its CI band and a dotted line at its own cost.
     Returns the paths written (``<model>_accuracy_vs_{kv,prefill,decode}.png``); none when the model has no
@@ -477,11 +478,15 @@ def plot(summary: Sequence[dict[str, Any]], run_dir: str | Path, model: str) -> 
     methods = sorted({str(r["method"]) for r in rs if r is not dense})
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    # a panel per family the run has (a press-only run draws no empty prefill-sparse panel)
+    panels = [p for p in _PANELS if any(r.get("family") == p[0] for r in rs)] or list(_PANELS)
     paths = []
     for key, tag, xlabel, way in _AXES:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 5.5 * len(panels), 4.8), sharey=True,
+                                 squeeze=False)
+        axes = axes[0]
         labels = []
-        for ax, (family, title) in zip(axes, _PANELS):
+        for ax, (family, title) in zip(axes, panels):
             sel = [r for r in rs if r.get("family") == family and _num(r.get(key)) is not None]
             ax.set_title(f"{title}", fontsize=10)
             ax.set_xlabel(xlabel)
