@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from attnlab.bench.common import Report, attention_flops, peak_memory
+from attnlab.bench.common import Report, attention_flops, new_run_dir, peak_memory
 from attnlab.cli import main
 
 
@@ -59,3 +59,16 @@ def test_time_pair_alternates_and_reports_the_median_ratio():
     tb, ta, ratio = time_pair(base, fn, rounds=3, warmup=1)
     assert calls == ["b", "f"] * 4  # warm-up round, then strictly alternating
     assert tb > ta and 1.4 < ratio < 2.6
+
+
+def test_new_run_dir_never_hands_out_a_taken_folder(tmp_path, monkeypatch):
+    import time as _time
+
+    monkeypatch.setattr(_time, "strftime", lambda fmt: "20260101-000000")  # every call in the same second
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "frontier-20260101-000000").mkdir()  # another process made it first
+    a = new_run_dir("frontier", tmp_path / "runs")
+    b = new_run_dir("frontier", tmp_path / "runs")
+    assert (a.name, b.name) == ("frontier-20260101-000000-2", "frontier-20260101-000000-3")
+    assert a.is_dir() and b.is_dir()
+    assert new_run_dir("x", tmp_path / "new" / "root").is_dir()  # missing parents are made

@@ -256,14 +256,18 @@ def machine_info() -> dict[str, Any]:
 
 
 def new_run_dir(kind: str, root: str | os.PathLike = "runs") -> Path:
+    """A new folder ``root/kind-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, ... when taken). Creating it is the test:
+    two processes started in the same second get different folders."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{kind}-{stamp}"
+    Path(root).mkdir(parents=True, exist_ok=True)
     n = 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{kind}-{stamp}-{n}"
-    path.mkdir(parents=True)
-    return path
+    while True:
+        path = Path(root) / (f"{kind}-{stamp}" if n == 1 else f"{kind}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def progress(total: int, description: str):
