@@ -624,3 +624,77 @@ def test_moba_op_reaches_the_kernel(monkeypatch):
     tol = tolerance(torch.float32, sdpa_error(q.detach(), k.detach(), v.detach(), mask, scale=0.25))
     assert max_err(out, ref) <= 4 * tol
     assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) <= 40 * tol
+
+
+# ---- decoding calls: a few query rows are planned per row ------------------------------------------------
+
+
+def _plain_selection_mask(sel, valid, key_sets, Tk, q_offset):
+    """(B, H, Tq, Tk) written with loops: query (b, h, r) sees the in-range keys of its valid sets at or before
+    its position (not the planner's vectorized code)."""
+    B, H, Tq, n = sel.shape
+    mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            sets = key_sets[b if key_sets.shape[0] > 1 else 0, h if key_sets.shape[1] > 1 else 0]
+            for r in range(Tq):
+                for j in range(n):
+                    if valid[b, h, r, j]:
+                        for p in sets[int(sel[b, h, r, j])].tolist():
+                            if 0 <= p < Tk and p <= q_offset + r:
+                                mask[b, h, r, p] = True
+    return mask
+
+
+@pytest.mark.parametrize("Tq", [1, S.ROW_QUERIES, S.ROW_QUERIES + 1])
+@pytest.mark.parametrize("sets", ["blocks", "scattered"])
+@pytest.mark.parametrize("engine", ["python", "explicit"])
+def test_decoding_rows_are_planned_per_row_and_match_reference(Tq, sets, engine):
+    """Up to ROW_QUERIES rows: aligned block sets become a block plan of one-row query blocks (the kernel reads
+    the blocks in place), other sets one gathered tile per row; one row more is key-centric again. Each equals
+    the float64 reference, outputs and gradients, with a short last key block (37 keys, blocks of 8)."""
+    B, H, Hkv, Tk, blk = 2, 4, 2, 37, 8
+    q, k, v = qkv(B, H, Hkv, Tk, D=8)
+    q = q[:, :, -Tq:].detach().requires_grad_()
+    g = torch.Generator().manual_seed(Tq)
+    nb = -(-Tk // blk)
+    if sets == "blocks":
+        key_sets = _block_sets(Tk, blk)
+    else:  # per head, 6 sets of 5 scattered positions (some out of range: padding)
+        key_sets = torch.stack([torch.randperm(Tk + 5, generator=g)[:30] - 2 for _ in range(H)]).view(1, H, 6, 5)
+    S_ = key_sets.shape[2] if sets == "scattered" else nb
+    sel = torch.stack([torch.randperm(S_, generator=g)[:3] for _ in range(B * H * Tq)]).view(B, H, Tq, 3)
+    valid = torch.rand(B, H, Tq, 3, generator=g) > 0.2
+    q_offset = Tk - Tq
+    plan = S.plan_selection(sel, valid, key_sets, Hkv, Tk, q_offset, True, q_block=4)
+    expected = {True: "blocks" if sets == "blocks" else "tiles", False: "selection"}[Tq <= S.ROW_QUERIES]
+    assert plan.mode == expected
+    if plan.mode == "blocks":
+        assert plan.layout().q_block == 1 and plan.layout().k_block == blk
+    mask = _plain_selection_mask(sel, valid, key_sets, Tk, q_offset)
+    out = S.run(q, k, v, plan, 0.3, engine=engine)
+    ref = S.masked_reference(q, k, v, mask, scale=0.3)
+    assert max_err(out, ref) < 1e-12
+    assert max_err(grads(out, (q, k, v)), grads(ref, (q, k, v))) < 1e-12
+
+
+def test_a_decoding_block_plan_runs_on_the_kernel_reading_blocks_in_place(monkeypatch):
+    """A MoBA decoding step (one row per head, float32) goes to the native kernel as a one-row block layout
+    listing only the chosen blocks, and matches the float64 reference of MoBA's own plainly built mask."""
+    if not _native_available():
+        pytest.skip("native kernel not built")  # pragma: no cover
+    from attnlab.mechanisms.routing.moba import moba_attention, moba_mask
+
+    blk, Tk = 16, 16 * 7 + 3
+    q, k, v = (t.detach() for t in qkv(1, 4, 2, Tk, D=16, dtype=torch.float32))
+    q = q[:, :, -1:]
+    seen = _spy_native(monkeypatch)
+    out = moba_attention(q, k, v, blk, 3, 0.25)
+    assert len(seen) == 1
+    lay = seen[0][0]
+    assert (lay.q_block, lay.k_block, lay.q_len) == (1, blk, 1)
+    assert int(lay.kv_count.max()) == 3  # the own block + 2 chosen, not every block
+    mask = moba_mask(q, k, blk, 3, Tk - 1)
+    ref = S.masked_reference(q.double(), k.double(), v.double(), mask, scale=0.25)
+    tol = tolerance(torch.float32, sdpa_error(q, k, v, mask, scale=0.25))
+    assert max_err(out, ref) <= 4 * tol

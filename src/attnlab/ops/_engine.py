@@ -18,9 +18,11 @@ from ..core.sparse import (  # noqa: F401
 
 
 def tiles_from_selection(sel, valid, key_sets, Hkv, Tk, q_offset=0, causal=True, q_block=128) -> list:
-    """The key-centric parts of ``core.sparse.plan_selection`` (up to ``q_block`` queries per tile), to be combined with
-    other parts in :func:`tile_attention`."""
-    return list(plan_selection(sel, valid, key_sets, Hkv, Tk, q_offset, causal, q_block=q_block).parts)
+    """The parts of ``core.sparse.plan_selection`` (key-centric, up to ``q_block`` queries per tile), to be combined
+    with other parts in :func:`tile_attention`; a decoding call's block plan comes whole (so alone it keeps its
+    BlockLayout and runs on the native kernel)."""
+    plan = plan_selection(sel, valid, key_sets, Hkv, Tk, q_offset, causal, q_block=q_block)
+    return [plan] if plan.mode == "blocks" else list(plan.parts)
 
 
 def tiles_from_blocks(block_index, block_valid, q_block, k_block, Tq, Tk, Hkv, q_offset=0, causal=False) -> Plan:

@@ -24,6 +24,7 @@ from .executor import ENGINES, choose_engine, run, run_lse
 from .layout import BlockLayout
 from .plan import (
     DEFAULT_Q_BLOCK,
+    ROW_QUERIES,
     BlockTiles,
     PatternTiles,
     Plan,
@@ -41,6 +42,7 @@ from .select import masked_reference, selection_mask, selection_recall
 __all__ = [
     "DEFAULT_Q_BLOCK",
     "ENGINES",
+    "ROW_QUERIES",
     "BlockLayout",
     "BlockTiles",
     "PatternTiles",

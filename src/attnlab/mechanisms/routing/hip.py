@@ -38,12 +38,15 @@ from .moba import blocks_attention
 def _score(qg: Tensor, kk: Tensor, rows_ok: Tensor, lo: Tensor, hi: Tensor, block: int) -> Tensor:
     """Best score of each interval's representative key over its query block.
 
-    qg (B, H, G, block, D) grouped queries, kk (B, H, Tk, D), rows_ok (G, block), lo/hi (B, H, G, m) key-block
-    intervals -> (B, H, G, m); empty intervals -> -inf.
+    qg (B, H, G, block, D) grouped queries, kk (B, Hkv, Tk, D) (query head h reads kv head h // (H / Hkv)),
+    rows_ok (G, block), lo/hi (B, H, G, m) key-block intervals -> (B, H, G, m); empty intervals -> -inf.
     """
     B, H, G, m = lo.shape
+    Hkv, D = kk.shape[1], kk.shape[-1]
     rep = ((lo + hi) * block // 2).clamp(max=kk.shape[2] - 1)  # centre token of the interval
-    krep = torch.gather(kk, 2, rep.reshape(B, H, G * m, 1).expand(B, H, G * m, kk.shape[-1])).view(B, H, G, m, -1)
+    # the query heads of one kv head are adjacent: gather from the kv head directly (no repeated copy of K)
+    idx = rep.reshape(B, Hkv, (H // Hkv) * G * m, 1).expand(-1, -1, -1, D)
+    krep = torch.gather(kk, 2, idx).view(B, H, G, m, D)
     s = torch.einsum("bhgqd,bhgmd->bhgqm", qg, krep).masked_fill(~rows_ok.view(1, 1, G, -1, 1), float("-inf"))
     return s.amax(3).masked_fill(hi <= lo, float("-inf"))
 
@@ -51,7 +54,7 @@ def _score(qg: Tensor, kk: Tensor, rows_ok: Tensor, lo: Tensor, hi: Tensor, bloc
 def _tree_search(qg: Tensor, kk: Tensor, rows_ok: Tensor, own: Tensor, block: int, top_k: int) -> tuple[Tensor, Tensor]:
     """Kept key-block intervals ``lo, hi`` (B, H, G, top_k) of each query group over its ``own[g]`` past blocks.
 
-    qg (B, H, G, R, D) grouped queries, kk (B, H, Tk, D) keys per query head, rows_ok (G, R), own (G,).
+    qg (B, H, G, R, D) grouped queries, kk (B, Hkv, Tk, D) keys, rows_ok (G, R), own (G,).
     """
     B, H, G = qg.shape[:3]
     i = torch.arange(top_k, device=qg.device)
@@ -81,7 +84,7 @@ def hip_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int = 0) 
         own = torch.arange(G, device=dev) + q_offset // block  # (G,): number of past key blocks
         qg = F.pad(q, (0, 0, 0, G * block - Tq)).view(B, H, G, block, D)
         rows_ok = (torch.arange(G * block, device=dev) < Tq).view(G, block)
-        lo, hi = _tree_search(qg, k.repeat_interleave(H // Hkv, 1), rows_ok, own, block, top_k)
+        lo, hi = _tree_search(qg, k, rows_ok, own, block, top_k)
         sel = torch.cat([own.view(1, 1, G, 1).expand(B, H, G, 1), lo], -1)
         valid = torch.cat([torch.ones(B, H, G, 1, dtype=torch.bool, device=dev), hi > lo], -1)
     return sel, valid
@@ -114,7 +117,7 @@ def hip_row_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int |
     with torch.no_grad():
         own = (torch.arange(Tq, device=dev) + q_offset) // block
         rows_ok = torch.ones(Tq, 1, dtype=torch.bool, device=dev)
-        lo, hi = _tree_search(q.unsqueeze(3), k.repeat_interleave(H // Hkv, 1), rows_ok, own, block, top_k)
+        lo, hi = _tree_search(q.unsqueeze(3), k, rows_ok, own, block, top_k)
         sel = torch.cat([own.view(1, 1, Tq, 1).expand(B, H, Tq, 1), lo], -1)
         valid = torch.cat([torch.ones(B, H, Tq, 1, dtype=torch.bool, device=dev), hi > lo], -1)
     return sel, valid

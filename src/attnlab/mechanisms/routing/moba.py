@@ -29,12 +29,12 @@ from ._common import RoutingHeadsConfig, RoutingLayer
 def block_means(k: Tensor, block: int) -> Tensor:
     """(B, Hkv, Tk, D) -> (B, Hkv, nb, D): mean key of each block (the last, partial block over its keys)."""
     B, Hkv, Tk, D = k.shape
-    nb = math.ceil(Tk / block)
-    pad = nb * block - Tk
-    sums = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, Hkv, nb, block, D).sum(3)
-    counts = torch.full((nb,), float(block), dtype=k.dtype, device=k.device)
-    counts[-1] = block - pad
-    return sums / counts.view(1, 1, nb, 1)
+    whole = Tk // block
+    means = k[:, :, : whole * block].unflatten(2, (whole, block)).mean(3)
+    if whole * block == Tk:
+        return means
+    # the partial last block (every decoding step has one): its own mean, no padded copy of the keys
+    return torch.cat([means, k[:, :, whole * block:].mean(2, keepdim=True)], dim=2)
 
 
 def gate_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
