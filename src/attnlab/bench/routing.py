@@ -2,8 +2,8 @@
 
 MoBA (causal, per-query top-k key blocks, 1/8 of the blocks selected) against SDPA causal, and BiFormer
 (bi-level routing on a 2-D grid, 1/8 of the regions selected) against dense SDPA; forward (selection cost
-included) and forward + backward, plus the naive dense-mask path (SDPA with the selection as a full boolean
-mask). Peak memory of BiFormer at two values of top-k shows memory grows with the selected regions.
+included), forward + backward and (MoBA) one decoding step, a query row per head over the cached keys at 1/8 and
+1/2 of the 64-key blocks; MInference's vertical-slash prefill at f = 0.25 and 0.125; plus the naive dense-mask path (SDPA with the selection as a full boolean mask). Peak memory of BiFormer at two values of top-k shows memory grows with the selected regions.
 batch 1, 8 heads, head_dim 64; ratios are measured in the same run.
 """
 
@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ..mechanisms.routing.biformer import biformer_attention, biformer_mask
+from ..mechanisms.routing.minference import vertical_slash_attention, vertical_slash_mask, vertical_slash_select
 from ..mechanisms.routing.moba import moba_attention, moba_mask, moba_select
 from .common import Report, attention_flops, bench_qkv, fwd_bwd, median, peak_memory, time_fn, time_pair
 from .speed import SpeedContext
 
 HEADS, HEAD_DIM = 8, 64
+DECODE_BLOCK, DECODE_CALLS = 64, 20  # a decoding step is short: each timed call runs 20 of them
 COLUMNS = ["mechanism", "length", "selected", "pass", "baseline", "baseline_s", "attnlab_s", "speedup",
            "vs_dense_mask", "useful_gflops", "of_peak", "peak_mem_MiB"]
 
@@ -47,7 +49,7 @@ def run(ctx: SpeedContext) -> Report:
     n = (ctx.lengths or ((4096,) if ctx.quick else (8192,)))[0]
     dev, dt, quick = ctx.device, ctx.dtype, ctx.quick
     scale = HEAD_DIM**-0.5
-    only = set(ctx.only or ("moba", "biformer"))
+    only = set(ctx.only or ("moba", "minference", "biformer"))
 
     def row(mech, sel, pas, base_name, tb, ta, sp, pairs, tmask=None, mem=None, backward=False):
         fl = attention_flops(pairs, 1, HEADS, HEAD_DIM, backward)
@@ -75,6 +77,33 @@ def run(ctx: SpeedContext) -> Report:
         tb, ta, sp = _pair(fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)),
                            fwd_bwd(lambda: moba_attention(qg, kg, vg, block, top_k, scale)), quick)
         row("moba", sel, "fwd+bwd", "sdpa causal", tb, ta, sp, pairs, backward=True)
+        # one decoding step: one query row per head over a cache of n keys, blocks of 64 as the frontier's MoBA;
+        # the gate is recomputed from the cached keys every step, the kernel reads the chosen blocks in place
+        qd = q[:, :, -1:].detach().contiguous()
+        nb = math.ceil(n / DECODE_BLOCK)
+        with torch.no_grad():
+            for frac in (8, 2):
+                tk = max(1, nb // frac)
+                step = lambda tk=tk: [moba_attention(qd, k, v, DECODE_BLOCK, tk, scale, n - 1)  # noqa: E731
+                                      for _ in range(DECODE_CALLS)]
+                base = lambda: [F.scaled_dot_product_attention(qd, k, v, scale=scale)  # noqa: E731
+                                for _ in range(DECODE_CALLS)]
+                tb, ta, sp = _pair(base, step, quick)
+                row("moba", f"{tk}/{nb} blocks of {DECODE_BLOCK}", "decode step", "sdpa", tb / DECODE_CALLS,
+                    ta / DECODE_CALLS, sp, float(min(tk * DECODE_BLOCK, n)))
+
+    if "minference" in only:
+        # vertical-slash prefill at the frontier's budgets: f * n / 2 columns + f * n / 2 diagonals per head
+        q, k, v = bench_qkv(n, dev, dt, heads=HEADS, head_dim=HEAD_DIM)
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # noqa: E731
+        with torch.no_grad():
+            for f in (0.25, 0.125):
+                nv = int(f * n) // 2
+                vs = lambda nv=nv: vertical_slash_attention(q, k, v, nv, nv, scale=scale)  # noqa: E731
+                tb, ta, sp = _pair(sdpa, vs, quick)
+                vert, slash = vertical_slash_select(q, k, nv, nv, scale=scale)
+                pairs = float(vertical_slash_mask(vert, slash, n, n).sum() / HEADS)
+                row("minference", f"vertical-slash {nv}+{nv} (f={f})", "fwd", "sdpa causal", tb, ta, sp, pairs)
 
     if "biformer" in only:
         gh = 2 ** (int(math.log2(n)) // 2)
