@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..mechanisms.routing.biformer import biformer_attention, biformer_mask
-from ..mechanisms.routing.minference import vertical_slash_attention, vertical_slash_mask, vertical_slash_select
+from ..mechanisms.routing.minference import (
+    vertical_slash_attention,
+    vertical_slash_mask,
+    vertical_slash_select,
+)
 from ..mechanisms.routing.moba import moba_attention, moba_mask, moba_select
 from .common import Report, attention_flops, bench_qkv, fwd_bwd, median, peak_memory, time_fn, time_pair
 from .speed import SpeedContext

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.softmax import masked_softmax
+from attnlab.core.softmax import grouped_scores, masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, tile_attention
 from attnlab.ops.sparse import (
     ALL,
@@ -53,7 +53,7 @@ def select_tokens(q: Tensor, k: Tensor, top_k: int, always: int = 1, scale: floa
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, k)
     positive_int("top_k", top_k)
     with torch.no_grad():
-        s = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * default_scale(D, scale)
+        s = grouped_scores(q, k) * default_scale(D, scale)
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         score = masked_softmax(s, causal).sum((1, 2))  # (B, Tk)
         keep = torch.zeros(B, Tk, dtype=torch.bool, device=q.device)
@@ -95,7 +95,6 @@ def select_row_sets(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset:
     positive_int("top_k", top_k)
     q_offset = Tk - Tq if q_offset is None else q_offset
     scale = default_scale(D, scale)
-    kk = k.repeat_interleave(H // Hkv, 1)
     n = min(top_k, Tk)
     qpos = (torch.arange(Tq, device=q.device) + q_offset).view(1, Tq, 1)
     top = torch.zeros(B, Tq, n, dtype=torch.long, device=q.device)
@@ -103,7 +102,7 @@ def select_row_sets(q: Tensor, k: Tensor, top_k: int, always: int = 1, q_offset:
         for r0 in range(0, Tq, chunk):
             r1 = min(Tq, r0 + chunk)
             vis = torch.arange(Tk, device=q.device).view(1, Tk) <= qpos[0, r0:r1]
-            s = (q[:, :, r0:r1] @ kk.transpose(-1, -2)) * scale
+            s = grouped_scores(q[:, :, r0:r1], k) * scale
             score = masked_softmax(s, vis).sum(1)  # (B, r, Tk)
             top[:, r0:r1] = score.topk(n, dim=-1).indices
     recent = qpos - always + 1 + torch.arange(always, device=q.device)  # (1, Tq, always)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
+from attnlab.core.softmax import grouped_scores
 from attnlab.ops._engine import Tiles, flat_key_index, tile_attention, tiles_from_blocks
 from attnlab.ops.sparse import ALL, causal_rows, sampled_dense, sparse_op
 
@@ -47,8 +48,7 @@ def vertical_slash_select(
     with torch.no_grad():
         n = min(last_q, Tq)
         qpos = torch.arange(Tq - n, Tq, device=q.device) + q_offset
-        kk = k.repeat_interleave(H // Hkv, 1)
-        s = (q[:, :, -n:] @ kk.transpose(-1, -2)) * scale
+        s = grouped_scores(q[:, :, -n:], k) * scale
         jpos = torch.arange(Tk, device=q.device)
         s = s.masked_fill(jpos.view(1, Tk) > qpos.view(n, 1), float("-inf"))
         a = torch.softmax(s, dim=-1)  # (B, H, n, Tk)
@@ -184,14 +184,12 @@ def vertical_slash_rows(q: Tensor, k: Tensor, v: Tensor, vert: Tensor, slash: Te
 def block_topk_select(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int = 0) -> tuple[Tensor, Tensor]:
     """(block_index, valid) (B, H, G, top_k + 1): the own block first, then the best past blocks."""
     B, H, Tq, D = q.shape
-    Hkv = k.shape[1]
     if q_offset % block:
         raise ValueError(f"block top-k needs q_offset ({q_offset}) to be a multiple of block ({block})")
     with torch.no_grad():
         G = math.ceil(Tq / block)
         qbar = block_means(q, block)  # (B, H, G, D)
-        kbar = block_means(k, block).repeat_interleave(H // Hkv, 1)
-        s = qbar @ kbar.transpose(-1, -2)  # (B, H, G, nb)
+        s = grouped_scores(qbar, block_means(k, block))  # (B, H, G, nb)
         own = torch.arange(G, device=q.device) + q_offset // block
         past = torch.arange(s.shape[-1], device=q.device).view(1, -1) < own.view(G, 1)
         s = s.masked_fill(~past, float("-inf"))

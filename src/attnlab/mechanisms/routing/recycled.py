@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
-from attnlab.core.softmax import masked_softmax
+from attnlab.core.softmax import grouped_apply, grouped_scores, masked_softmax
 from attnlab.ops._engine import Tiles, flat_key_index, masked_reference, tile_attention
 from attnlab.ops.sparse import ALL, check_prefill, prefill_end, sampled_dense, sparse_op
 
@@ -46,12 +46,11 @@ def full_step(q: Tensor, k: Tensor, v: Tensor, top_k: int, scale: float | None =
     """
     B, H, Hkv, Tq, Tk, D = check_qkv(q, k, v)
     scale = default_scale(D, scale)
-    rep = H // Hkv
-    s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale  # a full step reads every key anyway
+    s = grouped_scores(q, k) * scale  # a full step reads every key anyway
     causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     p = masked_softmax(s, causal)
     keys = p[:, :, -1].detach().topk(min(top_k, Tk), dim=-1).indices
-    return p @ v.repeat_interleave(rep, 1), keys
+    return grouped_apply(p, v), keys
 
 
 def recycled_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, seen: int, scale: float | None = None) -> Tensor:
@@ -185,15 +184,14 @@ def recorded_keys(q: Tensor, k: Tensor, rows: Tensor, q_offset: int, top_k: int,
     """Top-k keys by attention probability of the query rows ``rows`` (n,): positions and validity, each
     (B, H, n, min(top_k, Tk)) (rows that see fewer keys than top_k have invalid entries). No gradient."""
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    kk = k.repeat_interleave(H // Hkv, 1)
+    Tk = k.shape[2]
     n = min(top_k, Tk)
     pos = torch.zeros(B, H, len(rows), n, dtype=torch.long, device=q.device)
     with torch.no_grad():
         for c0 in range(0, len(rows), chunk):
             rr = rows[c0 : c0 + chunk]
             vis = torch.arange(Tk, device=q.device).view(1, Tk) <= (rr + q_offset).view(-1, 1)
-            s = (q[:, :, rr] @ kk.transpose(-1, -2)) * D**-0.5
+            s = grouped_scores(q[:, :, rr], k) * D**-0.5
             pos[:, :, c0 : c0 + len(rr)] = masked_softmax(s, vis).topk(n, -1).indices
     return pos, pos <= (rows + q_offset).view(1, 1, -1, 1)
 
