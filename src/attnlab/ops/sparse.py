@@ -86,7 +86,7 @@ def sampled_dense(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=default_scale(D, scale),
                                               enable_gqa=H != Hkv)
     mask = None
-    if causal and int(rows.min()) + q_offset < Tk - 1:  # rows at the last position (decoding) see every key
+    if causal and rows.numel() and int(rows.min()) + q_offset < Tk - 1:  # rows at the last position see every key
         mask = torch.arange(Tk, device=q.device).view(1, Tk) <= (rows + q_offset).view(-1, 1)
     return F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=default_scale(D, scale),
                                           enable_gqa=H != Hkv)
