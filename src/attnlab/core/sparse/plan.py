@@ -614,6 +614,27 @@ def _aligned_blocks(key_sets: Tensor) -> Tensor | None:
     return None
 
 
+def key_set_tiles(rows: Tensor, kpos: Tensor, kok: Tensor, B: int, H: int, Hkv: int, Tq: int, Tk: int,
+                  q_offset: int) -> Tiles:
+    """Query-centric tiles from explicit key sets: tile ``t`` of every (batch, head) holds the call's query rows
+    ``rows[t]`` (S, R) (-1: padding) and reads key positions ``kpos[..., t, :]`` where ``kok`` holds, causally.
+
+    kpos, kok: (B or 1, H or 1, S, K); positions distinct per tile where valid. Rows in no tile see nothing.
+    """
+    S, R = rows.shape
+    K = kpos.shape[-1]
+    dev = rows.device
+    kpos, kok = kpos.expand(B, H, S, K), kok.expand(B, H, S, K)
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    hkv = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
+    k_idx = flat_key_index(kpos, b, hkv, Hkv, Tk).reshape(B * H * S, K)
+    row_ok = (rows >= 0).expand(B * H, S, R).reshape(-1, R)
+    r = torch.where(rows >= 0, rows, rows[:, :1].clamp(min=0))  # padding repeats a real row of its tile
+    q_idx = (torch.arange(B * H, device=dev).view(-1, 1, 1) * Tq + r).reshape(-1, R)
+    mask = kok.unsqueeze(-2) & (kpos.unsqueeze(-2) <= (r + q_offset).view(1, 1, S, R, 1))  # (B, H, S, R, K)
+    return Tiles(q_idx, k_idx, row_ok, mask.reshape(B * H * S, R, K))
+
+
 def _row_plan(sel: Tensor, valid: Tensor, key_sets: Tensor, Hkv: int, Tk: int, q_offset: int, causal: bool) -> Plan:
     """A few query rows: every row its own tile. Aligned block sets become a block plan of one-row query blocks
     (the native kernel reads each chosen block in place); other sets, one tile per row over its gathered keys."""
@@ -627,14 +648,9 @@ def _row_plan(sel: Tensor, valid: Tensor, key_sets: Tensor, Hkv: int, Tk: int, q
     h = torch.arange(H, device=dev).view(1, H, 1, 1)
     kpos = key_sets[b if key_sets.shape[0] > 1 else 0, h if key_sets.shape[1] > 1 else 0, sel.clamp(0, S - 1)]
     ok = valid.unsqueeze(-1) & (kpos >= 0) & (kpos < Tk)  # (B, H, Tq, n, K)
-    if causal:
-        ok = ok & (kpos <= (torch.arange(Tq, device=dev) + q_offset).view(1, 1, Tq, 1, 1))
-    N = B * H * Tq
-    k_idx = flat_key_index(kpos, b.unsqueeze(-1), (h // (H // Hkv)).unsqueeze(-1), Hkv, Tk).view(N, n * K)
-    mask = ok.view(N, 1, n * K)
-    q_idx = torch.arange(N, device=dev).view(N, 1)
-    tiles = Tiles(q_idx, k_idx, torch.ones(N, 1, dtype=torch.bool, device=dev),
-                  None if bool(mask.all()) else mask, q_in_order=True)
+    rows = torch.arange(Tq, device=dev).view(Tq, 1)
+    # the tiles are causal at the rows' positions; placed after every key they are not
+    tiles = key_set_tiles(rows, kpos.flatten(-2), ok.flatten(-2), B, H, Hkv, Tq, Tk, q_offset if causal else Tk)
     return Plan((tiles,), 0, Tq, Tk, q_offset, None, "tiles", None)
 
 
@@ -729,6 +745,7 @@ __all__ = [
     "Tiles",
     "default_q_block",
     "flat_key_index",
+    "key_set_tiles",
     "layout_block",
     "plan_blocks",
     "plan_pattern",

@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from attnlab.core.checks import positive_int
 from attnlab.ops import reference as op_reference
-from attnlab.ops._engine import Tiles, flat_key_index
 from attnlab.ops.sparse import check_delta, check_prefill
 
 from ..heads import HeadsConfig, OpLayer
@@ -55,25 +53,4 @@ class RoutingLayer(OpLayer):
         return self.finish(out, x)
 
 
-def set_tiles(rows: Tensor, kpos: Tensor, kok: Tensor, B: int, H: int, Hkv: int, Tq: int, Tk: int,
-              q_offset: int) -> Tiles:
-    """Query-centric tiles from explicit key sets: tile ``t`` of every (batch, head) holds the call's query rows
-    ``rows[t]`` (S, R) (-1: padding) and reads key positions ``kpos[..., t, :]`` where ``kok`` holds, causally.
-
-    kpos, kok: (B or 1, H or 1, S, K); positions distinct per tile where valid. Rows in no tile see nothing.
-    """
-    S, R = rows.shape
-    K = kpos.shape[-1]
-    dev = rows.device
-    kpos, kok = kpos.expand(B, H, S, K), kok.expand(B, H, S, K)
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    hkv = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
-    k_idx = flat_key_index(kpos, b, hkv, Hkv, Tk).reshape(B * H * S, K)
-    row_ok = (rows >= 0).expand(B * H, S, R).reshape(-1, R)
-    r = torch.where(rows >= 0, rows, rows[:, :1].clamp(min=0))  # padding repeats a real row of its tile
-    q_idx = (torch.arange(B * H, device=dev).view(-1, 1, 1) * Tq + r).reshape(-1, R)
-    mask = kok.unsqueeze(-2) & (kpos.unsqueeze(-2) <= (r + q_offset).view(1, 1, S, R, 1))  # (B, H, S, R, K)
-    return Tiles(q_idx, k_idx, row_ok, mask.reshape(B * H * S, R, K))
-
-
-__all__ = ["RoutingHeadsConfig", "RoutingLayer", "set_tiles"]
+__all__ = ["RoutingHeadsConfig", "RoutingLayer"]

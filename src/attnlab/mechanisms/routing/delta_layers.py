@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
 from attnlab.core.softmax import grouped_scores, masked_softmax
-from attnlab.ops._engine import Tiles, flat_key_index, tile_attention
+from attnlab.ops._engine import Tiles, flat_key_index, key_set_tiles, tile_attention
 from attnlab.ops.sparse import (
     ALL,
     causal_rows,
@@ -41,7 +41,7 @@ from attnlab.ops.sparse import (
 )
 
 from ..registry import register
-from ._common import RoutingHeadsConfig, RoutingLayer, set_tiles
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def select_tokens(q: Tensor, k: Tensor, top_k: int, always: int = 1, scale: float | None = None) -> Tensor:
@@ -171,7 +171,7 @@ def delta_select_op(q: Tensor, k: Tensor, v: Tensor, *, scale: float, q_offset: 
     if n < Tq:
         kpos, kok = select_row_sets(q[:, :, n:], k, top_k, always, q_offset + n, scale)
         rows = torch.arange(Tq - n, device=q.device).view(-1, 1)
-        tiles = set_tiles(rows, kpos.unsqueeze(1), kok.unsqueeze(1), B, H, Hkv, Tq - n, Tk, q_offset + n)
+        tiles = key_set_tiles(rows, kpos.unsqueeze(1), kok.unsqueeze(1), B, H, Hkv, Tq - n, Tk, q_offset + n)
         parts.append(tile_attention(q[:, :, n:], k, v, [tiles], scale))
     return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 

@@ -31,11 +31,11 @@ from torch import Tensor
 
 from attnlab.core.checks import check_qkv, default_scale, positive_int
 from attnlab.core.softmax import grouped_apply, grouped_scores, masked_softmax
-from attnlab.ops._engine import Tiles, flat_key_index, masked_reference, tile_attention
+from attnlab.ops._engine import Tiles, flat_key_index, key_set_tiles, masked_reference, tile_attention
 from attnlab.ops.sparse import ALL, check_prefill, prefill_end, sampled_dense, sparse_op
 
 from ..registry import register
-from ._common import RoutingHeadsConfig, RoutingLayer, set_tiles
+from ._common import RoutingHeadsConfig, RoutingLayer
 
 
 def full_step(q: Tensor, k: Tensor, v: Tensor, top_k: int, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -240,10 +240,10 @@ def recycled_layer_attention(
         S, W = recent.shape
         kpos = torch.cat([kp[:, :, segs], recent.expand(B, H, S, W)], -1)
         kok = torch.cat([ok[:, :, segs], (recent < Tk).expand(B, H, S, W)], -1)
-        parts.append(set_tiles(rows, kpos, kok, B, H, Hkv, Tq, Tk, q_offset))
+        parts.append(key_set_tiles(rows, kpos, kok, B, H, Hkv, Tq, Tk, q_offset))
     if not dense_refresh:
         own = slice(int(carried), None)
-        parts.append(set_tiles(need_rows.view(-1, 1), kp[:, :, own], ok[:, :, own], B, H, Hkv, Tq, Tk, q_offset))
+        parts.append(key_set_tiles(need_rows.view(-1, 1), kp[:, :, own], ok[:, :, own], B, H, Hkv, Tq, Tk, q_offset))
     scale = default_scale(D, scale)
     out = tile_attention(q, k, v, parts, scale)
     if dense_refresh and len(full):
