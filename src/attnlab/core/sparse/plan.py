@@ -301,13 +301,8 @@ def _selection_parts(
 
 def _key_centric(bi, hi, qi, sid, key_sets, set_ok, B, H, Tq, S, Hkv, rep, Tk, q_offset, causal, rows, masked,
                  device) -> Tiles | BlockTiles:
-    if not masked and key_sets.shape[:2] == (1, 1):
-        K = key_sets.shape[-1]
-        ks = key_sets[0, 0]
-        if Tk % K == 0 and bool((ks == ks[:, :1] + torch.arange(K, device=device)).all()) and bool(
-            (ks[:, 0] % K == 0).all()
-        ):
-            return _block_tiles(bi * H + hi, qi, ks[:, 0] // K, sid, B * H, Tq, K, device)
+    if not masked and Tk % key_sets.shape[-1] == 0 and (blocks := _aligned_blocks(key_sets)) is not None:
+        return _block_tiles(bi * H + hi, qi, blocks, sid, B * H, Tq, key_sets.shape[-1], device)
     group = (bi * H + hi) * S + sid  # one group per (batch, head, set)
     order = torch.sort(group, stable=True).indices  # stable: queries stay in increasing order inside a group
     group, bi, hi, qi, sid = group[order], bi[order], hi[order], qi[order], sid[order]
