@@ -41,5 +41,5 @@ def tile_attention(q, k, v, parts, scale, diag_block=None):
                                    diag_block), scale)
 
 
-__all__ = ["Plan", "Tiles", "flat_key_index", "key_set_tiles", "masked_reference", "plan_blocks", "plan_selection", "plan_tiles",
-           "run", "selection_mask", "tile_attention", "tiles_from_blocks", "tiles_from_selection"]
+__all__ = ["Plan", "Tiles", "flat_key_index", "key_set_tiles", "masked_reference", "plan_blocks", "plan_selection",
+           "plan_tiles", "run", "selection_mask", "tile_attention", "tiles_from_blocks", "tiles_from_selection"]
