@@ -3,7 +3,9 @@
 MoBA (causal, per-query top-k key blocks, 1/8 of the blocks selected) against SDPA causal, and BiFormer
 (bi-level routing on a 2-D grid, 1/8 of the regions selected) against dense SDPA; forward (selection cost
 included), forward + backward and (MoBA) one decoding step, a query row per head over the cached keys at 1/8 and
-1/2 of the 64-key blocks; MInference's vertical-slash prefill at f = 0.25 and 0.125; plus the naive dense-mask path (SDPA with the selection as a full boolean mask). Peak memory of BiFormer at two values of top-k shows memory grows with the selected regions.
+1/2 of the 64-key blocks; MInference's vertical-slash prefill at f = 0.25 and 0.125; plus the naive dense-mask
+path (SDPA with the selection as a full boolean mask). Peak memory of BiFormer at two values of top-k shows memory
+grows with the selected regions.
 batch 1, 8 heads, head_dim 64; ratios are measured in the same run.
 """
 
